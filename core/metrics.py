@@ -1,0 +1,73 @@
+"""Model size and cost: parameter counts and multiply-accumulates (MACs).
+
+MACs count multiply-accumulates of Linear, Conv2d and PCN layers for ONE sample:
+Linear `in*out`; Conv2d `H_out*W_out*C_out*(C_in/groups)*kh*kw`; PCNLinear `m*k + k*n`
+(projection + layer); PCNConv2d `H_in*W_in*m*k` (1x1 projection at input resolution) plus the
+k-channel conv. Biases, mean subtraction, BatchNorm, activations and pooling are not counted.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from core.pcn import PCNConv2d, PCNLinear
+
+_PCN = (PCNLinear, PCNConv2d)
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """{"total", "trainable", "nonzero"}.
+
+    total = every parameter + the frozen `U`/`mu` buffers of PCN layers (BatchNorm running
+    statistics are not counted); trainable = parameters with requires_grad; nonzero = non-zero
+    entries of parameters and PCN buffers.
+    """
+    tensors = list(model.parameters())
+    for module in model.modules():
+        if isinstance(module, _PCN):
+            tensors += [module.U, module.mu]
+    return {
+        "total": sum(t.numel() for t in tensors),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "nonzero": sum(int(torch.count_nonzero(t)) for t in tensors),
+    }
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """MACs of one forward pass of one sample of shape `input_shape` (see module docstring)."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        h = inputs[0]
+        if isinstance(module, nn.Linear):
+            total += output.numel() // module.out_features * module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, PCNLinear):
+            rows = h.numel() // module.in_features
+            total += rows * (module.in_features * module.dims + module.dims * module.out_features)
+        elif isinstance(module, PCNConv2d):
+            kh, kw = module.kernel_size
+            spatial_in = h.shape[0] * h.shape[2] * h.shape[3]
+            total += spatial_in * module.in_channels * module.dims
+            total += output.numel() * module.dims * kh * kw
+
+    kinds = (nn.Linear, nn.Conv2d, *_PCN)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return total

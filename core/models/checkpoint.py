@@ -1,0 +1,106 @@
+"""Checkpoints: ONE safetensors file holding the state dict plus the arch as metadata.
+
+metadata = {"slimline_arch": <json of the normalized arch>, "format": "slimline/1"}.
+`load(path)` rebuilds the exact module (edits included) from the file alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from core.errors import CheckpointError, SpecError
+
+FORMAT = "slimline/1"
+
+
+def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write `model` (built by `core.models.build`) to one safetensors file."""
+    arch = getattr(model, "slimline_arch", None)
+    if arch is None:
+        raise CheckpointError("model has no slimline_arch; build it with core.models.build "
+                              "so the checkpoint can be rebuilt from data")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"slimline_arch": json.dumps(arch), "format": FORMAT})
+
+
+def read_arch(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The arch stored in a checkpoint's metadata (no tensors are read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {metadata.get('format')!r}, expected {FORMAT!r}; "
+                              "write checkpoints with core.models.save")
+    try:
+        arch = json.loads(metadata["slimline_arch"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has no valid 'slimline_arch' metadata ({exc})") from None
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{path}: 'slimline_arch' metadata must be a JSON object")
+    return arch
+
+
+def load(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild the model stored at `path` (in eval mode)."""
+    arch = read_arch(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read tensors from {path}: {exc}") from None
+    return from_state_dict(arch, tensors)
+
+
+def from_state_dict(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Build `arch` and load `tensors` into it after validating every key, shape and value.
+
+    Floating tensors are loaded in their own dtype when they all share one (a float64 checkpoint
+    gives a float64 model). The model is returned in eval mode.
+    """
+    from core.models import build
+
+    try:
+        model = build(arch)
+    except SpecError as exc:
+        raise CheckpointError(f"invalid architecture in checkpoint: {exc}") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} key(s) needed by "
+                              f"{arch.get('name')!r}: {missing[:10]}; save the model with "
+                              "core.models.save or check the architecture")
+    if unexpected:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected key(s) for "
+                              f"{arch.get('name')!r}: {unexpected[:10]}; check the architecture "
+                              "kwargs and edits")
+    float_dtypes = set()
+    for key, want in expected.items():
+        got = tensors[key]
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointError(f"key {key!r} is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"shape mismatch for key {key!r}: expected {tuple(want.shape)}, "
+                                  f"got {tuple(got.shape)}; check the architecture kwargs")
+        if want.is_floating_point():
+            if not got.is_floating_point():
+                raise CheckpointError(f"key {key!r} has dtype {got.dtype}; expected a floating "
+                                      "dtype (float16/bfloat16/float32/float64)")
+            if not bool(torch.isfinite(got).all()):
+                raise CheckpointError(f"key {key!r} contains non-finite values (NaN or Inf); "
+                                      "re-export the model from a healthy training run")
+            float_dtypes.add(got.dtype)
+        elif got.is_floating_point() or got.dtype == torch.bool:
+            raise CheckpointError(f"key {key!r} has dtype {got.dtype}; expected {want.dtype}")
+    if len(float_dtypes) == 1:
+        model.to(float_dtypes.pop())
+    model.load_state_dict(dict(tensors), strict=True)
+    return model.eval()

@@ -1,0 +1,159 @@
+"""Supervised training and evaluation with cross-entropy.
+
+Batches are sliced from the datasets' in-memory tensors (no DataLoader workers); shuffling uses
+the explicit `generator`. `train` moves the model to `device` and leaves it in eval mode.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.data import ArrayDataset, Splits
+from core.errors import Cancelled
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    optimizer: str = "adam"  # adam | sgd (with momentum)
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    lr_steps: tuple[int, ...] = ()  # epochs (1-based) after which lr *= lr_gamma
+    lr_gamma: float = 0.1
+    max_batches: int | None = None  # per epoch; None = the whole training set
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0 and batch_size >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.weight_decay < 0:
+            raise ValueError("lr must be a positive number and weight_decay >= 0")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError("max_batches must be >= 1 or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_steps"] = list(self.lr_steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def _to_device(x: torch.Tensor, model_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return x.to(device=device, dtype=model_dtype, non_blocking=True)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    param = next(model.parameters(), None)
+    return param.dtype if param is not None else torch.float32
+
+
+def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
+          device: str | torch.device = "cpu", generator: torch.Generator,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          should_cancel: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+    """Train `model` in place; return one record per epoch.
+
+    Record: `{"epoch", "loss", "accuracy" (running train averages over the epoch), "val_loss",
+    "val_accuracy", "wall_s", "lr"}`. `should_cancel()` is checked before every batch and raises
+    `Cancelled`. Only parameters with `requires_grad` are optimised, so PCN buffers stay frozen.
+    """
+    device = torch.device(device)
+    model.to(device)
+    dtype = _model_dtype(model)
+    optimizer = _make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_steps),
+                                                     gamma=config.lr_gamma)
+    data: ArrayDataset = splits.train
+    n = len(data)
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        total_loss, correct, seen = 0.0, 0, 0
+        for b, begin in enumerate(range(0, n, config.batch_size)):
+            if config.max_batches is not None and b >= config.max_batches:
+                break
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"training cancelled in epoch {epoch} before batch {b}")
+            idx = order[begin:begin + config.batch_size]
+            x = _to_device(data.x[idx], dtype, device)
+            y = data.y[idx].to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(idx)
+        scheduler.step()
+        val = (evaluate(model, splits.val, device=device) if len(splits.val)
+               else {"loss": None, "accuracy": None})
+        record = {
+            "epoch": epoch,
+            "loss": total_loss / max(seen, 1),
+            "accuracy": correct / max(seen, 1),
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "wall_s": time.perf_counter() - start,
+            "lr": lr,
+        }
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    model.eval()
+    return history
+
+
+def evaluate(model: nn.Module, dataset: ArrayDataset, *, device: str | torch.device = "cpu",
+             batch_size: int = 1024) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of `model` on `dataset` (eval mode, no_grad).
+
+    Restores the model's train/eval mode afterwards.
+    """
+    device = torch.device(device)
+    dtype = _model_dtype(model)
+    was_training = model.training
+    model.eval()
+    total_loss, correct, n = 0.0, 0, len(dataset)
+    try:
+        with torch.no_grad():
+            for begin in range(0, n, batch_size):
+                x = _to_device(dataset.x[begin:begin + batch_size], dtype, device)
+                y = dataset.y[begin:begin + batch_size].to(device)
+                logits = model(x)
+                total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    return {"loss": total_loss / n, "accuracy": correct / n}

@@ -1,0 +1,167 @@
+"""The service against real PostgreSQL + Redis + an S3 HTTP endpoint + uvicorn + a Celery worker."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import boto3
+import pytest
+import torch
+
+from tests.service.flows import (
+    checkpoint_bytes,
+    run_compression_flow,
+    upload_model,
+    wait_job,
+)
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def keys(full_stack):
+    return {"a": full_stack.create_key("alice-key", "alice"),
+            "b": full_stack.create_key("bob-key", "bob")}
+
+
+def bucket_keys(stack) -> set[str]:
+    s3 = boto3.client("s3", endpoint_url=stack.env["SLIMLINE_S3_ENDPOINT_URL"],
+                      aws_access_key_id="testing", aws_secret_access_key="testing",
+                      region_name="us-east-1")
+    out = s3.list_objects_v2(Bucket=stack.bucket)
+    return {o["Key"] for o in out.get("Contents", [])}
+
+
+def test_health_and_auth(full_stack, keys):
+    with full_stack.client() as anon:
+        assert anon.get("/healthz").status_code == 200
+        ready = anon.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        r = anon.get("/v1/jobs")
+        assert r.status_code == 401 and r.json()["error"]
+    with full_stack.client("sl_not-a-real-key") as bad:
+        assert bad.get("/v1/jobs").status_code == 401
+
+
+def test_upload_job_download_on_full_stack(full_stack, keys, tmp_path):
+    with full_stack.client(keys["a"]) as client:
+        ids = run_compression_flow(client, tmp_path)
+    stored = bucket_keys(full_stack)
+    assert any(k.endswith(".safetensors") for k in stored)
+    full_stack.flow_ids = ids  # reused by the isolation test
+
+
+def test_tenant_isolation(full_stack, keys, tmp_path):
+    ids = getattr(full_stack, "flow_ids", None)
+    if ids is None:
+        with full_stack.client(keys["a"]) as client:
+            ids = run_compression_flow(client, tmp_path)
+    with full_stack.client(keys["b"]) as bob:
+        for path in (f"/v1/models/{ids['model_id']}", f"/v1/models/{ids['model_id']}/file",
+                     f"/v1/models/{ids['result_model_id']}", f"/v1/jobs/{ids['job_id']}",
+                     f"/v1/jobs/{ids['job_id']}/artifacts",
+                     f"/v1/jobs/{ids['job_id']}/artifacts/model.safetensors",
+                     f"/v1/jobs/{ids['job_id']}/events?format=json"):
+            r = bob.get(path)
+            assert r.status_code == 404, (path, r.status_code, r.text)
+            assert r.json()["error"]
+        assert bob.post(f"/v1/jobs/{ids['job_id']}/cancel").status_code == 404
+        assert ids["job_id"] not in {j["id"] for j in bob.get("/v1/jobs").json()["items"]}
+        r = bob.post("/v1/jobs", json={"model": ids["model_id"], "dataset": "synthetic-tiny",
+                                       "steps": [{"op": "evaluate"}]})
+        assert r.status_code == 404, r.text
+
+
+def test_cancel_running_job_and_pagination(full_stack, keys):
+    with full_stack.client(keys["a"]) as client:
+        spec = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
+                "steps": [{"op": "train", "epochs": 100, "batch_size": 16}]}
+        job_id = client.post("/v1/jobs", json=spec).json()["id"]
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        job = wait_job(client, job_id, timeout=120)
+        assert job["status"] == "canceled"
+        r = client.post(f"/v1/jobs/{job_id}/cancel")
+        assert r.status_code == 409 and r.json()["error"]
+
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 1} | ({"cursor": cursor} if cursor else {})
+            page = client.get("/v1/jobs", params=params).json()
+            seen += [j["id"] for j in page["items"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert job_id in seen and len(seen) == len(set(seen)) >= 2
+        assert client.get("/v1/jobs", params={"status": "canceled"}).json()["items"][0]["id"] \
+            == job_id
+
+
+class _Payload:
+    """Unpickling this would run a shell command that creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_inputs_get_4xx_and_leave_nothing_behind(full_stack, keys, tmp_path):
+    arch = {"name": "lenet300"}
+    with full_stack.client(keys["a"]) as client:
+        models_before = len(client.get("/v1/models").json()["items"])
+        jobs_before = len(client.get("/v1/jobs", params={"limit": 100}).json()["items"])
+        objects_before = bucket_keys(full_stack)
+
+        good = checkpoint_bytes(arch, tmp_path)
+        marker = tmp_path / "pwned"
+        pickled = tmp_path / "evil.pt"
+        torch.save({"fc1.weight": _Payload(marker)}, pickled)
+
+        def wrong_shape(t):
+            t["fc1.weight"] = torch.zeros(10, 784)
+
+        def nan_weight(t):
+            t["fc2.weight"][0, 0] = math.nan
+
+        cases = {
+            "truncated": (upload_model(client, good[: len(good) // 2]), 422),
+            "pickle payload": (upload_model(client, pickled.read_bytes(), "evil.pt",
+                                            arch='{"name": "lenet300"}'), 422),
+            "wrong shapes": (upload_model(client, checkpoint_bytes(arch, tmp_path, 1, wrong_shape),
+                                          arch='{"name": "lenet300"}'), 422),
+            "nan weights": (upload_model(client, checkpoint_bytes(arch, tmp_path, 2, nan_weight),
+                                         arch='{"name": "lenet300"}'), 422),
+            "unknown arch": (upload_model(client, good, arch='{"name": "nope"}'), 422),
+            "not a checkpoint": (upload_model(client, b"hello world", "model.txt"), 415),
+            "oversize": (upload_model(client, b"\0" * (9 * 1024 * 1024)), 413),
+            "epochs out of bounds": (client.post("/v1/jobs", json={
+                "model": {"arch": arch}, "dataset": "synthetic-tiny",
+                "steps": [{"op": "train", "epochs": 10**7}]}), 422),
+            "negative lr": (client.post("/v1/jobs", json={
+                "model": {"arch": arch}, "dataset": "synthetic-tiny",
+                "steps": [{"op": "train", "epochs": 1, "lr": -1}]}), 422),
+            "unknown op": (client.post("/v1/jobs", json={
+                "model": {"arch": arch}, "dataset": "synthetic-tiny",
+                "steps": [{"op": "frobnicate"}]}), 422),
+            "unknown dataset": (client.post("/v1/jobs", json={
+                "model": {"arch": arch}, "dataset": "no-such-dataset",
+                "steps": [{"op": "evaluate"}]}), 404),
+        }
+        for name, (resp, status) in cases.items():
+            assert resp.status_code == status, (name, resp.status_code, resp.text)
+            body = resp.json()
+            assert body["error"] and len(body["detail"]) > 10, (name, body)
+            assert "Traceback" not in resp.text
+        assert not marker.exists(), "the pickle payload was executed"
+        assert "fc1.weight" in cases["wrong shapes"][0].json()["detail"]
+        assert "frobnicate" in cases["unknown op"][0].json()["detail"]
+
+        assert len(client.get("/v1/models").json()["items"]) == models_before
+        assert len(client.get("/v1/jobs", params={"limit": 100}).json()["items"]) == jobs_before
+        assert bucket_keys(full_stack) == objects_before
