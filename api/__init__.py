@@ -1,0 +1,1 @@
+"""The slimline HTTP API (FastAPI). Imports jobs/ only: never torch, core or worker."""

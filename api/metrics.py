@@ -1,0 +1,66 @@
+"""Prometheus metrics: request count and latency, and jobs by status (read at scrape time)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp
+
+from jobs.db import session_scope
+from jobs.orm import Job
+from jobs.settings import Settings
+from jobs.states import STATUSES
+
+log = logging.getLogger(__name__)
+
+
+class JobsByStatus:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("slimline_jobs", "Jobs by status", labels=["status"])
+        counts = dict.fromkeys(STATUSES, 0)
+        try:
+            with session_scope(self.settings) as session:
+                counts |= dict(session.execute(
+                    select(Job.status, func.count()).group_by(Job.status)).all())
+        except Exception:  # a scrape must not fail because the DB is down
+            log.warning("could not count jobs for /metrics", exc_info=True)
+        for status, count in counts.items():
+            gauge.add_metric([status], count)
+        yield gauge
+
+
+class Metrics:
+    def __init__(self, settings: Settings) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("slimline_http_requests", "HTTP requests",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("slimline_http_request_duration_seconds",
+                                 "HTTP request latency", ["method", "route"],
+                                 registry=self.registry)
+        self.registry.register(JobsByStatus(settings))
+
+
+class MetricsMiddleware(BaseHTTPMiddleware):
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        self.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        self.metrics.latency.labels(request.method, path).observe(
+            time.perf_counter() - started)
+        return response

@@ -1,0 +1,55 @@
+"""/v1/datasets: upload validated arrays; list uploaded and built-in datasets."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.schemas import builtin_documents, dataset_document
+from api.uploads import receive_upload
+from jobs.datasets import (
+    dataset_format,
+    get_dataset,
+    list_datasets,
+    register_dataset,
+    validate_dataset_file,
+)
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201)
+async def upload_dataset(request: Request, settings: SettingsDep, session: SessionDep,
+                         store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
+    """Upload `.npz`/`.safetensors` arrays x_train, y_train[, x_test, y_test]."""
+    (settings.home / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.home / "tmp") as tmp:
+        upload = await receive_upload(request, Path(tmp) / "upload", settings.max_upload_bytes)
+        fmt = dataset_format(upload.path, upload.filename)
+        meta = await run_in_threadpool(validate_dataset_file, upload.path, fmt)
+        name = upload.fields.get("name") or Path(upload.filename).stem or "dataset"
+        dataset = await run_in_threadpool(
+            register_dataset, session, store, tenant_id=tenant_id, name=name[:200], fmt=fmt,
+            meta=meta, path=upload.path)
+        return JSONResponse(dataset_document(dataset), status_code=201,
+                            headers={"Location": f"/v1/datasets/{dataset.id}"})
+
+
+@router.get("")
+def list_all(session: SessionDep, tenant_id: TenantDep) -> dict:
+    """Built-in datasets, then this tenant's uploads (newest first)."""
+    uploaded = [dataset_document(d) for d in list_datasets(session, tenant_id)]
+    return {"items": builtin_documents() + uploaded}
+
+
+@router.get("/{dataset_id}")
+def read(dataset_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
+    """An uploaded or built-in dataset's metadata."""
+    for builtin in builtin_documents():
+        if builtin["id"] == dataset_id:
+            return builtin
+    return dataset_document(get_dataset(session, tenant_id, dataset_id))

@@ -1,0 +1,56 @@
+"""Job artifacts: files a job produced (compressed model, report, plots, exports)."""
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from jobs.errors import NotFound
+from jobs.model_registry import file_digest, on_rollback
+from jobs.orm import Artifact
+from jobs.store import ObjectStore
+
+
+def artifact_key(tenant_id: str, job_id: str, name: str) -> str:
+    return f"jobs/{tenant_id}/{job_id}/{name}"
+
+
+def add_artifact(session: Session, store: ObjectStore, *, tenant_id: str, job_id: str,
+                 name: str, path: str | Path, kind: str | None = None) -> Artifact:
+    """Store a file as artifact `name` of a job (replacing one of the same name)."""
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"artifact name {name!r} must be a plain file name")
+    sha256, size = file_digest(path)
+    key = artifact_key(tenant_id, job_id, name)
+    store.put_file(key, path)
+    on_rollback(session, lambda: store.delete(key))
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id,
+                                                     Artifact.name == name))
+    if artifact is None:
+        artifact = Artifact(job_id=job_id, name=name)
+        session.add(artifact)
+    artifact.kind = kind or Path(name).suffix.lstrip(".") or "file"
+    artifact.size_bytes, artifact.sha256, artifact.storage_key = size, sha256, key
+    session.flush()
+    return artifact
+
+
+def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)
+                                .order_by(Artifact.name)))
+
+
+def get_artifact(session: Session, job_id: str, name: str) -> Artifact:
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id,
+                                                     Artifact.name == name))
+    if artifact is None:
+        raise NotFound(f"job {job_id} has no artifact {name!r}")
+    return artifact
+
+
+def media_type(name: str) -> str:
+    if name.endswith((".safetensors", ".onnx")):
+        return "application/octet-stream"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"

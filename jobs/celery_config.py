@@ -1,0 +1,44 @@
+"""The Celery configuration shared by the API's client (jobs.queue) and the worker app."""
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.settings import Settings
+
+TASK_NAME = "slimline.run_job"
+QUEUES = ("cpu", "gpu")
+
+
+def filesystem_folders(settings: Settings) -> dict[str, str]:
+    """The filesystem transport's folders (created here): in = out, plus processed."""
+    queue = settings.broker_folder / "queue"
+    processed = settings.broker_folder / "processed"
+    queue.mkdir(parents=True, exist_ok=True)
+    processed.mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": str(queue), "data_folder_out": str(queue),
+            "data_folder_processed": str(processed)}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    from kombu import Queue
+
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_default_queue": "cpu",
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        "worker_hijack_root_logger": False,
+    }
+    if settings.uses_filesystem_broker:
+        config["broker_transport_options"] = filesystem_folders(settings)
+    else:
+        # Redis: a task unacknowledged this long is redelivered; longer than any job.
+        config["broker_transport_options"] = {"visibility_timeout": 12 * 3600}
+    return config

@@ -1,0 +1,116 @@
+"""Database engine and sessions. `session_scope()` commits on success and rolls back on error;
+service functions only `flush()`."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+_factories: dict[str, sessionmaker[Session]] = {}
+
+
+def make_engine(url: str) -> Engine:
+    """A new engine; SQLite gets foreign keys, WAL and a busy timeout (API and worker share it)."""
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def engine_from_settings(settings: Settings | None = None) -> Engine:
+    """The process-wide engine for `settings.database_url` (one per URL)."""
+    url = (settings or get_settings()).database_url
+    with _lock:
+        if url not in _engines:
+            _engines[url] = make_engine(url)
+        return _engines[url]
+
+
+def SessionFactory(settings: Settings | None = None) -> sessionmaker[Session]:
+    """The sessionmaker bound to the engine of `settings` (objects stay usable after commit)."""
+    url = (settings or get_settings()).database_url
+    engine = engine_from_settings(settings)
+    with _lock:
+        if url not in _factories:
+            _factories[url] = sessionmaker(engine, expire_on_commit=False)
+        return _factories[url]
+
+
+@contextmanager
+def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+    """One short transaction: commit on success, roll back on any error."""
+    session = SessionFactory(settings)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        rollback(session)
+        raise
+    finally:
+        session.close()
+
+
+def rollback(session: Session) -> None:
+    """Roll back, then undo side effects registered with `session.info["on_rollback"]` (such as
+    objects already written to the store for rows that now never exist)."""
+    session.rollback()
+    for undo in session.info.pop("on_rollback", []):
+        try:
+            undo()
+        except Exception:  # best effort; the original error matters more
+            log.warning("undo after rollback failed", exc_info=True)
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection (tests, and after fork in workers)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _factories.clear()
+
+
+def alembic_config(url: str):
+    """An Alembic config that finds the migrations next to the package, from any cwd."""
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parents[1]
+    ini = root / "alembic.ini"
+    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg.set_main_option("script_location", str(root / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["database_url"] = url
+    return cfg
+
+
+def upgrade_db(settings: Settings | None = None, revision: str = "head") -> None:
+    """`alembic upgrade head` on the configured database."""
+    from alembic import command
+
+    settings = settings or get_settings()
+    if settings.database_url.startswith("sqlite"):
+        engine_from_settings(settings)  # creates the parent directory
+    command.upgrade(alembic_config(settings.database_url), revision)

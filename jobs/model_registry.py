@@ -1,0 +1,116 @@
+"""Models: uploaded checkpoints and the outputs of jobs. The API validates uploads in a
+subprocess (worker.inspect) and registers the normalized safetensors file here."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from jobs.errors import NotFound, UnsupportedFormat
+from jobs.orm import Model, new_id
+from jobs.store import ObjectStore
+
+ACCEPTED = "a .safetensors file, or a .pt/.pth PyTorch state_dict saved with torch.save"
+
+
+def file_digest(path: str | Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes), reading in chunks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1024 * 1024):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def looks_like_safetensors(path: str | Path) -> bool:
+    """8-byte little-endian header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        (length,) = struct.unpack("<Q", head)
+        if length < 2 or length > 100 * 1024 * 1024:
+            return False
+        first = f.read(1)
+    return first == b"{"
+
+
+def looks_like_zip(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def checkpoint_format(path: str | Path, filename: str) -> str:
+    """'safetensors' or 'pt' from the file name and its magic bytes; anything else is a 415."""
+    suffix = Path(filename or "").suffix.lower()
+    if suffix == ".safetensors" and looks_like_safetensors(path):
+        return "safetensors"
+    if suffix in (".pt", ".pth") and looks_like_zip(path):
+        return "pt"
+    if suffix in (".safetensors", ".pt", ".pth"):
+        raise UnsupportedFormat(f"{filename!r} does not look like a {suffix} file (bad magic "
+                                f"bytes); upload {ACCEPTED}")
+    raise UnsupportedFormat(f"unsupported checkpoint file {filename!r}; upload {ACCEPTED}")
+
+
+def model_key(tenant_id: str, model_id: str) -> str:
+    return f"models/{tenant_id}/{model_id}.safetensors"
+
+
+def on_rollback(session: Session, callback: Any) -> None:
+    """Run `callback()` if this session's transaction is rolled back (undo stored bytes)."""
+    session.info.setdefault("on_rollback", []).append(callback)
+
+
+def register_model(session: Session, store: ObjectStore, *, tenant_id: str, name: str,
+                   arch: dict[str, Any], fmt: str, params: dict[str, int], path: str | Path,
+                   source_job_id: str | None = None) -> Model:
+    """Store the normalized safetensors file and insert its Model row; if the insert (or the
+    commit after it) fails, the stored object is deleted again."""
+    sha256, size = file_digest(path)
+    model = Model(id=new_id(), tenant_id=tenant_id, name=name, arch=arch, format=fmt,
+                  size_bytes=size, sha256=sha256, params=params, source_job_id=source_job_id)
+    model.storage_key = model_key(tenant_id, model.id)
+    store.put_file(model.storage_key, path)
+    on_rollback(session, lambda: store.delete(model.storage_key))
+    try:
+        session.add(model)
+        session.flush()
+    except Exception:
+        store.delete(model.storage_key)
+        raise
+    return model
+
+
+def get_model(session: Session, tenant_id: str, model_id: str) -> Model:
+    model = session.get(Model, model_id)
+    if model is None or model.tenant_id != tenant_id:
+        raise NotFound(f"model {model_id!r} not found")
+    return model
+
+
+def list_models(session: Session, tenant_id: str, limit: int = 100) -> list[Model]:
+    return list(session.scalars(select(Model).where(Model.tenant_id == tenant_id)
+                                .order_by(Model.created_at.desc(), Model.id.desc()).limit(limit)))
+
+
+def parse_arch(text: str | None) -> dict[str, Any] | None:
+    """The `arch` form field: a JSON object with a "name", or empty."""
+    from jobs.errors import Unprocessable
+
+    if text is None or not text.strip():
+        return None
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Unprocessable(f"arch is not valid JSON ({exc}); e.g. {{\"name\": \"lenet300\"}}") \
+            from exc
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise Unprocessable('arch must be a JSON object with a "name", e.g. {"name": "lenet300"}')
+    return arch

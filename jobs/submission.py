@@ -1,0 +1,141 @@
+"""Jobs as the API sees them: create (with idempotency), get, list with keyset pagination, cancel.
+Services only flush; the caller commits, then enqueues."""
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from jobs.datasets import check_dataset_ref
+from jobs.errors import BadRequest, IdempotencyConflict, NotFound, Unprocessable
+from jobs.events import record_event
+from jobs.model_registry import get_model
+from jobs.orm import Job
+from jobs.spec import JobSpec
+from jobs.states import STATUSES, mark_failed, request_cancel
+
+
+def spec_document(spec: JobSpec) -> dict[str, Any]:
+    """The stored form of a spec: JSON, defaults filled in, unset optionals left out."""
+    return spec.model_dump(mode="json", exclude_none=True)
+
+
+def create_job(session: Session, tenant_id: str, spec: JobSpec,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Insert a queued job; returns (job, created). Same key + same spec → the existing job;
+    same key + another spec → 409."""
+    if spec.model_id is not None:
+        get_model(session, tenant_id, spec.model_id)
+    check_dataset_ref(session, tenant_id, spec.dataset)
+    document = spec_document(spec)
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 200:
+            raise BadRequest("Idempotency-Key must be 1..200 characters")
+        existing = _by_idempotency_key(session, tenant_id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, document), False
+    job = Job(tenant_id=tenant_id, status="queued", progress=0.0, stage="queued", spec=document,
+              queue=spec.queue, idempotency_key=idempotency_key, cancel_requested=False,
+              attempts=0)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        # a concurrent request with the same Idempotency-Key won the race (nothing else is
+        # pending in this session at this point, so rolling it all back is safe)
+        session.rollback()
+        existing = _by_idempotency_key(session, tenant_id, idempotency_key) \
+            if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, document), False
+    record_event(session, job.id, "status", {"status": "queued"})
+    return job, True
+
+
+def _by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id,
+                                            Job.idempotency_key == key))
+
+
+def _replay(existing: Job, document: dict[str, Any]) -> Job:
+    if existing.spec != document:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different job "
+                                  f"spec (job {existing.id}); use a new key for a new job")
+    return existing
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise Unprocessable("cursor: not a cursor returned by GET /v1/jobs (pass next_cursor "
+                            "as is)") from exc
+
+
+def list_jobs(session: Session, tenant_id: str, *, status: str | None = None, limit: int = 20,
+              cursor: str | None = None) -> tuple[list[Job], str | None]:
+    """Newest first; keyset pagination on (created_at, id)."""
+    if status is not None and status not in STATUSES:
+        raise Unprocessable(f"status: must be one of {', '.join(STATUSES)}")
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created,
+                                and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc())
+                                .limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel_job(session: Session, tenant_id: str, job_id: str) -> tuple[Job, bool]:
+    """Returns (job, revoke): a queued job is canceled now and should be revoked after commit."""
+    job = get_job(session, tenant_id, job_id)
+    revoke = request_cancel(job)
+    record_event(session, job.id, "cancel_requested", {"status": job.status})
+    session.flush()
+    return job, revoke
+
+
+def fail_unqueued(session: Session, job: Job, detail: str) -> None:
+    """The broker refused the job after its row was committed."""
+    session.refresh(job)
+    if job.status == "queued":
+        mark_failed(job, "BrokerUnavailable", detail)
+        record_event(session, job.id, "status", {"status": "failed"})
+    session.flush()
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    """The job as GET /v1/jobs/{id} returns it."""
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    error = ({"code": job.error_code, "message": job.error_message or ""}
+             if job.error_code else None)
+    return {"id": job.id, "status": job.status, "progress": job.progress, "stage": job.stage,
+            "spec": job.spec, "error": error, "result": job.result,
+            "created_at": iso(job.created_at), "started_at": iso(job.started_at),
+            "finished_at": iso(job.finished_at)}

@@ -1,0 +1,190 @@
+from __future__ import annotations
+
+import pytest
+
+from jobs import queue
+from jobs.errors import BrokerUnavailable
+from tests.api.conftest import safetensors_bytes
+
+SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
+        "steps": [{"op": "train", "epochs": 1}, {"op": "evaluate"}]}
+
+
+def test_create_job_commits_then_enqueues(client, enqueued):
+    r = client.post("/v1/jobs", json=SPEC)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert set(job) == {"id", "status", "progress", "stage", "spec", "error", "result",
+                        "created_at", "started_at", "finished_at"}
+    assert job["status"] == "queued" and job["error"] is None and job["progress"] == 0.0
+    assert job["spec"]["steps"][0]["optimizer"] == "adam"  # defaults are filled in
+    assert enqueued == [(job["id"], "cpu")]
+    assert client.get(f"/v1/jobs/{job['id']}").json() == job
+
+
+def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
+    client.post("/v1/jobs", json=SPEC | {"device": "cuda"})
+    assert enqueued[-1][1] == "gpu"
+
+
+@pytest.mark.parametrize(("patch", "needle"), [
+    ({"steps": [{"op": "train", "epochs": 51}]}, "steps[0].epochs"),
+    ({"steps": [{"op": "train", "epochs": 1, "lr": -1}]}, "steps[0].lr"),
+    ({"steps": [{"op": "train", "epochs": 1, "momentum": 1}]}, "momentum"),
+    ({"steps": [{"op": "frobnicate"}]}, "frobnicate"),
+    ({"steps": [{"op": "snip", "sparsity": 0.9}]}, "not available yet"),
+    ({"steps": [{"op": "evaluate", "bogus": 1}]}, "steps[0].bogus"),
+    ({"surprise": 1}, "surprise"),
+    ({"steps": []}, "steps"),
+    ({"seed": -1}, "seed"),
+    ({"device": "tpu"}, "device"),
+    ({"steps": [{"op": "pcn", "select": {"dims": 3}, "output_based": True}]},
+     "not available yet"),
+    ({"steps": [{"op": "pcn", "select": {"dims": 3, "threshold": 0.1}}]}, "exactly one"),
+])
+def test_invalid_specs_are_422_naming_the_field(client, enqueued, patch, needle):
+    r = client.post("/v1/jobs", json=SPEC | patch)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "ValidationError" and needle in body["detail"], body
+    assert enqueued == [] and client.get("/v1/jobs").json()["items"] == []
+
+
+def test_not_json_is_422(client):
+    r = client.post("/v1/jobs", content=b"nope", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == "ValidationError"
+
+
+def test_unknown_model_and_dataset_are_404(client):
+    r = client.post("/v1/jobs", json=SPEC | {"model": "01nosuchmodel"})
+    assert r.status_code == 404 and "01nosuchmodel" in r.json()["detail"]
+    r = client.post("/v1/jobs", json=SPEC | {"dataset": "no-such-dataset"})
+    assert r.status_code == 404 and r.json()["error"] == "NotFound"
+    r = client.post("/v1/jobs", json=SPEC | {"dataset": "synthetic-nope"})
+    assert r.status_code == 404
+
+
+def test_job_on_an_uploaded_model(client, enqueued):
+    model = client.post("/v1/models", files={"file": ("m.safetensors", safetensors_bytes())},
+                        data={"name": "m"}).json()
+    r = client.post("/v1/jobs", json=SPEC | {"model": model["id"]})
+    assert r.status_code == 202 and r.json()["spec"]["model"] == model["id"]
+
+
+def test_idempotency_key(client, enqueued):
+    headers = {"Idempotency-Key": "k1"}
+    first = client.post("/v1/jobs", json=SPEC, headers=headers)
+    again = client.post("/v1/jobs", json=SPEC, headers=headers)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and len(enqueued) == 1
+    other = client.post("/v1/jobs", json=SPEC | {"seed": 9}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"] == "IdempotencyConflict"
+
+
+def test_broker_down_fails_the_job_with_503(client, monkeypatch):
+    def down(job_id, q, settings=None):
+        raise BrokerUnavailable("could not reach the broker: connection refused")
+
+    monkeypatch.setattr(queue, "enqueue_job", down)
+    r = client.post("/v1/jobs", json=SPEC)
+    assert r.status_code == 503 and r.json()["error"] == "BrokerUnavailable"
+    [job] = client.get("/v1/jobs").json()["items"]
+    assert job["status"] == "failed" and job["error"]["code"] == "BrokerUnavailable"
+
+
+def test_list_pagination_and_status_filter(client):
+    ids = [client.post("/v1/jobs", json=SPEC | {"seed": i}).json()["id"] for i in range(5)]
+    seen, cursor = [], None
+    while True:
+        page = client.get("/v1/jobs", params={"limit": 2} | ({"cursor": cursor} if cursor
+                                                               else {})).json()
+        assert len(page["items"]) <= 2
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(ids))
+    client.post(f"/v1/jobs/{ids[1]}/cancel")
+    canceled = client.get("/v1/jobs", params={"status": "canceled"}).json()["items"]
+    assert [j["id"] for j in canceled] == [ids[1]]
+    assert client.get("/v1/jobs", params={"status": "weird"}).status_code == 422
+    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+    assert client.get("/v1/jobs", params={"limit": 101}).status_code == 422
+    assert client.get("/v1/jobs", params={"cursor": "garbage!"}).status_code == 422
+
+
+def test_cancel_queued_then_409(client):
+    job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "canceled"
+    assert r.json()["finished_at"]
+    again = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"] == "JobNotCancelable"
+
+
+def test_cancel_running_sets_flag(client, settings):
+    from jobs.db import session_scope
+    from jobs.orm import Job
+    from jobs.states import mark_running
+
+    job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+    with session_scope(settings) as s:
+        mark_running(s.get(Job, job_id))
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "running"
+    with session_scope(settings) as s:
+        assert s.get(Job, job_id).cancel_requested
+
+
+def test_events_json_sse_and_curves(client, settings):
+    from jobs.db import session_scope
+    from jobs.events import record_event, set_progress
+    from jobs.orm import Job
+    from jobs.states import mark_running, mark_succeeded
+
+    job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+    with session_scope(settings) as s:
+        mark_running(s.get(Job, job_id))
+        record_event(s, job_id, "epoch", {"step": 0, "epoch": 1, "loss": 0.5, "accuracy": 0.8,
+                                          "val_loss": 0.6, "val_accuracy": 0.7})
+        set_progress(s, job_id, 0.5, "train 1/1")
+    with session_scope(settings) as s:
+        mark_succeeded(s.get(Job, job_id), {"model_id": None})
+    items = client.get(f"/v1/jobs/{job_id}/events", params={"format": "json"}).json()["items"]
+    assert [e["kind"] for e in items] == ["status", "epoch", "progress"]
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    assert "event: epoch" in text and text.rstrip().endswith('{"status": "succeeded"}')
+    last = items[1]["id"]
+    with client.stream("GET", f"/v1/jobs/{job_id}/events",
+                       headers={"Last-Event-ID": str(last)}) as r:
+        text = "".join(r.iter_text())
+    assert "event: epoch" not in text and "event: progress" in text
+    curves = client.get(f"/v1/jobs/{job_id}/curves").json()
+    assert curves["training"] == [{"step": 0, "epoch": 1, "loss": 0.5, "accuracy": 0.8,
+                                   "val_loss": 0.6, "val_accuracy": 0.7, "lr": None,
+                                   "wall_s": None}]
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["progress"] == 1.0
+
+
+def test_artifacts_list_and_download(client, settings, tmp_path):
+    from jobs.artifacts import add_artifact
+    from jobs.db import session_scope
+    from jobs.orm import Job
+    from jobs.store import store_from_settings
+
+    job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+    report = tmp_path / "report.json"
+    report.write_text('{"ok": true}')
+    with session_scope(settings) as s:
+        tenant = s.get(Job, job_id).tenant_id
+        add_artifact(s, store_from_settings(settings), tenant_id=tenant, job_id=job_id,
+                     name="report.json", path=report)
+    [item] = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+    assert item["name"] == "report.json" and item["kind"] == "json" and item["size_bytes"] == 12
+    r = client.get(f"/v1/jobs/{job_id}/artifacts/report.json")
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/nope.png").status_code == 404

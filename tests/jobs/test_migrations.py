@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from jobs.db import dispose_engines, upgrade_db
+from jobs.settings import Settings
+
+TABLES = {"tenants", "api_keys", "models", "datasets", "jobs", "job_events", "artifacts",
+          "alembic_version"}
+PG_ADMIN_URL = os.environ.get("SLIMLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def check_schema(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        insp = inspect(engine)
+        assert set(insp.get_table_names()) >= TABLES
+        uniques = {u["name"] for u in insp.get_unique_constraints("jobs")}
+        assert "uq_jobs_tenant_idempotency" in uniques
+        assert "ix_jobs_tenant_created" in {i["name"] for i in insp.get_indexes("jobs")}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_on_sqlite_from_any_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = Settings(home=tmp_path / "home")
+    upgrade_db(s)
+    upgrade_db(s)  # idempotent
+    check_schema(s.database_url)
+    dispose_engines()
+
+
+@pytest.fixture
+def pg_url():
+    psycopg = pytest.importorskip("psycopg")
+    name = f"slimline_mig_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    dispose_engines()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_upgrade_on_postgresql_and_basic_use(pg_url, tmp_path):
+    from jobs.auth import create_api_key, resolve_key
+    from jobs.db import session_scope
+    from jobs.orm import Job
+    from jobs.states import mark_running, reap_stale_jobs
+
+    s = Settings(home=tmp_path, database_url=pg_url)
+    upgrade_db(s)
+    check_schema(pg_url)
+    with session_scope(s) as session:
+        key = create_api_key(session, "k", "t")
+        tenant = resolve_key(session, key)
+        job = Job(tenant_id=tenant, spec={"x": 1})
+        session.add(job)
+        session.flush()
+        mark_running(job)
+        assert reap_stale_jobs(session, 3600) == []
+    with session_scope(s) as session:
+        assert session.get(Job, job.id).started_at.tzinfo is not None

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import queue
+from jobs.errors import BrokerUnavailable
+from jobs.settings import Settings
+
+
+def test_enqueue_on_the_filesystem_broker_writes_a_message(tmp_path):
+    s = Settings(home=tmp_path)
+    queue.broker_ping(s)
+    queue.enqueue_job("01job", "cpu", s)
+    [msg] = list((tmp_path / "broker/queue").iterdir())
+    body = json.loads(msg.read_text())
+    assert body["headers"]["task"] == "slimline.run_job" and body["headers"]["id"] == "01job"
+    assert body["properties"]["delivery_info"]["routing_key"] == "cpu"
+
+
+def test_unreachable_broker_raises_broker_unavailable(tmp_path):
+    s = Settings(home=tmp_path, broker_url="redis://127.0.0.1:1/0")
+    with pytest.raises(BrokerUnavailable):
+        queue.enqueue_job("01job", "cpu", s)
+    with pytest.raises(Exception):  # noqa: B017 - any connection error is a failed ping
+        queue.broker_ping(s, timeout=1)
