@@ -10,13 +10,16 @@ QUEUES = ("cpu", "gpu")
 
 
 def filesystem_folders(settings: Settings) -> dict[str, str]:
-    """The filesystem transport's folders (created here): in = out, plus processed."""
+    """The filesystem transport's folders (created here): in = out, processed messages kept,
+    and the exchange table (kombu's `control_folder`, which defaults to ./control in the cwd)."""
     queue = settings.broker_folder / "queue"
     processed = settings.broker_folder / "processed"
-    queue.mkdir(parents=True, exist_ok=True)
-    processed.mkdir(parents=True, exist_ok=True)
+    control = settings.broker_folder / "control"
+    for folder in (queue, processed, control):
+        folder.mkdir(parents=True, exist_ok=True)
     return {"data_folder_in": str(queue), "data_folder_out": str(queue),
-            "data_folder_processed": str(processed)}
+            "data_folder_processed": str(processed), "processed_folder": str(processed),
+            "store_processed": False, "control_folder": str(control)}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

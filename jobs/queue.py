@@ -52,7 +52,9 @@ def broker_ping(settings: Settings | None = None, timeout: float = 3.0) -> None:
     """Raise if the broker cannot be reached."""
     settings = settings or get_settings()
     if settings.uses_filesystem_broker:
-        for folder in celery_config(settings)["broker_transport_options"].values():
+        options = celery_config(settings)["broker_transport_options"]
+        for name in ("data_folder_in", "data_folder_out", "control_folder"):
+            folder = options[name]
             if not os.access(folder, os.W_OK):
                 raise BrokerUnavailable(f"broker folder {folder} is not writable")
         return
