@@ -135,6 +135,14 @@ def pcn_from_layer(name: str, layer: nn.Module, stats: LayerStats, dims: int) ->
     return new
 
 
+def select_dims(stats: LayerStats, selector: dict[str, Any]) -> int:
+    """`effective_dimensionality` of a layer's spectrum, capped at the computed eigenvectors
+    (stats from `collect_input_stats(top_k=...)` or the Gram route hold fewer than m)."""
+    dims = effective_dimensionality(stats.eigvals, total_variance=stats.total_variance,
+                                    **selector)
+    return min(dims, int(stats.eigvecs.shape[1]))
+
+
 def _layer_selector(select: dict[str, Any], name: str, kind: str) -> dict[str, Any]:
     """per_layer[name] > select[kind] ('linear'|'conv') > the top-level selector."""
     per_layer = select.get("per_layer", {}) or {}
@@ -206,12 +214,12 @@ def pcn_input_transform(model: nn.Module, stats: dict[str, LayerStats], select: 
         layer = get_layer(new_model, name)
         st = stats[name]
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
-        dims = effective_dimensionality(st.eigvals, **_layer_selector(select, name, kind))
+        dims = select_dims(st, _layer_selector(select, name, kind))
         set_layer(new_model, name, pcn_from_layer(name, layer, st, dims))
         new_model.slimline_arch = with_edit(new_model, {"op": "pcn_input", "layer": name,
                                                         "dims": dims})
         e = st.eigvals.clamp(min=0)
-        total = float(e.sum())
+        total = float(e.sum()) if st.total_variance is None else st.total_variance
         report[name] = {
             "in_dim": st.dim,
             "dims": dims,

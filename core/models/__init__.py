@@ -149,8 +149,15 @@ def _replay_pcn_input(model: nn.Module, edit: dict[str, Any]) -> None:
     set_layer(model, layer, placeholder_pcn_layer(layer, get_layer(model, layer), dims))
 
 
+def _replay_pcn_output(model: nn.Module, edit: dict[str, Any]) -> None:
+    from core.pcn_output import replay_pcn_output
+
+    replay_pcn_output(model, edit)
+
+
 EDIT_OPS: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
     "pcn_input": _replay_pcn_input,
+    "pcn_output": _replay_pcn_output,
 }
 
 

@@ -1,0 +1,140 @@
+"""Eigen-solvers for PCA that compute only what is kept (seed 000 §2, App. A; ALGORITHMS §1).
+
+* `full_eigh(cov)`: every eigenpair of an (m, m) covariance (`torch.linalg.eigh`, O(m^3)).
+* `top_eigh(cov, k)`: the k leading eigenpairs by randomized subspace iteration with a
+  Rayleigh-Ritz step (float64, fixed `torch.Generator`), O(m^2 p) per iteration, p ~ 2k. It
+  stops when every kept Ritz pair has residual `||C v - e v|| <= tol * e_max` and falls back to
+  `full_eigh` when it has not converged in about the cost of one eigh (or when p >= m/2).
+* `gram_eigh(h)`: the N x N Gram route for N < m samples: eigh of `Hc Hc^T / (N - 1)`, then
+  `v = Hc^T u / sqrt((N - 1) e)`; at most N - 1 eigenvalues are non-zero, the rest are exactly 0.
+* `SampleBuffer`: keeps the raw samples of one layer for the Gram route (bounded: refuses more
+  than `max_rows` rows, and the caller only uses it when N < m, i.e. N*m < m^2 floats — never
+  more memory than the covariance route).
+
+Every function returns eigenvalues in descending order, float64, and eigenvectors as columns
+with the sign convention of `core.pca.StreamingCovariance.finalize` (the entry with the largest
+magnitude in each column is positive).
+"""
+from __future__ import annotations
+
+import torch
+
+SOLVERS = ("auto", "eigh", "subspace", "gram")
+
+
+def fix_signs(eigvecs: torch.Tensor) -> torch.Tensor:
+    """Flip columns so the largest-magnitude entry of each is positive (deterministic output)."""
+    if eigvecs.shape[1] == 0:
+        return eigvecs
+    pivot = eigvecs.abs().argmax(dim=0)
+    signs = torch.sign(eigvecs[pivot, torch.arange(eigvecs.shape[1])])
+    signs[signs == 0] = 1
+    return eigvecs * signs
+
+
+def full_eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All eigenpairs of a symmetric matrix, descending; eigvecs (m, m)."""
+    cov = cov.to(torch.float64)
+    cov = (cov + cov.T) / 2  # remove round-off asymmetry before eigh
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    return eigvals.flip(0), fix_signs(eigvecs.flip(1))
+
+
+def top_eigh(cov: torch.Tensor, k: int, *, oversample: int | None = None,
+             max_iters: int | None = None, tol: float = 1e-9,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k leading eigenpairs of a symmetric PSD matrix: eigvals (k,), eigvecs (m, k).
+
+    Randomized subspace iteration (Halko et al. 2011, Alg. 4.4) on p = k + oversample vectors
+    (default oversample max(10, k): the convergence ratio per step is e_{p+1} / e_k),
+    re-orthonormalised every step, with a Rayleigh-Ritz check every other step that reuses
+    `C Q` (no extra m x m product). Stops when every kept Ritz pair has residual
+    `||C v - e v|| <= tol * e_max`. Deterministic: the start block comes from `generator` (a
+    fixed seed when None). Falls back to `full_eigh` when p >= m/2, or when it has not
+    converged within `max_iters` (default: about the cost of one dense eigh, 3m/p steps), so
+    the result is always right.
+    """
+    m = cov.shape[0]
+    if not 1 <= k <= m:
+        raise ValueError(f"k must be in [1, {m}], got {k}")
+    cov = cov.to(torch.float64)
+    cov = (cov + cov.T) / 2
+    p = min(m, k + (max(10, k) if oversample is None else oversample))
+    if 2 * p >= m:  # a dense eigh is cheaper than iterating on half the space
+        e, v = full_eigh(cov)
+        return e[:k], v[:, :k]
+    if max_iters is None:
+        max_iters = max(20, 3 * m // p)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    start = torch.randn(m, p, generator=generator, dtype=torch.float64).to(cov.device)
+    q, _ = torch.linalg.qr(cov @ start)  # (m, p)
+    for it in range(1, max_iters + 1):
+        z = cov @ q  # (m, p)
+        if it % 2 == 0:
+            ritz_vals, s = torch.linalg.eigh(q.T @ z)  # (p,), (p, p); Rayleigh-Ritz
+            ritz_vals, s = ritz_vals.flip(0)[:k], s.flip(1)[:, :k]
+            vecs = q @ s  # (m, k)
+            residual = torch.linalg.vector_norm(z @ s - vecs * ritz_vals, dim=0)  # C v - e v
+            scale = max(float(ritz_vals[0].abs()), torch.finfo(torch.float64).tiny)
+            if float(residual.max()) <= tol * scale:
+                return ritz_vals, fix_signs(vecs)
+        q, _ = torch.linalg.qr(z)
+    e, v = full_eigh(cov)
+    return e[:k], v[:, :k]
+
+
+def gram_eigh(h: torch.Tensor, k: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA of N samples (rows of h, N < m typical) through the N x N Gram matrix.
+
+    Returns (mu (m,), eigvals (m,) descending — entries past the rank are exactly 0 —,
+    eigvecs (m, r)) where r = min(k, rank) columns are returned (k=None: the whole rank, at most
+    N - 1). Equal to the covariance route on the non-zero part of the spectrum.
+    """
+    h = h.to(torch.float64)
+    n, m = h.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 samples for a covariance, got {n}")
+    mu = h.mean(dim=0)
+    hc = h - mu  # (N, m)
+    gram = hc @ hc.T / (n - 1)  # (N, N); same non-zero spectrum as hc^T hc / (N-1)
+    gram = (gram + gram.T) / 2
+    e, u = torch.linalg.eigh(gram)
+    e, u = e.flip(0), u.flip(1)
+    # centring removes one dimension: rank <= N - 1; drop round-off eigenvalues
+    cutoff = max(float(e[0]), 0.0) * max(n, m) * torch.finfo(torch.float64).eps
+    rank = min(int((e > cutoff).sum()), n - 1)
+    r = rank if k is None else min(k, rank)
+    vecs = hc.T @ u[:, :r] / torch.sqrt((n - 1) * e[:r])  # (m, r), unit columns
+    eigvals = torch.zeros(m, dtype=torch.float64, device=h.device)
+    eigvals[:rank] = e[:rank]
+    return mu, eigvals, fix_signs(vecs)
+
+
+class SampleBuffer:
+    """Keeps up to `max_rows` raw m-dimensional samples (float64) for `gram_eigh`."""
+
+    def __init__(self, dim: int, max_rows: int):
+        if dim < 1 or max_rows < 1:
+            raise ValueError(f"dim and max_rows must be >= 1, got {dim}, {max_rows}")
+        self.dim, self.max_rows = dim, max_rows
+        self.chunks: list[torch.Tensor] = []
+        self.count = 0
+
+    def update(self, h2d: torch.Tensor) -> None:
+        """Add a batch of samples, shape (B, dim); ValueError past `max_rows` rows."""
+        if h2d.ndim != 2 or h2d.shape[1] != self.dim:
+            raise ValueError(f"expected a (B, {self.dim}) batch, got {tuple(h2d.shape)}")
+        if self.count + h2d.shape[0] > self.max_rows:
+            raise ValueError(f"SampleBuffer holds at most {self.max_rows} rows; use the "
+                             "covariance route for more samples")
+        self.chunks.append(h2d.detach().to(device="cpu", dtype=torch.float64))
+        self.count += h2d.shape[0]
+
+    def finalize(self, top_k: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mu, eigvals (m,) descending, eigvecs (m, r)) via `gram_eigh`."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
+        return gram_eigh(torch.cat(self.chunks), top_k)
