@@ -1,0 +1,328 @@
+"""The `slimline` command line: run the stack (`up`, `api`, `worker`, `db upgrade`), manage keys,
+and talk to a running API (`submit`, `status`, `download`); `demo` runs the whole flow locally.
+
+Heavy imports (torch, celery, uvicorn, the API app) happen inside the commands that need them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="slimline: compress PyTorch models behind a REST API.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "canceled")
+
+Url = Annotated[str, typer.Option(envvar="SLIMLINE_URL", help="Base URL of the slimline API.")]
+Key = Annotated[str | None, typer.Option(envvar="SLIMLINE_API_KEY",
+                                         help="API key (Authorization: Bearer).")]
+Host = Annotated[str, typer.Option(help="Interface to listen on.")]
+Port = Annotated[int, typer.Option(help="Port to listen on.")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+# ---- running the stack ----
+
+def _settings():  # -> jobs.settings.Settings
+    from jobs.settings import get_settings
+
+    get_settings.cache_clear()  # the environment may have changed in this process
+    return get_settings()
+
+
+def worker_command(queues: str, concurrency: int = 1, pool: str = "prefork",
+                   loglevel: str = "INFO") -> list[str]:
+    """The Celery worker command line (one job per process; see worker/celery_app.py)."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+            "-Q", queues, "-c", str(concurrency), "--pool", pool, "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle"]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0, group: bool = False) -> None:
+    """SIGTERM (warm shutdown), then SIGKILL after `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@app.command()
+def up(host: Host = "127.0.0.1", port: Port = 8000,
+       home: Annotated[Path | None, typer.Option(help="State directory (SLIMLINE_HOME).")] = None,
+       ) -> None:
+    """Run the embedded stack (migrations, one Celery worker, the API) until Ctrl-C."""
+    if home is not None:
+        os.environ["SLIMLINE_HOME"] = str(home.expanduser().resolve())
+    # The embedded stack is for one local user: auth is off unless explicitly configured.
+    os.environ.setdefault("SLIMLINE_AUTH", "off")
+    settings = _settings()
+    os.environ["SLIMLINE_HOME"] = str(settings.home)
+    settings.home.mkdir(parents=True, exist_ok=True)
+
+    from jobs.db import upgrade_db
+
+    upgrade_db(settings)
+    typer.echo(f"slimline: home {settings.home}, database {settings.database_url}, "
+               f"broker {settings.broker_url}, auth {settings.auth}")
+    worker = subprocess.Popen(worker_command("cpu,gpu", pool="solo"), env=os.environ.copy(),
+                              stdin=subprocess.DEVNULL)
+    try:
+        import uvicorn
+
+        from api.app import create_app
+
+        typer.echo(f"slimline: API on http://{host}:{port} (Ctrl-C stops the API and the worker)")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        stop_process(worker)
+    if worker.returncode not in (0, -signal.SIGTERM, None):
+        typer.echo(f"slimline: the worker exited with {worker.returncode}", err=True)
+
+
+@app.command()
+def api(host: Host = "127.0.0.1", port: Port = 8000,
+        workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1) -> None:
+    """Run the API against the configured database, broker and store."""
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info", proxy_headers=True)
+
+
+@app.command()
+def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu, gpu.")] = "cpu",
+           concurrency: Annotated[int, typer.Option(min=1, help="Jobs at a time.")] = 1,
+           pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo.")] = "prefork",
+           loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO") -> None:
+    """Run a Celery worker for the job queues (one job per GPU: keep concurrency 1 there)."""
+    bad = [q for q in queues.split(",") if q.strip() not in ("cpu", "gpu")]
+    if bad:
+        raise fail(f"unknown queue(s) {bad}; use cpu, gpu or cpu,gpu", 2)
+    command = worker_command(queues, concurrency, pool, loglevel)
+    os.execv(command[0], command)  # the worker replaces this process (signals go straight to it)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Run the Alembic migrations (PostgreSQL or SQLite)."""
+    from jobs.db import upgrade_db
+
+    settings = _settings()
+    upgrade_db(settings, revision)
+    typer.echo(f"database at {revision}: {_redact(settings.database_url)}")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses; show nothing secret
+        return url.split("@")[-1]
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option(help="A label for the key.")],
+                tenant: Annotated[str | None, typer.Option(
+                    help="Tenant name (default: same as --name).")] = None) -> None:
+    """Create an API key; the key is printed once, as the last line."""
+    from jobs.auth import create_api_key
+    from jobs.db import session_scope
+
+    settings = _settings()
+    with session_scope(settings) as session:
+        key = create_api_key(session, name, tenant)
+    typer.echo(f"created key {name!r} for tenant {tenant or name!r} (shown once; store it now):",
+               err=False)
+    typer.echo(key)
+
+
+# ---- talking to the API ----
+
+def client(url: str, key: str | None):  # -> httpx.Client
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60)
+
+
+def checked(response: Any) -> Any:
+    """The JSON body of a 2xx response; otherwise the API's error as a clean exit."""
+    if response.is_success:
+        return response.json()
+    try:
+        body = response.json()
+        message = f"{body.get('error', response.status_code)}: {body.get('detail', '')}"
+    except ValueError:
+        message = f"HTTP {response.status_code}: {response.text[:300]}"
+    raise fail(message)
+
+
+def request(call: Any, *args: Any, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        return call(*args, **kwargs)
+    except httpx.HTTPError as exc:
+        raise fail(f"cannot reach the API ({exc}); is `slimline up` or `slimline api` "
+                   "running, and is --url right?") from None
+
+
+def watch_job(http: Any, job_id: str, poll_s: float = 0.5, timeout: float | None = None
+              ) -> dict[str, Any]:
+    """Poll a job with a progress bar until it is terminal; returns the final job."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    columns = (TextColumn("[bold]{task.fields[status]:<9}"), BarColumn(),
+               TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(),
+               TextColumn("{task.fields[stage]}"))
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("job", total=1.0, status="queued", stage="")
+        while True:
+            job = checked(request(http.get, f"/v1/jobs/{job_id}"))
+            bar.update(task, completed=job.get("progress", 0.0), status=job["status"],
+                       stage=job.get("stage") or "")
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise fail(f"job {job_id} still {job['status']} after {timeout:g} s")
+            time.sleep(poll_s)
+
+
+def _print_outcome(job: dict[str, Any]) -> None:
+    if job["status"] == "succeeded":
+        after = (job.get("result") or {}).get("after", {})
+        typer.echo(f"job {job['id']} succeeded: model {job['result']['model_id']}, "
+                   f"accuracy {after.get('accuracy')}, params {after.get('params')}")
+    elif job["status"] == "failed":
+        error = job.get("error") or {}
+        typer.secho(f"job {job['id']} failed: {error.get('code')}: {error.get('message')}",
+                    fg=typer.colors.RED, err=True)
+    else:
+        typer.echo(f"job {job['id']} {job['status']}")
+
+
+@app.command()
+def submit(spec: Annotated[str, typer.Argument(help="JobSpec JSON file, or - for stdin.")],
+           wait: Annotated[bool, typer.Option(help="Watch the job until it finishes.")] = False,
+           idempotency_key: Annotated[str | None, typer.Option(
+               help="Idempotency-Key header: resubmitting returns the same job.")] = None,
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Submit a job; prints its id as the last line (or watches it with --wait)."""
+    text = sys.stdin.read() if spec == "-" else _read(Path(spec))
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"the spec is not valid JSON: {exc}", 2) from None
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with client(url, key) as http:
+        job = checked(request(http.post, "/v1/jobs", json=body, headers=headers))
+        typer.echo(f"submitted job {job['id']} ({job['status']})", err=True)
+        if wait:
+            job = watch_job(http, job["id"])
+            _print_outcome(job)
+            if job["status"] != "succeeded":
+                raise typer.Exit(1)
+        typer.echo(job["id"])
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc}", 2) from None
+
+
+@app.command()
+def status(job_id: str,
+           watch: Annotated[bool, typer.Option(help="Poll with a progress bar until done.")] = False,
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Show a job (JSON), or watch it until it finishes."""
+    with client(url, key) as http:
+        if watch:
+            job = watch_job(http, job_id)
+            _print_outcome(job)
+            raise typer.Exit(0 if job["status"] == "succeeded" else 1)
+        job = checked(request(http.get, f"/v1/jobs/{job_id}"))
+    typer.echo(json.dumps(job, indent=2))
+
+
+@app.command()
+def download(ident: Annotated[str, typer.Argument(
+                 metavar="JOB_ID|MODEL_ID", help="A succeeded job, or a model.")],
+             output: Annotated[Path | None, typer.Option("-o", "--output",
+                                                         help="Where to write it.")] = None,
+             url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Download a job's compressed model (or any model) as a safetensors file."""
+    with client(url, key) as http:
+        model_id = ident
+        job = request(http.get, f"/v1/jobs/{ident}")
+        if job.status_code == 200:
+            job = job.json()
+            if job["status"] != "succeeded":
+                raise fail(f"job {ident} is {job['status']}; only a succeeded job has a model")
+            model_id = job["result"]["model_id"]
+        elif job.status_code != 404:
+            checked(job)
+        target = output or Path(f"{model_id}.safetensors")
+        size = fetch_model(http, model_id, target)
+    typer.echo(f"wrote {target} ({size} bytes, model {model_id})", err=True)
+    typer.echo(str(target))
+
+
+def fetch_model(http: Any, model_id: str, target: Path) -> int:
+    """Stream `GET /v1/models/{id}/file` into `target` (written atomically); returns its size."""
+    partial = target.with_name(target.name + ".part")
+    with request(http.stream, "GET", f"/v1/models/{model_id}/file") as response:
+        if not response.is_success:
+            response.read()
+            checked(response)
+        with open(partial, "wb") as out:
+            out.writelines(response.iter_bytes(1 << 20))
+    partial.replace(target)
+    return target.stat().st_size
+
+
+@app.command()
+def demo(home: Annotated[Path, typer.Option(help="Demo state directory (recreated).")] = Path(
+             ".slimline-demo"),
+         keep: Annotated[bool, typer.Option(help="Keep the demo directory afterwards.")] = True,
+         ) -> None:
+    """Start the embedded stack, compress a briefly trained LeNet-300-100 on Fashion-MNIST over
+    HTTP, and print a before/after table (what `make demo` runs)."""
+    from worker.demo import run_demo
+
+    raise typer.Exit(run_demo(home, keep=keep))
+
+
+if __name__ == "__main__":
+    app()

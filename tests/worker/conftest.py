@@ -1,0 +1,64 @@
+"""Worker tests: the runner as plain Python against SQLite (migrated with Alembic) and a local
+object store in a temporary home; no broker, no Celery."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs.auth import get_or_create_tenant
+from jobs.db import dispose_engines, session_scope, upgrade_db
+from jobs.orm import Job
+from jobs.settings import Settings
+from jobs.spec import JobSpec
+from jobs.store import LocalStore
+from jobs.submission import create_job
+
+TINY_MLP = {"name": "mlp", "input_shape": [1, 8, 8], "widths": [64, 32]}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    s = Settings(home=tmp_path / "home", auth="off", broker_url="filesystem://",
+                 data_dir=tmp_path / "no-data")
+    upgrade_db(s)
+    yield s
+    dispose_engines()
+
+
+@pytest.fixture
+def store(settings: Settings) -> LocalStore:
+    return LocalStore(settings.home / "objects")
+
+
+@pytest.fixture
+def tenant_id(settings: Settings) -> str:
+    with session_scope(settings) as session:
+        return get_or_create_tenant(session, "tester").id
+
+
+@pytest.fixture
+def submit(settings: Settings, tenant_id: str):
+    """Insert a queued job as the API would (validated spec, defaults filled in)."""
+
+    def _submit(spec: dict[str, Any]) -> str:
+        with session_scope(settings) as session:
+            job, _ = create_job(session, tenant_id, JobSpec.model_validate(spec))
+            return job.id
+
+    return _submit
+
+
+def get_job(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        session.expunge(job)
+        return job
+
+
+def stored_files(store: LocalStore) -> list[str]:
+    if not store.root.exists():
+        return []
+    return sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*") if p.is_file())

@@ -1,0 +1,224 @@
+"""`slimline demo`: the embedded stack end to end, no servers needed.
+
+Starts `slimline up` (SQLite, Celery filesystem broker, local store, auth off) on a free port,
+trains LeNet-300-100 for one epoch on Fashion-MNIST locally meanwhile, uploads it over HTTP,
+runs train → PCN → train → evaluate as a job, downloads the result, re-evaluates it locally and
+prints a before/after table. Exits non-zero if anything fails; always stops the stack.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core import models as zoo
+from core.data import fashion_mnist, split
+from core.metrics import count_macs, param_counts
+from core.train import TrainConfig, evaluate, train
+from jobs.settings import Settings
+from worker.datasets import locate_fashion_mnist
+
+MARKER = ".slimline-demo"
+SEED = 0
+ARCH = {"name": "lenet300"}
+# PCN on every dense layer (seed 000, MNIST setting: keep eigenvalues > 0.1). fc1's input is the
+# raw image: its 784 pixels have ~53 directions with variance > 0.1, which is where the
+# parameters are.
+PIPELINE = [
+    {"op": "train", "epochs": 1, "optimizer": "adam", "lr": 0.001, "batch_size": 128},
+    {"op": "pcn", "layers": ["fc1", "fc2", "fc3"], "select": {"threshold": 0.1},
+     "samples": 5000},
+    {"op": "train", "epochs": 2, "optimizer": "adam", "lr": 0.001, "batch_size": 128},
+    {"op": "evaluate"},
+]
+# Settings the demo never takes from the caller's environment: it always runs embedded.
+SERVER_VARS = ("SLIMLINE_DATABASE_URL", "SLIMLINE_BROKER_URL", "SLIMLINE_STORAGE_URL",
+               "SLIMLINE_S3_ENDPOINT_URL", "SLIMLINE_AUTH", "SLIMLINE_HOME")
+
+
+class DemoError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh_home(home: Path) -> Path:
+    """(Re)create the demo directory; refuse to wipe one the demo did not make."""
+    home = home.expanduser().resolve()
+    if home.exists():
+        if any(home.iterdir()) and not (home / MARKER).exists():
+            raise DemoError(f"{home} exists and is not a demo directory; pass --home elsewhere")
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    (home / MARKER).write_text("created by `slimline demo`; deleted by the next run\n")
+    return home
+
+
+def start_stack(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    log = open(home / "stack.log", "wb")  # noqa: SIM115 - the child holds it; closed at exit
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "up", "--home", str(home), "--host", "127.0.0.1",
+         "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_ready(http: Any, stack: subprocess.Popen, home: Path, timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack.poll() is not None:
+            raise DemoError(f"the stack exited with {stack.returncode}; see {home}/stack.log")
+        try:
+            if http.get("/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise DemoError(f"the API was not ready after {timeout:g} s; see {home}/stack.log")
+
+
+def train_locally(settings: Settings, path: Path, console: Console) -> dict[str, Any]:
+    """LeNet-300-100 trained for one epoch, saved with core.models.save; returns its numbers."""
+    directory = locate_fashion_mnist(settings)
+    train_set, test_set = fashion_mnist(directory)
+    splits = split(train_set, test_set, SEED)
+    model = zoo.build(ARCH, generator=torch.Generator().manual_seed(SEED))
+    console.print(f"training LeNet-300-100 for 1 epoch on Fashion-MNIST ({directory}) ...")
+    start = time.perf_counter()
+    train(model, splits, TrainConfig(epochs=1, batch_size=128),
+          generator=torch.Generator().manual_seed(SEED))
+    wall_s = time.perf_counter() - start
+    zoo.save(model, path)
+    return {"params": param_counts(model), "macs": count_macs(model, [1, 28, 28]),
+            "accuracy": evaluate(model, test_set)["accuracy"], "wall_s": wall_s,
+            "size": path.stat().st_size, "test": test_set}
+
+
+def compress_over_http(http: Any, checkpoint: Path, console: Console) -> dict[str, Any]:
+    from jobs.cli import checked, watch_job
+
+    with open(checkpoint, "rb") as f:
+        model = checked(http.post("/v1/models", data={"name": "lenet300-demo"},
+                                  files={"file": (checkpoint.name, f)}))
+    console.print(f"uploaded model {model['id']} ({model['params']['total']:,} params)")
+    spec = {"model": model["id"], "dataset": "fashion-mnist", "steps": PIPELINE, "seed": SEED}
+    job = checked(http.post("/v1/jobs", json=spec))
+    console.print(f"submitted job {job['id']}: train 1 → pcn (threshold 0.1) → train 2 → "
+                  "evaluate")
+    start = time.perf_counter()
+    job = watch_job(http, job["id"], timeout=900)
+    job["client_wall_s"] = time.perf_counter() - start
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        raise DemoError(f"job {job['id']} {job['status']}: {error.get('code')}: "
+                        f"{error.get('message')}")
+    return job
+
+
+def results_table(before: dict[str, Any], after: dict[str, Any], job: dict[str, Any]) -> Table:
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.1f}x smaller" if b else ""
+
+    table = Table(title="slimline demo: LeNet-300-100 on Fashion-MNIST, before / after PCN")
+    for column, justify in (("", "left"), ("before (uploaded)", "right"),
+                            ("after (downloaded)", "right"), ("change", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    bp, ap = before["params"], after["params"]
+    table.add_row("total params", f"{bp['total']:,}", f"{ap['total']:,}",
+                  ratio(bp["total"], ap["total"]))
+    table.add_row("trainable params", f"{bp['trainable']:,}", f"{ap['trainable']:,}",
+                  ratio(bp["trainable"], ap["trainable"]))
+    table.add_row("test accuracy", f"{before['accuracy']:.4f}", f"{after['accuracy']:.4f}",
+                  f"{after['accuracy'] - before['accuracy']:+.4f}")
+    table.add_row("MACs / sample", f"{before['macs']:,}", f"{after['macs']:,}",
+                  ratio(before["macs"], after["macs"]))
+    table.add_row("size on disk", f"{before['size'] / 1024:,.0f} KiB",
+                  f"{after['size'] / 1024:,.0f} KiB", ratio(before["size"], after["size"]))
+    steps_s = sum(s["wall_s"] for s in job["result"]["steps"])
+    table.add_row("wall time", f"{before['wall_s']:.1f} s (1 epoch, local)",
+                  f"{job['client_wall_s']:.1f} s (job; steps {steps_s:.1f} s)", "")
+    return table
+
+
+def steps_table(job: dict[str, Any]) -> Table:
+    table = Table(title=f"job {job['id']} steps (server-side)")
+    for column in ("step", "op", "wall s", "trainable", "total", "test acc", "details"):
+        table.add_column(column, justify="left" if column in ("op", "details") else "right")
+    for i, step in enumerate(job["result"]["steps"], 1):
+        details = ""
+        if step["op"] == "pcn":
+            details = ", ".join(f"{n}: {v['in_dim']}→{v['dims']}"
+                                for n, v in step["layers"].items())
+        elif step["op"] == "train":
+            details = f"val acc {step['val_accuracy']:.4f}"
+        table.add_row(str(i), step["op"], f"{step['wall_s']:.1f}",
+                      f"{step['params']['trainable']:,}", f"{step['params']['total']:,}",
+                      f"{step['accuracy']:.4f}", details)
+    return table
+
+
+def run_demo(home: Path, *, keep: bool = True) -> int:
+    import httpx
+
+    console = Console()
+    stack = None
+    started = time.perf_counter()
+    try:
+        home = fresh_home(home)
+        env = {k: v for k, v in os.environ.items() if k not in SERVER_VARS}
+        env.update({"SLIMLINE_HOME": str(home), "SLIMLINE_AUTH": "off",
+                    "PYTHONUNBUFFERED": "1"})
+        port = free_port()
+        console.print(f"starting the embedded stack in {home} on port {port} "
+                      f"(log: {home / 'stack.log'})")
+        stack = start_stack(home, port, env)
+        settings = Settings(home=home, data_dir=env.get("SLIMLINE_DATA_DIR") or None)
+        before = train_locally(settings, home / "lenet300.safetensors", console)
+        test_set = before.pop("test")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            wait_ready(http, stack, home)
+            job = compress_over_http(http, home / "lenet300.safetensors", console)
+            from jobs.cli import fetch_model
+
+            path = home / "compressed.safetensors"
+            fetch_model(http, job["result"]["model_id"], path)
+        model = zoo.load(path)
+        after = {"params": param_counts(model), "macs": count_macs(model, [1, 28, 28]),
+                 "accuracy": evaluate(model, test_set)["accuracy"], "size": path.stat().st_size}
+        server = job["result"]["after"]
+        if after["params"] != server["params"] or abs(after["accuracy"] - server["accuracy"]) > 1e-3:
+            raise DemoError(f"the downloaded model does not match the job's report: local "
+                            f"{after['params']} acc {after['accuracy']:.4f}, server "
+                            f"{server['params']} acc {server['accuracy']:.4f}")
+        console.print(steps_table(job))
+        console.print(results_table(before, after, job))
+        console.print(f"compressed model: {path}  (core.models.load() rebuilds it)")
+        console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
+        return 0
+    except (DemoError, OSError, httpx.HTTPError, ValueError) as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        return 1
+    except typer.Exit as exc:  # from the shared HTTP helpers, which printed the error
+        return exc.exit_code or 1
+    finally:
+        if stack is not None:
+            from jobs.cli import stop_process
+
+            stop_process(stack, group=True)
+        if not keep and home.exists() and (home / MARKER).exists():
+            shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""Validate an uploaded checkpoint and write it back as one normalized safetensors file.
+
+    python -m worker.inspect --input PATH --format safetensors|pt --arch JSON|'' --output PATH
+
+The API runs this in a subprocess so torch stays out of its process. It prints exactly ONE JSON
+line on stdout and exits 0 either way:
+`{"ok": true, "arch": {...normalized...}, "params": {"total", "trainable", "nonzero"}}` or
+`{"ok": false, "status": 422|415, "error": "<code>", "detail": "<what is wrong, how to fix it>"}`.
+
+No pickle is ever executed: `.pt` files are read with `torch.load(weights_only=True)` only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("safetensors", "pt")
+
+
+class Rejected(Exception):
+    """A checkpoint that cannot be accepted, with its HTTP status and error code."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def _invalid(detail: str) -> Rejected:
+    return Rejected(422, "InvalidCheckpoint", detail)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except Exception:  # noqa: BLE001 - safetensors raises several error types for garbled input
+        raise _invalid("the file is truncated or not a valid safetensors file; re-save it with "
+                       "safetensors.torch.save_file (or core.models.save) and upload it again") \
+            from None
+
+
+def read_pt(path: Path) -> dict[str, Any]:
+    """The state dict in a `.pt`/`.pth` file, read with `weights_only=True` (never unpickled)."""
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = (str(exc).strip().splitlines() or ["unsupported object"])[0][:300]
+        raise _invalid("the .pt file holds objects other than tensors, which are never "
+                       "unpickled (weights_only=True refused it: " + first + "); save only "
+                       "model.state_dict() with torch.save, or upload safetensors") from None
+    except Exception:  # noqa: BLE001 - truncated zip, not a torch file, ...
+        raise _invalid("the .pt file is truncated or not a PyTorch file saved with torch.save; "
+                       "save model.state_dict() with torch.save and upload it again") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj:
+        raise _invalid(f"the .pt file holds a {type(obj).__name__}, not a state dict; save "
+                       "model.state_dict() (a mapping of names to tensors)")
+    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise _invalid(f"state dict entries {bad[:5]} are not tensors; save model.state_dict() "
+                       "and nothing else")
+    return dict(obj)
+
+
+def resolve_arch(arch_arg: str, metadata: Mapping[str, str]) -> dict[str, Any]:
+    text = arch_arg.strip() or metadata.get("slimline_arch", "")
+    source = "--arch" if arch_arg.strip() else "the slimline_arch metadata"
+    if not text:
+        raise Rejected(422, "MissingArchitecture",
+                       'the checkpoint carries no architecture: pass the arch form field, e.g. '
+                       '{"name": "lenet300"}, or save the model with core.models.save')
+    try:
+        arch = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"{source} is not valid JSON ({exc}); "
+                       'e.g. {"name": "lenet300"}') from None
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise _invalid(f'{source} must be a JSON object with a "name", e.g. {{"name": "lenet300"}}')
+    return arch
+
+
+def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path) -> dict[str, Any]:
+    """Validate `path` and write the normalized checkpoint to `output`; returns the reply."""
+    if fmt not in FORMATS:
+        raise Rejected(415, "UnsupportedFormat",
+                       f"unsupported checkpoint format {fmt!r}; upload .safetensors or a .pt "
+                       "state_dict")
+    if not path.is_file():
+        raise _invalid(f"input file {path} does not exist")
+    if fmt == "safetensors":
+        tensors, metadata = read_safetensors(path)
+    else:
+        tensors, metadata = read_pt(path), {}
+    arch = resolve_arch(arch_arg, metadata)
+
+    from core.errors import CheckpointError
+    from core.metrics import param_counts
+    from core.models import from_state_dict, save
+
+    try:
+        model = from_state_dict(arch, tensors)
+    except CheckpointError as exc:
+        raise _invalid(str(exc)) from None
+    save(model, output)
+    return {"ok": True, "arch": model.slimline_arch, "params": param_counts(model)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.inspect", description=__doc__)
+    parser.add_argument("--input", required=True, type=Path)
+    parser.add_argument("--format", required=True)
+    parser.add_argument("--arch", default="")
+    parser.add_argument("--output", required=True, type=Path)
+    args = parser.parse_args(argv)
+    # Whatever a library prints must not corrupt the one JSON line on stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            reply = inspect_checkpoint(args.input, args.format, args.arch, args.output)
+        except Rejected as exc:
+            reply = {"ok": False, "status": exc.status, "error": exc.error, "detail": exc.detail}
+        except Exception as exc:  # noqa: BLE001 - never a traceback on stdout; the API shows `detail`
+            print(f"worker.inspect: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+            reply = {"ok": False, "status": 422, "error": "InvalidCheckpoint",
+                     "detail": f"the checkpoint could not be read ({type(exc).__name__}); "
+                               "upload a safetensors file or a .pt state_dict"}
+    if not reply["ok"]:
+        args.output.unlink(missing_ok=True)
+    print(json.dumps(reply), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
