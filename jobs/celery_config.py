@@ -23,7 +23,7 @@ def filesystem_folders(settings: Settings) -> dict[str, str]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    from kombu import Queue
+    from kombu import Exchange, Queue
 
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
@@ -31,7 +31,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(name) for name in QUEUES],
+        # each queue its own direct exchange and routing key, so a `gpu` job never lands on `cpu`
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name)
+                        for name in QUEUES],
         "task_default_queue": "cpu",
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -25,3 +25,24 @@ def test_unreachable_broker_raises_broker_unavailable(tmp_path):
         queue.enqueue_job("01job", "cpu", s)
     with pytest.raises(Exception):  # noqa: B017 - any connection error is a failed ping
         queue.broker_ping(s, timeout=1)
+
+
+def test_each_queue_is_routed_to_its_own_redis_list(tmp_path):
+    """With Redis, a job sent to `gpu` must land on the `gpu` list only (not on `cpu`)."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/15"
+    r = redis.Redis.from_url(url)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.fail("Redis is not running on 127.0.0.1:6379 (make test starts it)")
+    r.flushdb()
+    settings = Settings(home=tmp_path, broker_url=url)
+    try:
+        queue.enqueue_job("job-gpu", "gpu", settings)
+        queue.enqueue_job("job-cpu-1", "cpu", settings)
+        queue.enqueue_job("job-cpu-2", "cpu", settings)
+        assert r.llen("gpu") == 1 and r.llen("cpu") == 2
+    finally:
+        r.flushdb()
