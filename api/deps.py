@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from jobs.auth import get_or_create_tenant, resolve_key
-from jobs.db import SessionFactory, rollback, session_scope
+from jobs.db import session_scope
 from jobs.errors import Unauthorized
 from jobs.settings import Settings
 from jobs.store import ObjectStore
@@ -23,15 +23,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
-    session = SessionFactory(settings)()
-    try:
+    """One transaction per request: committed on success, rolled back (with undo) on error."""
+    with session_scope(settings) as session:
         yield session
-        session.commit()
-    except BaseException:
-        rollback(session)
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": the commit happens before the response is sent, so a failed commit is an

@@ -11,7 +11,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from jobs.errors import InvalidDataset, NotFound, UnsupportedFormat
-from jobs.model_registry import file_digest, looks_like_safetensors, looks_like_zip, on_rollback
+from jobs.model_registry import (
+    file_digest,
+    looks_like_safetensors,
+    looks_like_zip,
+    store_then_add,
+)
 from jobs.orm import Dataset, new_id
 from jobs.spec import BUILTIN_DATASETS
 from jobs.store import ObjectStore
@@ -113,15 +118,7 @@ def register_dataset(session: Session, store: ObjectStore, *, tenant_id: str, na
     dataset = Dataset(id=new_id(), tenant_id=tenant_id, name=name, format=fmt, size_bytes=size,
                       sha256=sha256, meta=meta)
     dataset.storage_key = f"datasets/{tenant_id}/{dataset.id}.{fmt}"
-    store.put_file(dataset.storage_key, path)
-    on_rollback(session, lambda: store.delete(dataset.storage_key))
-    try:
-        session.add(dataset)
-        session.flush()
-    except Exception:
-        store.delete(dataset.storage_key)
-        raise
-    return dataset
+    return store_then_add(session, store, dataset, path)
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:

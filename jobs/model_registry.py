@@ -77,15 +77,22 @@ def register_model(session: Session, store: ObjectStore, *, tenant_id: str, name
     model = Model(id=new_id(), tenant_id=tenant_id, name=name, arch=arch, format=fmt,
                   size_bytes=size, sha256=sha256, params=params, source_job_id=source_job_id)
     model.storage_key = model_key(tenant_id, model.id)
-    store.put_file(model.storage_key, path)
-    on_rollback(session, lambda: store.delete(model.storage_key))
+    return store_then_add(session, store, model, path)
+
+
+def store_then_add(session: Session, store: ObjectStore, row: Any, path: str | Path) -> Any:
+    """Put `path` at `row.storage_key`, then add and flush `row`; the stored object is deleted
+    again if the flush, or the commit after it, fails (nothing half-written)."""
+    key = row.storage_key
+    store.put_file(key, path)
+    on_rollback(session, lambda: store.delete(key))
     try:
-        session.add(model)
+        session.add(row)
         session.flush()
     except Exception:
-        store.delete(model.storage_key)
+        store.delete(key)
         raise
-    return model
+    return row
 
 
 def get_model(session: Session, tenant_id: str, model_id: str) -> Model:
