@@ -1,8 +1,6 @@
 """worker.celery_app / worker.tasks: the Celery wiring (no broker needed)."""
 from __future__ import annotations
 
-import pytest
-
 from worker import runner
 from worker.celery_app import app
 from worker.tasks import run_job
@@ -23,9 +21,6 @@ def test_task_only_passes_the_id_to_the_runner(monkeypatch):
     assert calls == ["01abc"]
 
 
-@pytest.mark.xfail(reason="jobs/celery_config.py declares Queue(name) without an exchange, so "
-                          "both queues bind exchange 'cpu' with key 'cpu' (a gpu job also lands "
-                          "on the cpu queue with Redis)", strict=False)
 def test_each_queue_has_its_own_routing():
     queues = app.amqp.queues
     for name in ("cpu", "gpu"):
