@@ -10,6 +10,7 @@ Layout: score (core.pca: eigen-decomposition) -> select (`effective_dimensionali
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,6 +176,28 @@ def _validate_select(select: Any, chosen: list[str]) -> None:
                         f"transformed layers: {', '.join(chosen)}")
 
 
+def resolve_layers(model: nn.Module, layers: list[str] | str,
+                   auto: Callable[[list[str]], list[str]]) -> list[str]:
+    """The layer names to transform: `auto(valid)` for "auto", else the given names, checked to
+    be Linear/Conv2d layers of `model` (SpecError naming the valid ones otherwise)."""
+    from core.models import prunable_layers
+
+    valid = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if layers == "auto":
+        chosen = auto(valid)
+    elif isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers):
+        chosen = list(dict.fromkeys(layers))
+    else:
+        raise SpecError(f"layers must be 'auto' or a list of layer names, got {layers!r}")
+    bad = [n for n in chosen if n not in valid]
+    if bad:
+        raise SpecError(f"cannot transform {bad}: not Linear/Conv2d layers of the model; "
+                        f"valid layers: {', '.join(valid)}")
+    if not chosen:
+        raise SpecError("no layers to transform")
+    return chosen
+
+
 def pcn_input_transform(model: nn.Module, stats: dict[str, LayerStats], select: dict[str, Any],
                         layers: list[str] | str = "auto") -> tuple[nn.Module, dict[str, Any]]:
     """Replace the chosen layers by PCN layers; return (deep-copied new model, report).
@@ -187,21 +210,9 @@ def pcn_input_transform(model: nn.Module, stats: dict[str, LayerStats], select: 
     computed on `model`. The new model's arch is the old one plus a `pcn_input` edit per layer.
     Report: `{layer: {"in_dim", "dims", "eigvals" (top 10), "explained_variance"}}`.
     """
-    from core.models import get_layer, prunable_layers, set_layer, with_edit
+    from core.models import get_layer, set_layer, with_edit
 
-    valid = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
-    if layers == "auto":
-        chosen = valid[1:]
-    elif isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers):
-        chosen = list(dict.fromkeys(layers))
-    else:
-        raise SpecError(f"layers must be 'auto' or a list of layer names, got {layers!r}")
-    bad = [n for n in chosen if n not in valid]
-    if bad:
-        raise SpecError(f"cannot transform {bad}: not Linear/Conv2d layers of the model; "
-                        f"valid layers: {', '.join(valid)}")
-    if not chosen:
-        raise SpecError("no layers to transform")
+    chosen = resolve_layers(model, layers, auto=lambda valid: valid[1:])
     missing = [n for n in chosen if n not in stats]
     if missing:
         raise SpecError(f"no PCA stats for layers {missing}; collect them with "

@@ -29,6 +29,7 @@ from core.pcn import (
     _layer_selector,
     _validate_select,
     pcn_from_layer,
+    resolve_layers,
     select_dims,
 )
 from core.pcn_graph import UnitGroup, shared_input_sets, unit_groups
@@ -225,22 +226,9 @@ def _slice_stats(st: LayerStats, rows: torch.Tensor, dims: int) -> LayerStats:
 
 
 def _chosen_layers(model: nn.Module, layers: list[str] | str) -> list[str]:
-    from core.models import prunable_layers
+    from core.pcn_select import auto_layers
 
-    valid = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
-    if layers == "auto":
-        from core.pcn_select import auto_layers
-        return auto_layers(model)
-    if not (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers)):
-        raise SpecError(f"layers must be 'auto' or a list of layer names, got {layers!r}")
-    chosen = list(dict.fromkeys(layers))
-    bad = [n for n in chosen if n not in valid]
-    if bad:
-        raise SpecError(f"cannot transform {bad}: not Linear/Conv2d layers of the model; "
-                        f"valid layers: {', '.join(valid)}")
-    if not chosen:
-        raise SpecError("no layers to transform")
-    return chosen
+    return resolve_layers(model, layers, auto=lambda _valid: auto_layers(model))
 
 
 def pcn_transform(model: nn.Module, stats: dict[str, LayerStats], select: dict[str, Any],
