@@ -96,9 +96,13 @@ class LayerStats:
 
 
 def _layer_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
+    from core.pcn import PCNConv2d, PCNLinear  # core.pcn imports this module
+
+    # a PCN layer's input is the original m-dim activation (before its frozen projection), so
+    # its spectrum is tracked exactly like the layer it replaced
+    if isinstance(module, (nn.Linear, PCNLinear)):
         return "linear"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv2d, PCNConv2d)):
         return "conv"
     return None
 

@@ -105,3 +105,18 @@ def test_effective_dimensionality(kwargs, expected):
 def test_effective_dimensionality_bad_selectors(kwargs):
     with pytest.raises(SpecError):
         effective_dimensionality(E, **kwargs)
+
+
+def test_stats_of_a_pcn_layer_are_those_of_its_original_input():
+    """After a transform, tracking a PCN layer sees the same m-dim input as the layer it replaced."""
+    from core.models import build
+    from core.pcn import PCNLinear, pcn_input_transform
+
+    torch.manual_seed(0)
+    model = build({"name": "mlp", "widths": [16], "input_shape": [1, 4, 4]})
+    data = ArrayDataset(torch.randn(64, 1, 4, 4), torch.zeros(64, dtype=torch.long))
+    before = collect_input_stats(model, ["fc2"], data, samples=64)
+    pcn_model, _ = pcn_input_transform(model, before, {"dims": 4}, ["fc2"])
+    assert isinstance(pcn_model.get_submodule("fc2"), PCNLinear)
+    after = collect_input_stats(pcn_model, ["fc2"], data, samples=64)
+    assert torch.allclose(after["fc2"].eigvals, before["fc2"].eigvals, rtol=1e-6, atol=1e-8)
