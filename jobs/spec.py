@@ -26,6 +26,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+LayerName = Annotated[str, Field(min_length=1, max_length=200)]
+LayerList = Annotated[list[LayerName], Field(min_length=1, max_length=256)]
+
+
 class TrainStep(Strict):
     op: Literal["train"]
     epochs: int = Field(default=1, ge=1)
@@ -36,7 +40,14 @@ class TrainStep(Strict):
     batch_size: int = Field(default=128, ge=1, le=65536)
     lr_steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=64)
     lr_gamma: float = Field(default=0.1, gt=0, le=1)
-    track: list[Literal["effective_dim"]] = Field(default_factory=list)
+    track: list[Literal["effective_dim"]] = Field(default_factory=list, max_length=1)
+    # effective-dimensionality tracking (only with track: ["effective_dim"]); None = default:
+    # layers "auto" (core.pcn_select.auto_layers at the start of the step), thresholds [0.1],
+    # 1000 training samples per epoch
+    track_layers: Literal["auto"] | LayerList | None = None
+    track_thresholds: Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]],
+                                Field(min_length=1, max_length=16)] | None = None
+    track_samples: int | None = Field(default=None, ge=2, le=100_000)
     max_batches: int | None = Field(default=None, ge=1)
 
     @field_validator("epochs")
@@ -54,45 +65,111 @@ class TrainStep(Strict):
             raise ValueError("lr_steps must be strictly increasing epoch numbers")
         return value
 
+    @field_validator("track_layers")
+    @classmethod
+    def _distinct_layers(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("track_layers names a layer twice")
+        return value
+
+    @model_validator(mode="after")
+    def _tracking_options_need_tracking(self) -> TrainStep:
+        given = [k for k in ("track_layers", "track_thresholds", "track_samples")
+                 if getattr(self, k) is not None]
+        if given and "effective_dim" not in self.track:
+            raise ValueError(f"{', '.join(given)}: only used with track: [\"effective_dim\"]")
+        return self
+
 
 class EvaluateStep(Strict):
     op: Literal["evaluate"]
     batch_size: int = Field(default=1024, ge=1, le=65536)
 
 
-class PCNSelect(Strict):
+class PCNLayerSelect(Strict):
     """How many principal directions to keep: exactly one criterion."""
 
-    threshold: float | None = Field(default=None, gt=0)
+    threshold: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     dims: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> PCNSelect:
-        given = [k for k in ("threshold", "dims", "energy") if getattr(self, k) is not None]
+    def _exactly_one(self) -> PCNLayerSelect:
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of threshold (>0), dims (>=1) or energy (0..1], "
-                             f"got {given or 'none'}")
+            target = " or target" if "target" in type(self).model_fields else ""
+            raise ValueError(f"give exactly one of threshold (>0), dims (>=1), energy (0..1]"
+                             f"{target}, got {given or 'none'}")
         return self
+
+
+class PCNTarget(Strict):
+    """A size or accuracy goal met by one common eigenvalue threshold, found by search
+    (`core.pcn_select.pcn_transform_to_target`; candidates are evaluated without retraining)."""
+
+    trainable_params: int | None = Field(default=None, ge=1, le=10**12)
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PCNTarget:
+        given = [k for k in ("trainable_params", "max_accuracy_drop")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a target is exactly one of trainable_params (an integer >= 1) or "
+                             f"max_accuracy_drop (a fraction in [0, 1]), got {given or 'none'}")
+        return self
+
+
+class PCNSelect(PCNLayerSelect):
+    """The selector of every transformed layer: a criterion, or a target to search for."""
+
+    target: PCNTarget | None = None
 
 
 class PCNStep(Strict):
     op: Literal["pcn"]
     select: PCNSelect
-    per_layer: dict[str, PCNSelect] = Field(default_factory=dict)
-    layers: Literal["auto"] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                        Field(min_length=1)] = "auto"
+    per_layer: dict[LayerName, PCNLayerSelect] = Field(default_factory=dict, max_length=256)
+    # "auto" = the widest layers (core.pcn_select.auto_layers), or a list of layer names
+    layers: Literal["auto"] | LayerList = "auto"
+    # prune output units where every reader's input is compressed >= 10x (seed 000 App. C)
     output_based: bool = False
-    samples: int = Field(default=5000, ge=1, le=100_000)
+    samples: int = Field(default=5000, ge=2, le=100_000)
     batch_size: int = Field(default=256, ge=1, le=65536)
+    # PCA solver: None = exact fast path (Gram matrix where a layer sees fewer samples than
+    # dims, else full eigh); top_k = compute only the k leading components per layer
+    top_k: int | None = Field(default=None, ge=1, le=1_000_000)
+    solver: Literal["auto", "eigh", "subspace", "gram"] = "auto"
+    # "now": after the previous step; "plateau": inside the preceding train step, after the
+    # first epoch (>= plateau_min_epochs, default 1) whose validation-accuracy gain over the
+    # epoch before (or over the model at the start of the step) is < plateau_delta (0.005),
+    # once validation accuracy is above where the step started (worker.steps has the details)
+    when: Literal["now", "plateau"] = "now"
+    plateau_delta: float | None = Field(default=None, gt=0, le=1)
+    plateau_min_epochs: int | None = Field(default=None, ge=1)
 
-    @field_validator("output_based")
+    @field_validator("layers")
     @classmethod
-    def _input_based_only(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("output_based PCN is not available yet; use output_based: false "
-                             "(input-based PCN)")
+    def _distinct_layers(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("layers names a layer twice")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PCNStep:
+        if self.select.target is not None and self.per_layer:
+            raise ValueError("per_layer cannot be combined with select.target: the target "
+                             "search uses one common threshold for every layer")
+        if isinstance(self.layers, list):
+            extra = sorted(set(self.per_layer) - set(self.layers))
+            if extra:
+                raise ValueError(f"per_layer names layers that are not in layers: {extra}")
+        if self.when != "plateau":
+            given = [k for k in ("plateau_delta", "plateau_min_epochs")
+                     if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only used with when: \"plateau\"")
+        return self
 
 
 Step = Annotated[TrainStep | EvaluateStep | PCNStep, Field(discriminator="op")]
@@ -133,6 +210,16 @@ class JobSpec(Strict):
                                      f"available ops: {available}")
                 raise ValueError(f"steps[{i}]: unknown op '{op}'; available ops: {available}")
         return value
+
+    @model_validator(mode="after")
+    def _plateau_follows_train(self) -> JobSpec:
+        for i, step in enumerate(self.steps):
+            if isinstance(step, PCNStep) and step.when == "plateau" and (
+                    i == 0 or not isinstance(self.steps[i - 1], TrainStep)):
+                raise ValueError(f"steps[{i}]: a pcn step with when: \"plateau\" is applied "
+                                 "inside the train step right before it; put a train step "
+                                 "before it")
+        return self
 
     @field_validator("dataset")
     @classmethod

@@ -53,6 +53,7 @@ def test_api_process_does_not_load_torch():
 
     code = "import api.app, sys; api.app.create_app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=False,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"

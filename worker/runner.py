@@ -2,9 +2,10 @@
 
 One run: claim the job row (a compare-and-set on status/attempts, so a repeated delivery never
 runs a job twice concurrently nor re-runs a terminal one) → load inputs → measure `before` →
-run the steps → store the model, report and curves → one transaction that creates the new Model
-and Artifacts and marks the job succeeded. No transaction stays open during compute: progress,
-events, heartbeats and cancel checks are short transactions of their own.
+run the steps → render the plots → store the model, report, curves and plots → one transaction
+that creates the new Model and Artifacts and marks the job succeeded. No transaction stays open
+during compute: progress, events, heartbeats and cancel checks are short transactions of their
+own.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Self
@@ -36,6 +37,7 @@ from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from jobs.store import ObjectStore, store_from_settings
 from worker.inputs import check_compatible, load_dataset, load_input_model
+from worker.plots import render_plots
 from worker.steps import StepContext, model_metrics, run_step
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,7 @@ class Outcome:
     model_name: str
     model: torch.nn.Module
     curves: dict[str, Any]
+    plots: list[Path] = field(default_factory=list)  # PNG files, stored as "plot" artifacts
 
 
 def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
@@ -228,7 +231,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     ctx = StepContext(model=source.model.to(device), splits=splits, input_shape=input_shape,
                       device=device, generator=torch.Generator().manual_seed(spec.seed),
                       settings=settings, job_id=job_id, reporter=reporter,
-                      step_count=len(spec.steps))
+                      step_count=len(spec.steps), steps=list(spec.steps))
     reporter.progress(0.0, "measuring the input model")
     before = model_metrics(ctx.model, input_shape, splits.test, device)
     steps = []
@@ -240,7 +243,8 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     after = {k: steps[-1][k] for k in ("params", "macs", "accuracy")}
     result = {"model_id": None, "before": before, "after": after, "steps": steps,
               "dataset": spec.dataset, "device": str(device)}
-    return Outcome(result, f"{source.name}-{job_id[-8:]}", ctx.model.cpu(), ctx.curves)
+    plots = render_plots(ctx.curves, workdir)
+    return Outcome(result, f"{source.name}-{job_id[-8:]}", ctx.model.cpu(), ctx.curves, plots)
 
 
 def _write_json(path: Path, value: Any) -> Path:
@@ -274,6 +278,9 @@ def _finish(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
                                   ("curves.json", "curves", json_safe(outcome.curves))):
             add_artifact(session, store, tenant_id=job.tenant_id, job_id=job_id, name=name,
                          path=_write_json(workdir / name, value), kind=kind)
+        for path in outcome.plots:
+            add_artifact(session, store, tenant_id=job.tenant_id, job_id=job_id, name=path.name,
+                         path=path, kind="plot")
         states.mark_succeeded(job, result)
     return states.SUCCEEDED
 

@@ -118,26 +118,40 @@ def events(job_id: str, session: SessionDep, settings: SettingsDep, tenant_id: T
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-TRAINING_KEYS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "wall_s")
+TRAINING_KEYS = ("epoch", "global_epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
+                 "wall_s")
+WHERE_KEYS = ("step", "epoch", "global_epoch")
 
 
 @router.get("/{job_id}/curves")
 def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
-    """Curves from the job's events: training metrics per epoch, effective dimensionality."""
+    """Curves from the job's events: training per epoch, effective dimensionality and spectra
+    per layer, pcn transforms (the worker's curves.json has the same shape)."""
     get_job(session, tenant_id, job_id)
     training: list[dict[str, Any]] = []
-    effective_dim: list[dict[str, Any]] = []
-    other: dict[str, list[dict[str, Any]]] = {}
+    effective_dim: dict[str, list[dict[str, Any]]] = {}
+    spectra: dict[str, list[dict[str, Any]]] = {}
+    transforms: list[dict[str, Any]] = []
+    pruning: list[dict[str, Any]] = []
     for event in list_events(session, job_id, 0, 100_000):
         data = event.data or {}
         if event.kind == "epoch":
-            point = {"step": data.get("step")} | {k: data.get(k) for k in TRAINING_KEYS}
-            training.append(point)
-            if "effective_dim" in data:
-                effective_dim.append({"step": data.get("step"), "epoch": data.get("epoch"),
-                                      "layers": data["effective_dim"]})
-        elif event.kind in ("effective_dim", "spectrum", "pruning"):
-            other.setdefault(event.kind, []).append(data)
-    return {"training": training,
-            "effective_dim": effective_dim + other.pop("effective_dim", []),
-            "spectra": other.pop("spectrum", []), "pruning": other.pop("pruning", [])}
+            training.append({"step": data.get("step")} | {k: data.get(k) for k in TRAINING_KEYS})
+        elif event.kind == "effective_dim":
+            where = {k: data.get(k) for k in WHERE_KEYS}
+            for name, layer in (data.get("layers") or {}).items():
+                effective_dim.setdefault(name, []).append(where | {
+                    "in_dim": layer.get("in_dim"), "effective_dim": layer.get("effective_dim"),
+                    "accuracy": data.get("accuracy"), "val_accuracy": data.get("val_accuracy")})
+                spectra.setdefault(name, []).append(where | {
+                    "source": "effective_dim", "in_dim": layer.get("in_dim"),
+                    "eigvals": layer.get("eigvals")})
+        elif event.kind == "spectrum":
+            spectra.setdefault(str(data.get("layer")), []).append(
+                {k: v for k, v in data.items() if k != "layer"} | {"epoch": data.get("epoch")})
+        elif event.kind == "pcn":
+            transforms.append(data)
+        elif event.kind == "pruning":
+            pruning.append(data)
+    return {"training": training, "effective_dim": effective_dim, "spectra": spectra,
+            "transforms": transforms, "pruning": pruning}

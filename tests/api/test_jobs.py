@@ -39,8 +39,11 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     ({"steps": []}, "steps"),
     ({"seed": -1}, "seed"),
     ({"device": "tpu"}, "device"),
-    ({"steps": [{"op": "pcn", "select": {"dims": 3}, "output_based": True}]},
-     "not available yet"),
+    ({"steps": [{"op": "pcn", "select": {"target": {"trainable_params": 0}}}]},
+     "steps[0].select.target.trainable_params"),
+    ({"steps": [{"op": "pcn", "select": {"dims": 3}, "when": "plateau"}]},
+     "put a train step before it"),
+    ({"steps": [{"op": "train", "track_layers": ["fc1"]}]}, "only used with track"),
     ({"steps": [{"op": "pcn", "select": {"dims": 3, "threshold": 0.1}}]}, "exactly one"),
 ])
 def test_invalid_specs_are_422_naming_the_field(client, enqueued, patch, needle):
@@ -163,9 +166,9 @@ def test_events_json_sse_and_curves(client, settings):
         text = "".join(r.iter_text())
     assert "event: epoch" not in text and "event: progress" in text
     curves = client.get(f"/v1/jobs/{job_id}/curves").json()
-    assert curves["training"] == [{"step": 0, "epoch": 1, "loss": 0.5, "accuracy": 0.8,
-                                   "val_loss": 0.6, "val_accuracy": 0.7, "lr": None,
-                                   "wall_s": None}]
+    assert curves["training"] == [{"step": 0, "epoch": 1, "global_epoch": None, "loss": 0.5,
+                                   "accuracy": 0.8, "val_loss": 0.6, "val_accuracy": 0.7,
+                                   "lr": None, "wall_s": None}]
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["progress"] == 1.0
 
@@ -188,3 +191,35 @@ def test_artifacts_list_and_download(client, settings, tmp_path):
     r = client.get(f"/v1/jobs/{job_id}/artifacts/report.json")
     assert r.status_code == 200 and r.json() == {"ok": True}
     assert client.get(f"/v1/jobs/{job_id}/artifacts/nope.png").status_code == 404
+
+
+def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
+    from jobs.db import session_scope
+    from jobs.events import record_event
+
+    job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+    with session_scope(settings) as s:
+        for epoch in (1, 2):
+            record_event(s, job_id, "effective_dim", {
+                "step": 0, "epoch": epoch, "global_epoch": epoch, "accuracy": 0.5 + epoch / 10,
+                "val_accuracy": 0.4 + epoch / 10, "samples": 100, "thresholds": [0.1],
+                "layers": {"fc2": {"in_dim": 300, "effective_dim": {"0.1": 40 + epoch},
+                                   "eigvals": [3.0, 1.0]}}, "skipped": []})
+        record_event(s, job_id, "spectrum", {"step": 1, "layer": "fc2", "global_epoch": 2,
+                                             "source": "pcn", "in_dim": 300, "dims": 42,
+                                             "samples": 5000, "eigvals": [3.0, 1.0]})
+        record_event(s, job_id, "pcn", {"step": 1, "global_epoch": 2, "when": "now",
+                                        "fired_at_epoch": None, "layers": {"fc2": 42},
+                                        "output": {}})
+    curves = client.get(f"/v1/jobs/{job_id}/curves").json()
+    assert set(curves) == {"training", "effective_dim", "spectra", "transforms", "pruning"}
+    assert curves["effective_dim"] == {"fc2": [
+        {"step": 0, "epoch": e, "global_epoch": e, "in_dim": 300,
+         "effective_dim": {"0.1": 40 + e}, "accuracy": 0.5 + e / 10,
+         "val_accuracy": 0.4 + e / 10} for e in (1, 2)]}
+    assert [(s["source"], s["epoch"]) for s in curves["spectra"]["fc2"]] == [
+        ("effective_dim", 1), ("effective_dim", 2), ("pcn", None)]
+    assert curves["spectra"]["fc2"][2]["dims"] == 42
+    assert curves["transforms"] == [{"step": 1, "global_epoch": 2, "when": "now",
+                                     "fired_at_epoch": None, "layers": {"fc2": 42},
+                                     "output": {}}]

@@ -77,12 +77,14 @@ def test_pipeline_succeeds_with_design_result_shape(settings, store, submit, tmp
         kinds = {a.name: a.kind for a in artifacts.values()}
         epochs = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
                                                         JobEvent.kind == "epoch")).all()
+        tracked = session.scalars(select(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "effective_dim")).all()
         model_key = out.storage_key
     assert kinds == {"model.safetensors": "model", "report.json": "report",
-                     "curves.json": "curves"}
+                     "curves.json": "curves", "training.png": "plot", "effective_dim.png": "plot"}
     assert artifacts["model.safetensors"].storage_key == model_key
     assert len(epochs) == 5 and {"epoch", "loss", "val_accuracy"} <= set(epochs[0].data)
-    assert "effective_dim" in epochs[0].data
+    assert [e.data["epoch"] for e in tracked] == [1, 2, 3]  # track: first train step only
 
     path = tmp_path / "out.safetensors"
     store.get_to_file(model_key, path)
@@ -96,8 +98,11 @@ def test_pipeline_succeeds_with_design_result_shape(settings, store, submit, tmp
     report = json.loads(b"".join(store.open_stream(artifacts["report.json"].storage_key)))
     assert report["model_id"] == result["model_id"] and report["spec"]["seed"] == 1
     curves = json.loads(b"".join(store.open_stream(artifacts["curves.json"].storage_key)))
-    assert len(curves["training"]) == 5 and set(curves["spectra"]) == {"fc1", "fc2"}
-    assert len(curves["effective_dim"]["fc1"]) == 3
+    assert len(curves["training"]) == 5
+    assert [s["source"] for s in curves["spectra"]["fc1"]] == ["pcn"]
+    # tracked: the auto (widest) layers of the input model
+    assert set(curves["effective_dim"]) == {"fc2", "fc3"}
+    assert len(curves["effective_dim"]["fc2"]) == 3
 
 
 def test_redelivered_terminal_job_is_a_no_op(settings, store, submit):
