@@ -40,6 +40,7 @@ from core.errors import Cancelled, SpecError
 from core.metrics import count_macs, param_counts
 from core.models import get_layer, prunable_layers
 from core.pca import LayerStats, collect_input_stats
+from core.pcn import PCNConv2d, PCNLinear
 from core.pcn_graph import shared_input_sets
 from core.pcn_output import pcn_transform
 from core.pcn_select import auto_layers, pcn_transform_to_target
@@ -153,17 +154,18 @@ class Tracking:
 
     def record(self, ctx: StepContext, epoch: dict[str, Any]) -> None:
         """effective_dim_curve after an epoch: one `effective_dim` event, curves updated.
-        Layers already replaced by PCN layers (a plateau transform) are skipped: core's
-        statistics read plain Linear/Conv2d inputs only."""
+        A layer replaced by a PCN layer (after a plateau transform) is still tracked: its input
+        is the same m-dim activation. Layers that no longer exist are listed as skipped."""
         current = [n for n in self.layers
-                   if isinstance(get_layer(ctx.model, n), (nn.Linear, nn.Conv2d))]
+                   if isinstance(get_layer(ctx.model, n),
+                                 (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d))]
         curve = effective_dim_curve(ctx.model, current, self.dataset, self.thresholds,
                                     self.samples, device=ctx.device) if current else {}
         layers = {}
         for name, c in curve.items():
             layer = get_layer(ctx.model, name)
             layers[name] = {
-                "in_dim": layer.in_features if isinstance(layer, nn.Linear)
+                "in_dim": layer.in_features if isinstance(layer, (nn.Linear, PCNLinear))
                 else layer.in_channels,
                 "effective_dim": {_tau_key(t): int(m) for t, m in c["effective_dim"].items()},
                 "eigvals": c["eigvals"][:TRACK_EIGVALS_MAX]}

@@ -197,8 +197,8 @@ def test_plateau_fires_inside_the_train_step(settings, store, submit, tmp_path):
     curves = json.loads(files["curves.json"][1])
     assert [t["global_epoch"] for t in curves["transforms"]] == [1]
     assert curves["transforms"][0]["fired_at_epoch"] == 1
-    # fc2 and fc3 are tracked before the transform only (core tracks plain layers' inputs)
-    assert [p["epoch"] for p in curves["effective_dim"]["fc2"]] == [1]
+    # tracking goes on after the transform: a PCN layer's input is the same activation
+    assert [p["epoch"] for p in curves["effective_dim"]["fc2"]] == [1, 2, 3, 4]
     reload_and_check(settings, store, tmp_path, job["result"])
 
 
