@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="total training epochs per method")
     p.add_argument("--transform-epochs", type=int, nargs="+", default=[1, 2],
                    help="K: epochs before the PCN transform / pruning")
-    p.add_argument("--dims", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+    p.add_argument("--dims", nargs="+", choices=list(SETTINGS),
+                   default=["d128-64-32", "d96-64-32", "d64-48-32", "t0.1"],
                    help="PCN settings to run (see SETTINGS)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
