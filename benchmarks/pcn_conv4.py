@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.pcn_lenet300 import _pct, _stat  # one summary format for all PCN benchmarks
 from core import data, metrics, models, pca
 from core.pcn_output import pcn_transform
 from core.train import TrainConfig, evaluate, train
@@ -193,10 +194,6 @@ def _max_dims(select: dict[str, Any]) -> int:
     return max(int(v["dims"]) for v in select["per_layer"].values())
 
 
-def _stat(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "median": statistics.median(values),
-            "min": min(values), "max": max(values)}
-
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -224,11 +221,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(s)
     return out
 
-
-def _pct(stat: dict[str, float] | None) -> str:
-    if stat is None:
-        return "–"
-    return f"{100 * stat['mean']:.2f} [{100 * stat['min']:.2f}, {100 * stat['max']:.2f}]"
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
