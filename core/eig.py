@@ -7,6 +7,9 @@
   `full_eigh` when it has not converged in about the cost of one eigh (or when p >= m/2).
 * `gram_eigh(h)`: the N x N Gram route for N < m samples: eigh of `Hc Hc^T / (N - 1)`, then
   `v = Hc^T u / sqrt((N - 1) e)`; at most N - 1 eigenvalues are non-zero, the rest are exactly 0.
+* `leading_eigh(mat, enough)`: only as many leading eigenpairs as a selector needs (`enough`
+  says when the computed ones suffice, e.g. the last is below the threshold); k doubles from
+  `k0`, and a dense eigh takes over once it is the cheaper route.
 * `SampleBuffer`: keeps the raw samples of one layer for the Gram route (bounded: refuses more
   than `max_rows` rows, and the caller only uses it when N < m, i.e. N*m < m^2 floats — never
   more memory than the covariance route).
@@ -17,9 +20,14 @@ magnitude in each column is positive).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 SOLVERS = ("auto", "eigh", "subspace", "gram")
+
+# enough(eigvals_so_far) -> True when the leading eigenvalues computed so far decide the selection
+Enough = Callable[[torch.Tensor], bool]
 
 
 def fix_signs(eigvecs: torch.Tensor) -> torch.Tensor:
@@ -84,36 +92,75 @@ def top_eigh(cov: torch.Tensor, k: int, *, oversample: int | None = None,
     return e[:k], v[:, :k]
 
 
-def gram_eigh(h: torch.Tensor, k: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dense_is_cheaper(k: int, m: int) -> bool:
+    """Subspace iteration on p ~ 2k vectors stops paying off against a dense eigh at p ~ m/2."""
+    return 4 * (k + 10) > m
+
+
+def leading_eigh(mat: torch.Tensor, enough: Enough, *, k0: int = 32,
+                 generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As few leading eigenpairs of a symmetric PSD matrix as `enough` needs, descending.
+
+    Computes k = k0 pairs (`top_eigh`), and doubles k until `enough(eigvals)` is True; once
+    a dense eigh is the cheaper route (or k reaches m) it returns the whole spectrum instead.
+    The result may hold more pairs than strictly needed, never fewer.
+    """
+    m = mat.shape[0]
+    k = max(1, min(int(k0), m))
+    while True:
+        if _dense_is_cheaper(k, m):
+            return full_eigh(mat)
+        e, v = top_eigh(mat, k, generator=generator)
+        if enough(e):
+            return e, v
+        k *= 2
+
+
+def gram_eigh(h: torch.Tensor, k: int | None = None, *, enough: Enough | None = None,
+              generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """PCA of N samples (rows of h, N < m typical) through the N x N Gram matrix.
 
-    Returns (mu (m,), eigvals (m,) descending — entries past the rank are exactly 0 —,
-    eigvecs (m, r)) where r = min(k, rank) columns are returned (k=None: the whole rank, at most
-    N - 1). Equal to the covariance route on the non-zero part of the spectrum.
+    Returns (mu (m,), eigvals descending, eigvecs (m, r), total variance trace(C)). Default
+    (k and enough None): the complete spectrum — eigvals (m,) whose entries past the rank
+    (<= N - 1) are exactly 0 — and r = rank. With `k`: r = min(k, rank) vectors. With
+    `enough` (see `leading_eigh`): only the leading pairs it needs, by subspace iteration on
+    the Gram matrix when that is cheaper than its dense eigh; eigvals then hold r values.
+    The Gram product runs in h's dtype (float32 activations stay float32 there, centred in
+    float64 first); everything else is float64. Equal to the covariance route on the non-zero
+    part of the spectrum.
     """
-    h = h.to(torch.float64)
     n, m = h.shape
     if n < 2:
         raise ValueError(f"need at least 2 samples for a covariance, got {n}")
-    mu = h.mean(dim=0)
-    hc = h - mu  # (N, m)
-    gram = hc @ hc.T / (n - 1)  # (N, N); same non-zero spectrum as hc^T hc / (N-1)
+    work = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float64
+    mu = h.to(torch.float64).mean(dim=0)
+    hc = (h.to(torch.float64) - mu).to(work)  # (N, m)
+    gram = (hc @ hc.T).to(torch.float64) / (n - 1)  # (N, N); same non-zero spectrum as C
     gram = (gram + gram.T) / 2
-    e, u = torch.linalg.eigh(gram)
-    e, u = e.flip(0), u.flip(1)
+    total = float(torch.diagonal(gram).sum())
+    if enough is not None:
+        e, u = leading_eigh(gram, enough, generator=generator)
+    else:
+        e, u = torch.linalg.eigh(gram)
+        e, u = e.flip(0), u.flip(1)
     # centring removes one dimension: rank <= N - 1; drop round-off eigenvalues
     cutoff = max(float(e[0]), 0.0) * max(n, m) * torch.finfo(torch.float64).eps
     rank = min(int((e > cutoff).sum()), n - 1)
     r = rank if k is None else min(k, rank)
-    vecs = hc.T @ u[:, :r] / torch.sqrt((n - 1) * e[:r])  # (m, r), unit columns
-    eigvals = torch.zeros(m, dtype=torch.float64, device=h.device)
-    eigvals[:rank] = e[:rank]
-    return mu, eigvals, fix_signs(vecs)
+    vecs = (hc.to(torch.float64).T @ u[:, :r]) / torch.sqrt((n - 1) * e[:r])  # (m, r)
+    if enough is not None:
+        eigvals = e[:r].clone()
+    else:
+        eigvals = torch.zeros(m, dtype=torch.float64, device=h.device)
+        eigvals[:rank] = e[:rank]
+    return mu, eigvals, fix_signs(vecs), total
 
 
 class SampleBuffer:
-    """Keeps up to `max_rows` raw m-dimensional samples (float64) for `gram_eigh`."""
+    """Keeps up to `max_rows` raw m-dimensional samples for `gram_eigh` (float32 samples stay
+    float32: half the memory, and the Gram product runs at float32 speed)."""
 
     def __init__(self, dim: int, max_rows: int):
         if dim < 1 or max_rows < 1:
@@ -129,12 +176,21 @@ class SampleBuffer:
         if self.count + h2d.shape[0] > self.max_rows:
             raise ValueError(f"SampleBuffer holds at most {self.max_rows} rows; use the "
                              "covariance route for more samples")
-        self.chunks.append(h2d.detach().to(device="cpu", dtype=torch.float64))
+        keep = torch.float32 if h2d.dtype == torch.float32 else torch.float64
+        self.chunks.append(h2d.detach().to(device="cpu", dtype=keep))
         self.count += h2d.shape[0]
 
-    def finalize(self, top_k: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mu, eigvals (m,) descending, eigvecs (m, r)) via `gram_eigh`."""
+    def total_variance(self) -> float:
+        """trace(C) of the buffered samples, without an eigen-decomposition."""
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
-        return gram_eigh(torch.cat(self.chunks), top_k)
+        h = torch.cat(self.chunks).to(torch.float64)
+        return float(((h - h.mean(dim=0)) ** 2).sum() / (self.count - 1))
+
+    def finalize(self, top_k: int | None = None, *, enough: Enough | None = None,
+                 generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(mu, eigvals descending, eigvecs (m, r), trace(C)) via `gram_eigh`."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
+        return gram_eigh(torch.cat(self.chunks), top_k, enough=enough, generator=generator)

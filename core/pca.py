@@ -5,47 +5,70 @@ Sums are accumulated in float64 batch by batch; all activations are never held a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from core.eig import SOLVERS, SampleBuffer, full_eigh, top_eigh
+from core.eig import SOLVERS, Enough, SampleBuffer, full_eigh, leading_eigh, top_eigh
 from core.errors import SpecError
 
 
 class StreamingCovariance:
-    """Running float64 `sum h`, `sum h h^T` and `count` of m-dimensional samples."""
+    """Running float64 sums of m-dimensional samples, shifted by the first batch's mean.
+
+    Each batch's `sum (h - s)` and `(h - s)^T (h - s)` are computed in the samples' own dtype
+    (float32 activations: float32 products, about twice the float64 speed) on their device, and
+    accumulated in float64 on the CPU. The shift `s` (the first batch's mean) keeps the
+    products centred, so `C = (S2 - n d d^T) / (n - 1)` with `d = S1 / n` does not lose
+    precision to a large mean (the classic cancellation of the raw-moment formula).
+    """
 
     def __init__(self, dim: int):
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.dim = dim
-        self.sum = torch.zeros(dim, dtype=torch.float64)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.shift: torch.Tensor | None = None  # (dim,) float64
+        self.sum = torch.zeros(dim, dtype=torch.float64)  # of (h - shift)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)  # of (h - shift)(h - shift)^T
         self.count = 0
 
     def update(self, h2d: torch.Tensor) -> None:
         """Add a batch of samples, shape (B, dim)."""
         if h2d.ndim != 2 or h2d.shape[1] != self.dim:
             raise ValueError(f"expected a (B, {self.dim}) batch, got {tuple(h2d.shape)}")
-        h = h2d.detach().to(device="cpu", dtype=torch.float64)
-        self.sum += h.sum(dim=0)
-        self.outer += h.T @ h  # (dim, dim)
+        h = h2d.detach()
+        if h.dtype not in (torch.float32, torch.float64):
+            h = h.to(torch.float64)
+        if h.shape[0] == 0:
+            return
+        if self.shift is None:
+            # representable in h's dtype, so `h - shift` below subtracts the exact shift
+            self.shift = h.mean(dim=0).to(torch.float64).cpu()
+        hs = h - self.shift.to(device=h.device, dtype=h.dtype)
+        self.sum += hs.sum(dim=0).to(device="cpu", dtype=torch.float64)
+        self.outer += (hs.T @ hs).to(device="cpu", dtype=torch.float64)  # (dim, dim)
         self.count += h.shape[0]
 
+    def mean(self) -> torch.Tensor:
+        assert self.shift is not None
+        return self.shift + self.sum / self.count
+
     def finalize(self, top_k: int | None = None, *, solver: str = "auto",
-                 generator: torch.Generator | None = None
+                 generator: torch.Generator | None = None, enough: Enough | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mu, eigvals in descending order, eigvecs as columns), all float64.
 
-        C = (sum h h^T - n mu mu^T) / (n - 1). Eigenvector signs are fixed so that the entry
-        with the largest magnitude in each column is positive (deterministic output).
-        `top_k=None` (default): all m eigenpairs. `top_k=k`: only the k leading ones
-        (eigvals (k,), eigvecs (m, k)); `solver` 'eigh' (full eigh, truncated), 'subspace'
-        (`core.eig.top_eigh`) or 'auto' (subspace when k is small against m).
+        Eigenvector signs are fixed so that the entry with the largest magnitude in each
+        column is positive (deterministic output). `top_k=None` (default): all m eigenpairs.
+        `top_k=k`: only the k leading ones (eigvals (k,), eigvecs (m, k)); `solver` 'eigh'
+        (full eigh, truncated), 'subspace' (`core.eig.top_eigh`) or 'auto' (subspace when k is
+        small against m). `enough` (instead of top_k; `core.eig.leading_eigh`): as many
+        leading pairs as that predicate needs.
         """
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
@@ -53,7 +76,10 @@ class StreamingCovariance:
             raise ValueError(f"solver must be 'auto', 'eigh' or 'subspace' for a covariance, "
                              f"got {solver!r}")
         cov = self.covariance()
-        mu = self.sum / self.count
+        mu = self.mean()
+        if enough is not None:
+            eigvals, eigvecs = leading_eigh(cov, enough, generator=generator)
+            return mu, eigvals, eigvecs
         if top_k is None:
             eigvals, eigvecs = full_eigh(cov)
             return mu, eigvals, eigvecs
@@ -67,15 +93,15 @@ class StreamingCovariance:
     def covariance(self) -> torch.Tensor:
         """The (m, m) float64 sample covariance (divides by n - 1)."""
         n = self.count
-        mu = self.sum / n
-        cov = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
+        d = self.sum / n
+        cov = (self.outer - n * torch.outer(d, d)) / (n - 1)
         return (cov + cov.T) / 2  # remove round-off asymmetry before eigh
 
     def total_variance(self) -> float:
         """trace(C): the sum of all m eigenvalues, known without an eigen-decomposition."""
         n = self.count
-        mu = self.sum / n
-        return float((torch.diagonal(self.outer) - n * mu * mu).sum() / (n - 1))
+        d = self.sum / n
+        return float((torch.diagonal(self.outer) - n * d * d).sum() / (n - 1))
 
 
 @dataclass(frozen=True)
@@ -107,11 +133,37 @@ def _layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def selector_enough(selectors: Sequence[dict[str, Any]], total_variance: float) -> Enough:
+    """A `core.eig.Enough` predicate: True once the leading eigenvalues computed so far decide
+    `effective_dimensionality` for every selector ({'threshold'|'dims'|'energy': value}) —
+    threshold t: the last computed eigenvalue is <= t; dims d: d computed; energy f: the
+    computed ones explain >= f of `total_variance`."""
+    for sel in selectors:
+        if len(sel) != 1 or next(iter(sel)) not in ("threshold", "dims", "energy"):
+            raise SpecError(f"a selector is one of {{'threshold'|'dims'|'energy': value}}, "
+                            f"got {sel!r}")
+
+    def enough(e: torch.Tensor) -> bool:
+        for sel in selectors:
+            (kind, value), = sel.items()
+            if kind == "threshold" and float(e[-1]) > value:
+                return False
+            if kind == "dims" and e.numel() < value:
+                return False
+            if (kind == "energy" and total_variance > 0
+                    and float(e.clamp(min=0).sum()) / total_variance < value - 1e-12):
+                return False
+        return True
+    return enough
+
+
 def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: Dataset, *,
                         samples: int = 5000, batch_size: int = 256,
                         device: str | torch.device = "cpu", top_k: int | None = None,
                         solver: str = "auto",
-                        generator: torch.Generator | None = None) -> dict[str, LayerStats]:
+                        generator: torch.Generator | None = None,
+                        keep: Mapping[str, Sequence[dict[str, Any]]] | None = None,
+                        max_rows: int | None = None) -> dict[str, LayerStats]:
     """PCA of the inputs of the named Linear/Conv2d layers from ONE forward pass.
 
     Uses the first `samples` items of `dataset` (pass a shuffled subset for a random sample).
@@ -126,6 +178,15 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
     `generator`) or 'gram' (`core.eig.gram_eigh`; keeps the N' x m samples, only allowed when
     N' < m — SpecError otherwise). Gram-route stats have `eigvals` (m,) whose entries past the
     rank (<= N' - 1) are 0 and `eigvecs` (m, r) with r = min(top_k, rank).
+
+    `keep` (solver 'auto' only; the fast path of a transform): for each named layer, the
+    selectors its dims will be chosen by (`selector_enough`); only the leading eigenpairs
+    they need are computed (`core.eig.leading_eigh`; Gram route when N' < m), with
+    `total_variance` set. Layers not in `keep` follow `top_k`.
+
+    `max_rows` (optional): at most about this many samples per conv layer — a uniformly random
+    subset of the N*h*w positions, drawn batch by batch (seeded; an unbiased estimate of the
+    same covariance, for a fraction of the cost). Linear layers always use every sample.
     """
     if solver not in SOLVERS:
         raise SpecError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -146,29 +207,58 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
         dims[name] = m.in_features if kind == "linear" else m.in_channels
     if samples < 2:
         raise SpecError(f"samples must be >= 2, got {samples}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
+                                 or max_rows < 2):
+        raise SpecError(f"max_rows must be an integer >= 2 or None, got {max_rows!r}")
+    keep = dict(keep or {})
+    if keep and solver != "auto":
+        raise SpecError(f"keep (compute only the kept components) needs solver 'auto', "
+                        f"got {solver!r}")
+    unknown = sorted(set(keep) - set(dims))
+    if unknown:
+        raise SpecError(f"keep names layers whose statistics are not collected: {unknown}")
     total = min(samples, len(dataset))  # type: ignore[arg-type]
     # accumulators are created on a layer's first batch, when its rows per item are known
     accs: dict[str, StreamingCovariance | SampleBuffer] = {}
     batch_items = [0]
+    # one stream per layer: a layer's subsample does not depend on which others are collected
+    base_seed = generator.initial_seed() if generator is not None else 0
+    rows_gen = {n: torch.Generator().manual_seed((base_seed + zlib.crc32(n.encode())) % 2**63)
+                for n in dims}
+
+    def planned_rows(name: str, rows_per_item: int) -> int:
+        rows = total * rows_per_item
+        if kinds[name] == "conv" and max_rows is not None and rows > max_rows:
+            batches = -(-total // batch_size)
+            rows = max_rows + batches  # per-batch quotas are rounded up
+        return rows
 
     def new_accumulator(name: str, rows_per_item: int) -> StreamingCovariance | SampleBuffer:
-        rows, m = total * rows_per_item, dims[name]
+        rows, m = planned_rows(name, rows_per_item), dims[name]
         if solver == "gram" and rows >= m:
             raise SpecError(f"layer {name!r}: the Gram route needs fewer samples than dims, "
                             f"got {rows} samples of {m} dims; use solver 'auto' or 'subspace'")
-        if solver == "gram" or (solver == "auto" and top_k is not None and rows < m):
+        if solver == "gram" or (solver == "auto" and (top_k is not None or name in keep)
+                                and rows < m):
             return SampleBuffer(m, rows)
         return StreamingCovariance(m)
 
     def hook_for(name: str):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             h = inputs[0]
+            items = batch_items[0]
             if kinds[name] == "conv":
                 h = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (N,C,H,W) -> (N*H*W, C)
+                if max_rows is not None and h.shape[0] * total > max_rows * items:
+                    quota = -(-max_rows * items // total)  # this batch's share, rounded up
+                    pick = torch.randperm(h.shape[0], generator=rows_gen[name])[:quota]
+                    h = h[pick.to(h.device)]
             else:
                 h = h.reshape(-1, h.shape[-1])  # (N, m)
             if name not in accs:
-                accs[name] = new_accumulator(name, h.shape[0] // batch_items[0])
+                rows_per_item = (inputs[0].shape[0] * inputs[0].shape[2] * inputs[0].shape[3]
+                                 if kinds[name] == "conv" else h.shape[0]) // items
+                accs[name] = new_accumulator(name, rows_per_item)
             accs[name].update(h)
         return hook
 
@@ -193,17 +283,34 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
         acc = accs.get(name)
         if acc is None:
             raise SpecError(f"layer {name!r} was not reached by the forward pass")
-        if isinstance(acc, SampleBuffer):
-            mu, eigvals, eigvecs = acc.finalize(top_k)
-            total_variance = None  # eigvals is the complete spectrum (zeros past the rank)
-        elif top_k is None:
-            mu, eigvals, eigvecs = acc.finalize()
-            total_variance = None
-        else:
-            mu, eigvals, eigvecs = acc.finalize(top_k, solver=solver, generator=generator)
-            total_variance = acc.total_variance() if eigvals.numel() < acc.dim else None
-        stats[name] = LayerStats(mu, eigvals, eigvecs, acc.count, kinds[name], total_variance)
+        stats[name] = _finalize(acc, kinds[name], top_k=top_k, solver=solver,
+                                generator=generator, selectors=keep.get(name))
     return stats
+
+
+def _finalize(acc: StreamingCovariance | SampleBuffer, kind: str, *, top_k: int | None,
+              solver: str, generator: torch.Generator | None,
+              selectors: Sequence[dict[str, Any]] | None) -> LayerStats:
+    if isinstance(acc, SampleBuffer):
+        if selectors:
+            enough = selector_enough(selectors, acc.total_variance())
+            mu, eigvals, eigvecs, trace = acc.finalize(enough=enough, generator=generator)
+            total_variance = trace if eigvals.numel() < acc.dim else None
+        else:
+            mu, eigvals, eigvecs, _trace = acc.finalize(top_k)
+            total_variance = None  # eigvals is the complete spectrum (zeros past the rank)
+    elif selectors:
+        trace = acc.total_variance()
+        mu, eigvals, eigvecs = acc.finalize(enough=selector_enough(selectors, trace),
+                                            generator=generator)
+        total_variance = trace if eigvals.numel() < acc.dim else None
+    elif top_k is None:
+        mu, eigvals, eigvecs = acc.finalize()
+        total_variance = None
+    else:
+        mu, eigvals, eigvecs = acc.finalize(top_k, solver=solver, generator=generator)
+        total_variance = acc.total_variance() if eigvals.numel() < acc.dim else None
+    return LayerStats(mu, eigvals, eigvecs, acc.count, kind, total_variance)
 
 
 def _batch_inputs(dataset: Dataset, start: int, stop: int) -> torch.Tensor:

@@ -143,7 +143,7 @@ class PCNStep(Strict):
     # "now": after the previous step; "plateau": inside the preceding train step, after the
     # first epoch (>= plateau_min_epochs, default 1) whose validation-accuracy gain over the
     # epoch before (or over the model at the start of the step) is < plateau_delta (0.005),
-    # once validation accuracy is above where the step started (worker.steps has the details)
+    # once validation accuracy is above where the step started (worker.step_train has the details)
     when: Literal["now", "plateau"] = "now"
     plateau_delta: float | None = Field(default=None, gt=0, le=1)
     plateau_min_epochs: int | None = Field(default=None, ge=1)

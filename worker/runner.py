@@ -36,9 +36,10 @@ from jobs.orm import Artifact, Job, utcnow
 from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from jobs.store import ObjectStore, store_from_settings
+from worker.context import StepContext, model_metrics
 from worker.inputs import check_compatible, load_dataset, load_input_model
 from worker.plots import render_plots
-from worker.steps import StepContext, model_metrics, run_step
+from worker.steps import run_step
 
 log = logging.getLogger(__name__)
 

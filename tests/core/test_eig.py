@@ -2,10 +2,15 @@ import pytest
 import torch
 
 from core.data import ArrayDataset
-from core.eig import SampleBuffer, full_eigh, gram_eigh, top_eigh
+from core.eig import SampleBuffer, full_eigh, gram_eigh, leading_eigh, top_eigh
 from core.errors import SpecError
 from core.models import build
-from core.pca import StreamingCovariance, collect_input_stats, effective_dimensionality
+from core.pca import (
+    StreamingCovariance,
+    collect_input_stats,
+    effective_dimensionality,
+    selector_enough,
+)
 from core.pcn import pcn_input_transform
 
 
@@ -50,19 +55,21 @@ def test_top_eigh_is_deterministic_and_falls_back_when_k_is_large():
 
 def test_gram_route_equals_covariance_route():
     h = spiked_samples(30, 200, 5)  # N < m
-    mu, eigvals, eigvecs = gram_eigh(h)
+    mu, eigvals, eigvecs, trace = gram_eigh(h)
     cov_e, cov_v = full_eigh(torch.cov(h.T))
     assert eigvals.shape == (200,) and eigvecs.shape == (200, 29)  # rank N - 1
     assert torch.allclose(mu, h.mean(0), atol=1e-12)
     assert torch.allclose(eigvals[:29], cov_e[:29], rtol=1e-8)
     assert torch.all(eigvals[29:] == 0)
+    assert trace == pytest.approx(float(torch.trace(torch.cov(h.T))), rel=1e-10)
     assert torch.allclose(eigvecs, cov_v[:, :29], atol=1e-7)  # same signs
     assert torch.allclose(eigvecs.T @ eigvecs, torch.eye(29, dtype=torch.float64), atol=1e-10)
 
     buf = SampleBuffer(200, 30)
     for chunk in torch.split(h, [7, 23]):
         buf.update(chunk)
-    _mu2, _e2, v2 = buf.finalize(top_k=4)
+    _mu2, _e2, v2, _t = buf.finalize(top_k=4)
+    assert buf.total_variance() == pytest.approx(trace, rel=1e-10)
     assert v2.shape == (200, 4) and torch.allclose(v2, eigvecs[:, :4], atol=1e-12)
     with pytest.raises(ValueError, match="at most 30"):
         buf.update(h[:1])
@@ -119,3 +126,64 @@ def test_gram_solver_refuses_many_samples_and_transform_caps_dims():
     new, report = pcn_input_transform(model, stats, {"dims": 10}, ["fc1"])
     assert report["fc1"]["dims"] == 6 and new.fc1.U.shape == (64, 6)
     assert 0 < report["fc1"]["explained_variance"] < 1
+
+
+def test_leading_eigh_grows_until_the_selector_is_decided():
+    h = spiked_samples(3000, 400, 40)  # 40 strong directions, then a flat floor
+    cov = torch.cov(h.T)
+    e_all, v_all = full_eigh(cov)
+    t = float(e_all[50])  # 50 eigenvalues above t: k0 = 32 is not enough, 64 is
+    calls = []
+
+    def enough(e):
+        calls.append(e.numel())
+        return float(e[-1]) <= t
+
+    e, v = leading_eigh(cov, enough, k0=32)
+    assert calls == [32, 64] and e.numel() == 64
+    assert torch.allclose(e, e_all[:64], rtol=1e-6)
+    assert torch.allclose(v[:, :50].abs(), v_all[:, :50].abs(), atol=1e-5)
+    assert effective_dimensionality(e, threshold=t) == effective_dimensionality(e_all,
+                                                                                threshold=t)
+    # once a dense eigh is cheaper it returns the whole spectrum
+    e, _ = leading_eigh(cov, lambda e: False, k0=32)
+    assert e.numel() == 400
+
+
+def test_selector_enough_matches_effective_dimensionality():
+    e_all = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.05], dtype=torch.float64)
+    total = float(e_all.sum())
+    for sel in ({"threshold": 0.3}, {"dims": 3}, {"energy": 0.9}):
+        enough = selector_enough([sel], total)
+        first = next(k for k in range(1, 9) if enough(e_all[:k]))
+        # the first prefix that is "enough" already decides the selection exactly
+        assert effective_dimensionality(e_all[:first], total_variance=total, **sel) == \
+            effective_dimensionality(e_all, **sel)
+    both = selector_enough([{"dims": 2}, {"threshold": 0.3}], total)
+    assert not both(e_all[:3]) and both(e_all[:5])
+    with pytest.raises(Exception, match="selector"):
+        selector_enough([{"bogus": 1}], total)
+
+
+def test_gram_route_with_enough_returns_only_the_needed_pairs():
+    h = spiked_samples(600, 2000, 10)  # N < m, and the N x N Gram is big enough to iterate
+    mu, e_all, v_all, trace = gram_eigh(h)
+    t = float(e_all[20])
+    mu2, e, v, trace2 = gram_eigh(h, enough=lambda e: float(e[-1]) <= t)
+    assert 21 <= e.numel() < 600 and v.shape == (2000, e.numel())
+    assert trace2 == pytest.approx(trace, rel=1e-12) and torch.equal(mu, mu2)
+    assert torch.allclose(e, e_all[:e.numel()], rtol=1e-6)
+    assert torch.allclose(v[:, :21], v_all[:, :21], atol=1e-5)
+
+
+def test_streaming_covariance_float32_batches_keep_precision_under_a_large_mean():
+    # a mean 1e3 times the spread: the raw-moment formula in float32 would lose everything
+    g = torch.Generator().manual_seed(0)
+    h = 1000.0 + torch.randn(4000, 16, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.linspace(0.1, 2.0, 16, dtype=torch.float64))
+    cov = StreamingCovariance(16)
+    for chunk in torch.split(h.float(), 256):
+        cov.update(chunk)
+    ref = torch.cov(h.float().double().T)
+    assert torch.allclose(cov.covariance(), ref, atol=1e-4 * float(ref.abs().max()))
+    assert torch.allclose(cov.mean(), h.float().double().mean(0), rtol=1e-9)

@@ -120,3 +120,47 @@ def test_stats_of_a_pcn_layer_are_those_of_its_original_input():
     assert isinstance(pcn_model.get_submodule("fc2"), PCNLinear)
     after = collect_input_stats(pcn_model, ["fc2"], data, samples=64)
     assert torch.allclose(after["fc2"].eigvals, before["fc2"].eigvals, rtol=1e-6, atol=1e-8)
+
+
+def _conv_net_and_data(n=64):
+    g = torch.Generator().manual_seed(0)
+    model = build({"name": "conv4", "input_shape": [1, 12, 12], "channels": [8, 8, 16, 16],
+                   "fc": [32, 32]}, generator=g).double()
+    x = torch.randn(n, 1, 12, 12, generator=g)
+    return model, ArrayDataset(x, torch.zeros(n, dtype=torch.long))
+
+
+def test_max_rows_subsamples_conv_positions_only_and_estimates_the_same_covariance():
+    model, ds = _conv_net_and_data()
+    full = collect_input_stats(model, ["conv2", "conv4", "fc1"], ds, samples=64, batch_size=16)
+    sub = collect_input_stats(model, ["conv2", "conv4", "fc1"], ds, samples=64, batch_size=16,
+                              max_rows=2000, generator=torch.Generator().manual_seed(3))
+    assert full["conv2"].count == 64 * 144 and 2000 <= sub["conv2"].count <= 2000 + 4
+    assert sub["fc1"].count == full["fc1"].count == 64  # dense layers keep every sample
+    # a random quarter of 9216 positions: the leading variance is estimated within ~10%
+    assert float(sub["conv2"].eigvals[0]) == pytest.approx(float(full["conv2"].eigvals[0]),
+                                                           rel=0.1)
+    again = collect_input_stats(model, ["conv2"], ds, samples=64, batch_size=16,
+                                max_rows=2000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again["conv2"].eigvals, sub["conv2"].eigvals)  # seeded
+    with pytest.raises(SpecError, match="max_rows"):
+        collect_input_stats(model, ["conv2"], ds, max_rows=1)
+
+
+def test_keep_computes_only_what_the_selectors_need():
+    model, ds = _conv_net_and_data(48)  # fc1 reads 16*3*3 = 144 dims from 48 samples: Gram
+    full = collect_input_stats(model, ["conv4", "fc1"], ds, samples=48)
+    t = float(full["fc1"].eigvals[5] + full["fc1"].eigvals[6]) / 2  # 6 above t
+    keep = {"fc1": [{"threshold": t}], "conv4": [{"dims": 3}]}
+    fast = collect_input_stats(model, ["conv4", "fc1"], ds, samples=48, keep=keep)
+    for name, sel in (("fc1", {"threshold": t}), ("conv4", {"dims": 3})):
+        st, ref = fast[name], full[name]
+        d = effective_dimensionality(st.eigvals, total_variance=st.total_variance, **sel)
+        assert d == effective_dimensionality(ref.eigvals, **sel)
+        assert_same_eigvecs(st.eigvecs[:, :d], ref.eigvecs[:, :d], atol=1e-6)
+        total = st.total_variance if st.total_variance is not None else float(st.eigvals.sum())
+        assert total == pytest.approx(float(ref.eigvals.sum()), rel=1e-9)
+    with pytest.raises(SpecError, match="not collected"):
+        collect_input_stats(model, ["fc1"], ds, keep={"fc2": [{"dims": 2}]})
+    with pytest.raises(SpecError, match="solver 'auto'"):
+        collect_input_stats(model, ["fc1"], ds, keep={"fc1": [{"dims": 2}]}, solver="eigh")

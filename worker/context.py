@@ -1,0 +1,94 @@
+"""What every step handler gets: the job's model, data and reporter (`StepContext`), and the
+metrics recorded around steps. Handlers live in worker.step_train / worker.step_pcn; the
+registry in worker.steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from core.data import ArrayDataset, Splits
+from core.errors import Cancelled
+from core.metrics import count_macs, param_counts
+from core.models import prunable_layers
+from core.train import evaluate
+from jobs.settings import Settings
+
+# Effective-dimensionality tracking defaults (track: ["effective_dim"]): the paper's absolute
+# threshold for MNIST-sized dense layers, on this many (fixed) training samples per epoch.
+TRACK_THRESHOLDS = (0.1,)
+TRACK_SAMPLES = 1000
+TRACK_EIGVALS_MAX = 256  # eigenvalues kept per layer and epoch
+SPECTRUM_MAX = 1024  # eigenvalues kept per layer of a pcn transform
+PLATEAU_DELTA = 0.005
+PLATEAU_MIN_EPOCHS = 1
+
+
+class Reporter(Protocol):
+    """What a handler may tell the job: progress within the step, events, and cancellation."""
+
+    def progress(self, fraction: float, stage: str) -> None: ...
+    def event(self, kind: str, data: dict[str, Any]) -> None: ...
+    def should_cancel(self) -> bool: ...
+
+
+def empty_curves() -> dict[str, Any]:
+    return {"training": [], "effective_dim": {}, "spectra": {}, "transforms": [], "pruning": []}
+
+
+@dataclass
+class StepContext:
+    model: nn.Module
+    splits: Splits
+    input_shape: list[int]
+    device: torch.device
+    generator: torch.Generator
+    settings: Settings
+    job_id: str
+    reporter: Reporter
+    step_index: int = 0  # 0-based index of the running step
+    step_count: int = 1
+    steps: list[Any] = field(default_factory=list)  # every step of the job (validated specs)
+    # results of steps applied inside an earlier step (a `when: "plateau"` pcn), by index
+    applied: dict[int, dict[str, Any]] = field(default_factory=dict)
+    global_epoch: int = 0  # epochs trained so far over all train steps
+    curves: dict[str, Any] = field(default_factory=empty_curves)
+
+    def check_cancel(self) -> None:
+        if self.reporter.should_cancel():
+            raise Cancelled(f"canceled before step {self.step_index + 1}/{self.step_count}")
+
+
+def model_metrics(model: nn.Module, input_shape: list[int], test: ArrayDataset,
+                  device: torch.device) -> dict[str, Any]:
+    """The metrics recorded before, after and between steps: params, MACs, test accuracy."""
+    return {"params": param_counts(model), "macs": count_macs(model, input_shape),
+            "accuracy": evaluate(model, test, device=device)["accuracy"]}
+
+
+def dense_layers(model: nn.Module) -> list[str]:
+    """Plain Linear/Conv2d layers in forward order (PCN layers are already transformed)."""
+    return [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def calibration_set(ctx: StepContext, samples: int) -> ArrayDataset:
+    """A seeded random subset of the training split (collect_input_stats reads the first N)."""
+    train_set = ctx.splits.train
+    order = torch.randperm(len(train_set), generator=ctx.generator)
+    return train_set.subset(order[:min(samples, len(train_set))])
+
+
+def tracking_set(ctx: StepContext, samples: int) -> ArrayDataset:
+    """The same training subset every epoch (its own generator: tracking must not change the
+    order training sees)."""
+    generator = torch.Generator().manual_seed(ctx.generator.initial_seed())
+    order = torch.randperm(len(ctx.splits.train), generator=generator)
+    return ctx.splits.train.subset(order[:min(samples, len(ctx.splits.train))])
+
+
+def tau_key(tau: float) -> str:
+    return f"{tau:g}"
+
+

@@ -1,0 +1,157 @@
+"""The `pcn` step: statistics (one forward pass, only the kept components), the input and
+output-based transform or a target search, and what it reports."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from core.errors import SpecError
+from core.models import get_layer
+from core.pca import LayerStats, collect_input_stats
+from core.pcn_graph import shared_input_sets
+from core.pcn_output import pcn_transform
+from core.pcn_select import auto_layers, pcn_transform_to_target
+from core.train import evaluate
+from jobs.spec import PCNStep
+from worker.context import SPECTRUM_MAX, StepContext, calibration_set, dense_layers, model_metrics
+
+
+def _core_select(step: PCNStep) -> dict[str, Any]:
+    def plain(selector: Any) -> dict[str, Any]:
+        return {k: v for k, v in selector.model_dump().items() if v is not None}
+
+    select = plain(step.select)
+    if step.per_layer:
+        select["per_layer"] = {name: plain(s) for name, s in step.per_layer.items()}
+    return select
+
+
+def _chosen_layers(ctx: StepContext, step: PCNStep) -> list[str]:
+    """The layers to transform, checked before any statistics are collected."""
+    plain = dense_layers(ctx.model)
+    if step.layers == "auto":
+        layers = auto_layers(ctx.model)
+    else:
+        layers = list(step.layers)
+        unknown = [n for n in layers if n not in plain]
+        if unknown:
+            raise SpecError(f"pcn layers {unknown} are not Linear/Conv2d layers of the model; "
+                            f"valid layers: {', '.join(plain)}")
+    extra = sorted(set(step.per_layer) - set(layers))
+    if extra:
+        raise SpecError(f"per_layer names layers that are not transformed: {extra}; "
+                        f"transformed layers ({'auto' if step.layers == 'auto' else 'given'}): "
+                        f"{', '.join(layers)}")
+    return layers
+
+
+def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str]
+                   ) -> dict[str, LayerStats]:
+    """One forward pass; one PCA per tensor (layers reading one tensor share it: core fills in
+    the partners). Default solver: exact fast path — top_k = every component, so a layer that
+    sees fewer samples than dims takes the Gram route and any other layer a full eigh."""
+    shared = {n: tensor[0] for tensor in shared_input_sets(ctx.model) for n in tensor}
+    stat_layers = list(dict.fromkeys(shared.get(n, n) for n in layers))
+    top_k = step.top_k
+    if top_k is None and step.solver == "auto":
+        top_k = max(get_layer(ctx.model, n).weight.shape[1] for n in stat_layers)
+    return collect_input_stats(ctx.model, stat_layers, calibration_set(ctx, step.samples),
+                               samples=step.samples, batch_size=step.batch_size,
+                               device=ctx.device, top_k=top_k, solver=step.solver,
+                               generator=torch.Generator().manual_seed(
+                                   ctx.generator.initial_seed()))
+
+
+def _search_summary(search: dict[str, Any]) -> dict[str, Any]:
+    (kind, goal), = search["target"].items()
+    summary = {"kind": kind, "goal": goal, "threshold": search["threshold"],
+               "value": search["value"], "trials": len(search["trials"])}
+    if kind == "trainable_params":
+        summary["reason"] = (f"the smallest common eigenvalue threshold on the search grid "
+                             f"whose model has <= {goal} trainable parameters "
+                             f"({int(search['value'])}); a smaller one exceeds the budget")
+    else:
+        summary["baseline"] = search["baseline"]
+        summary["reason"] = (f"the largest common eigenvalue threshold on the search grid whose "
+                             f"validation accuracy without retraining ({search['value']:.4f}) "
+                             f"is >= baseline {search['baseline']:.4f} - {goal}")
+    return summary
+
+
+def apply_pcn(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any]:
+    """Statistics → transform (input, and output-based where it pays) → metrics right after it.
+    Replaces ctx.model; returns the pcn step's op-specific result."""
+    ctx.reporter.progress(0.0, "pcn: collecting activation statistics")
+    layers = _chosen_layers(ctx, step)
+    start = time.perf_counter()
+    stats = _collect_stats(ctx, step, layers)
+    stats_wall_s = time.perf_counter() - start
+    ctx.check_cancel()
+    ctx.reporter.progress(0.5, "pcn: transforming layers")
+    output = "auto" if step.output_based else None
+    start = time.perf_counter()
+    if step.select.target is not None:
+        target = step.select.target.model_dump(exclude_none=True)
+        new_model, report = pcn_transform_to_target(
+            ctx.model, stats, target, layers, output=output, val_dataset=ctx.splits.val,
+            device=ctx.device)
+    else:
+        new_model, report = pcn_transform(ctx.model, stats, _core_select(step), layers,
+                                          output=output)
+    surgery_wall_s = time.perf_counter() - start
+    ctx.model = new_model.to(ctx.device)
+    for name, st in stats.items():
+        spectrum = {"step": step_index, "layer": name, "global_epoch": ctx.global_epoch,
+                    "source": "pcn", "in_dim": st.dim,
+                    "dims": report["input"].get(name, {}).get("dims"), "samples": st.count,
+                    "eigvals": [float(v) for v in st.eigvals[:SPECTRUM_MAX]]}
+        ctx.curves["spectra"].setdefault(name, []).append(
+            {k: v for k, v in spectrum.items() if k != "layer"} | {"epoch": None})
+        ctx.reporter.event("spectrum", spectrum)
+    val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
+    details: dict[str, Any] = {
+        "layers": {name: {"in_dim": r["in_dim"], "dims": r["dims"],
+                          "explained_variance": r["explained_variance"]}
+                   for name, r in report["input"].items()},
+        "output": {group: {"units": r["units"], "keep": r["keep"], "kept": r["kept"]}
+                   for group, r in report["output"].items()},
+        "layer_selection": "auto" if step.layers == "auto" else "given",
+        "samples": min(step.samples, len(ctx.splits.train)),
+        "stats_wall_s": stats_wall_s, "surgery_wall_s": surgery_wall_s,
+        "transform_wall_s": stats_wall_s + surgery_wall_s,
+        "after_transform": model_metrics(ctx.model, ctx.input_shape, ctx.splits.test,
+                                         ctx.device) | {"val_accuracy": val},
+        "when": step.when}
+    if step.output_based and not report["output"]:
+        details["output_note"] = ("no unit group qualified: output units are pruned only where "
+                                  "every reading layer's input is compressed >= 10x")
+    if "search" in report:
+        details["target"] = _search_summary(report["search"])
+    return details
+
+
+def record_transform(ctx: StepContext, step_index: int, details: dict[str, Any]) -> None:
+    """The `pcn` event / curves entry: where a transform was applied and what it kept."""
+    data = {"step": step_index, "global_epoch": ctx.global_epoch, "when": details["when"],
+            "fired_at_epoch": details.get("fired_at_epoch"),
+            "layers": {n: r["dims"] for n, r in details["layers"].items()},
+            "output": {g: r["keep"] for g, r in details["output"].items()}}
+    ctx.curves["transforms"].append(data)
+    ctx.reporter.event("pcn", data)
+
+
+def run_pcn(ctx: StepContext, step: PCNStep) -> dict[str, Any]:
+    if step.when == "plateau":  # applied inside the preceding train step
+        details = ctx.applied.pop(ctx.step_index, None)
+        if details is None:
+            raise SpecError(f"steps[{ctx.step_index}]: a pcn step with when: 'plateau' must "
+                            "directly follow a train step")
+        val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
+        return details | {"val_accuracy": val}
+    details = apply_pcn(ctx, step, ctx.step_index)
+    record_transform(ctx, ctx.step_index, details)
+    return details | {"val_accuracy": details["after_transform"]["val_accuracy"]}
+
+

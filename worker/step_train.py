@@ -1,0 +1,216 @@
+"""The `train` step: epochs with optional effective-dimensionality tracking, and the
+`when: "plateau"` pcn transform applied inside it (see worker.steps for the curves' shapes)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from core.data import ArrayDataset
+from core.dim_tracking import effective_dim_curve
+from core.errors import SpecError
+from core.models import get_layer
+from core.pcn import PCNConv2d, PCNLinear
+from core.pcn_select import auto_layers
+from core.train import TrainConfig, evaluate, train
+from jobs.spec import PCNStep, TrainStep
+from worker.context import (
+    PLATEAU_DELTA,
+    PLATEAU_MIN_EPOCHS,
+    TRACK_EIGVALS_MAX,
+    TRACK_SAMPLES,
+    TRACK_THRESHOLDS,
+    StepContext,
+    dense_layers,
+    tau_key,
+    tracking_set,
+)
+from worker.step_pcn import apply_pcn, record_transform
+
+
+@dataclass
+class Tracking:
+    """Effective-dimensionality tracking of one train step (layers fixed at its start)."""
+
+    layers: list[str]
+    thresholds: list[float]
+    samples: int
+    dataset: ArrayDataset
+
+    @classmethod
+    def for_step(cls, ctx: StepContext, step: TrainStep) -> Tracking | None:
+        if "effective_dim" not in step.track:
+            return None
+        plain = dense_layers(ctx.model)
+        if step.track_layers in (None, "auto"):
+            layers = auto_layers(ctx.model)
+        else:
+            layers = list(step.track_layers)
+            unknown = [n for n in layers if n not in plain]
+            if unknown:
+                raise SpecError(f"track_layers {unknown} are not Linear/Conv2d layers of the "
+                                f"model; valid layers: {', '.join(plain)}")
+        samples = step.track_samples or TRACK_SAMPLES
+        return cls(layers, list(step.track_thresholds or TRACK_THRESHOLDS), samples,
+                   tracking_set(ctx, samples))
+
+    def record(self, ctx: StepContext, epoch: dict[str, Any]) -> None:
+        """effective_dim_curve after an epoch: one `effective_dim` event, curves updated.
+        A layer replaced by a PCN layer (after a plateau transform) is still tracked: its input
+        is the same m-dim activation. Layers that no longer exist are listed as skipped."""
+        current = [n for n in self.layers
+                   if isinstance(get_layer(ctx.model, n),
+                                 (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d))]
+        curve = effective_dim_curve(ctx.model, current, self.dataset, self.thresholds,
+                                    self.samples, device=ctx.device) if current else {}
+        layers = {}
+        for name, c in curve.items():
+            layer = get_layer(ctx.model, name)
+            layers[name] = {
+                "in_dim": layer.in_features if isinstance(layer, (nn.Linear, PCNLinear))
+                else layer.in_channels,
+                "effective_dim": {tau_key(t): int(m) for t, m in c["effective_dim"].items()},
+                "eigvals": c["eigvals"][:TRACK_EIGVALS_MAX]}
+        data = {"step": epoch["step"], "epoch": epoch["epoch"],
+                "global_epoch": epoch["global_epoch"], "accuracy": epoch["accuracy"],
+                "val_accuracy": epoch["val_accuracy"], "samples": len(self.dataset),
+                "thresholds": self.thresholds, "layers": layers,
+                "skipped": [n for n in self.layers if n not in current]}
+        add_effective_dim(ctx.curves, data)
+        ctx.reporter.event("effective_dim", data)
+
+
+def add_effective_dim(curves: dict[str, Any], data: dict[str, Any]) -> None:
+    """Fold one `effective_dim` event into curves (the API's /curves does the same)."""
+    where = {k: data.get(k) for k in ("step", "epoch", "global_epoch")}
+    for name, layer in (data.get("layers") or {}).items():
+        curves["effective_dim"].setdefault(name, []).append(
+            where | {"in_dim": layer.get("in_dim"), "effective_dim": layer.get("effective_dim"),
+                     "accuracy": data.get("accuracy"), "val_accuracy": data.get("val_accuracy")})
+        curves["spectra"].setdefault(name, []).append(
+            where | {"source": "effective_dim", "in_dim": layer.get("in_dim"),
+                     "eigvals": layer.get("eigvals")})
+
+
+@dataclass
+class PlateauWatch:
+    """Fires after the first epoch >= min_epochs whose val-accuracy gain is < delta, once
+    validation accuracy has risen above where the step started (a model that has not started
+    learning is not on a plateau)."""
+
+    delta: float
+    min_epochs: int
+    previous: float
+    fired_at: int | None = None
+    start: float | None = None
+
+    def __post_init__(self) -> None:
+        self.start = self.previous
+
+    def update(self, epoch: int, val_accuracy: float | None) -> bool:
+        if self.fired_at is not None or val_accuracy is None:
+            return False
+        gain, self.previous = val_accuracy - self.previous, val_accuracy
+        learning = self.start is None or val_accuracy > self.start
+        if epoch >= self.min_epochs and gain < self.delta and learning:
+            self.fired_at = epoch
+            return True
+        return False
+
+
+class _PlateauReached(Exception):
+    """Raised from on_epoch to stop core.train.train where the plateau transform applies."""
+
+
+def _plateau_pcn(ctx: StepContext) -> tuple[int, PCNStep] | None:
+    index = ctx.step_index + 1
+    if index < len(ctx.steps):
+        nxt = ctx.steps[index]
+        if isinstance(nxt, PCNStep) and nxt.when == "plateau":
+            return index, nxt
+    return None
+
+
+def _train_config(step: TrainStep) -> TrainConfig:
+    return TrainConfig(epochs=step.epochs, optimizer=step.optimizer, lr=step.lr,
+                       momentum=step.momentum, weight_decay=step.weight_decay,
+                       batch_size=step.batch_size, lr_steps=tuple(step.lr_steps),
+                       lr_gamma=step.lr_gamma, max_batches=step.max_batches)
+
+
+def _remaining(config: TrainConfig, done: int) -> TrainConfig:
+    """The config of epochs done+1.. of a run: lr decayed as the schedule had it by then."""
+    decays = sum(1 for s in config.lr_steps if s <= done)
+    return dataclasses.replace(config, epochs=config.epochs - done,
+                               lr=config.lr * config.lr_gamma ** decays,
+                               lr_steps=tuple(s - done for s in config.lr_steps if s > done))
+
+
+def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
+    config = _train_config(step)
+    tracking = Tracking.for_step(ctx, step)
+    plateau = _plateau_pcn(ctx)
+    watch = None
+    if plateau is not None:
+        pcn_step = plateau[1]
+        watch = PlateauWatch(pcn_step.plateau_delta or PLATEAU_DELTA,
+                             pcn_step.plateau_min_epochs or PLATEAU_MIN_EPOCHS,
+                             evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"])
+    history: list[dict[str, Any]] = []
+    offset = 0  # epochs of this step before the running core.train.train call
+    ctx.reporter.progress(0.0, f"train 0/{step.epochs}")
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        ctx.global_epoch += 1
+        record = {"step": ctx.step_index, **record, "epoch": offset + record["epoch"],
+                  "global_epoch": ctx.global_epoch}
+        history.append(record)
+        ctx.curves["training"].append(record)
+        ctx.reporter.event("epoch", record)
+        if tracking is not None:
+            tracking.record(ctx, record)
+        ctx.reporter.progress(record["epoch"] / step.epochs,
+                              f"train {record['epoch']}/{step.epochs}")
+        if watch is not None and offset == 0 and \
+                watch.update(record["epoch"], record["val_accuracy"]) and \
+                record["epoch"] < step.epochs:
+            raise _PlateauReached
+
+    details: dict[str, Any] = {}
+    try:
+        train(ctx.model, ctx.splits, config, device=ctx.device, generator=ctx.generator,
+              on_epoch=on_epoch, should_cancel=ctx.reporter.should_cancel)
+    except _PlateauReached:
+        pass
+    if plateau is not None and watch is not None:
+        index, pcn_step = plateau
+        offset = watch.fired_at or step.epochs
+        applied = apply_pcn(ctx, pcn_step, index)
+        plateau_info = {"delta": watch.delta, "min_epochs": watch.min_epochs,
+                        "fired": watch.fired_at is not None}
+        if watch.fired_at is None:
+            plateau_info["note"] = (f"validation accuracy never rose by less than {watch.delta} "
+                                    f"in an epoch >= {watch.min_epochs} after rising above its "
+                                    f"start; applied after the last epoch ({step.epochs})")
+        applied |= {"when": "plateau", "fired_at_epoch": watch.fired_at,
+                    "applied_after_epoch": offset, "applied_in_step": ctx.step_index,
+                    "plateau": plateau_info}
+        ctx.applied[index] = applied
+        record_transform(ctx, index, applied)
+        details["pcn"] = {"step": index, "fired_at_epoch": watch.fired_at,
+                          "applied_after_epoch": offset}
+        if offset < step.epochs:
+            ctx.reporter.progress(offset / step.epochs, f"train {offset}/{step.epochs}")
+            train(ctx.model, ctx.splits, _remaining(config, offset), device=ctx.device,
+                  generator=ctx.generator, on_epoch=on_epoch,
+                  should_cancel=ctx.reporter.should_cancel)
+    ctx.model.eval()
+    last = history[-1]
+    return {"epochs": step.epochs, "config": config.to_dict(),
+            "train_loss": last["loss"], "train_accuracy": last["accuracy"],
+            "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
+            "history": history, **details}
+
+
