@@ -118,7 +118,7 @@ def leading_eigh(mat: torch.Tensor, enough: Enough, *, k0: int = 32,
 
 
 def gram_eigh(h: torch.Tensor, k: int | None = None, *, enough: Enough | None = None,
-              generator: torch.Generator | None = None
+              k0: int = 32, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """PCA of N samples (rows of h, N < m typical) through the N x N Gram matrix.
 
@@ -141,7 +141,7 @@ def gram_eigh(h: torch.Tensor, k: int | None = None, *, enough: Enough | None = 
     gram = (gram + gram.T) / 2
     total = float(torch.diagonal(gram).sum())
     if enough is not None:
-        e, u = leading_eigh(gram, enough, generator=generator)
+        e, u = leading_eigh(gram, enough, k0=k0, generator=generator)
     else:
         e, u = torch.linalg.eigh(gram)
         e, u = e.flip(0), u.flip(1)
@@ -188,9 +188,10 @@ class SampleBuffer:
         return float(((h - h.mean(dim=0)) ** 2).sum() / (self.count - 1))
 
     def finalize(self, top_k: int | None = None, *, enough: Enough | None = None,
-                 generator: torch.Generator | None = None
+                 k0: int = 32, generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """(mu, eigvals descending, eigvecs (m, r), trace(C)) via `gram_eigh`."""
         if self.count < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {self.count}")
-        return gram_eigh(torch.cat(self.chunks), top_k, enough=enough, generator=generator)
+        return gram_eigh(torch.cat(self.chunks), top_k, enough=enough, k0=k0,
+                         generator=generator)

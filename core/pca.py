@@ -59,8 +59,8 @@ class StreamingCovariance:
         return self.shift + self.sum / self.count
 
     def finalize(self, top_k: int | None = None, *, solver: str = "auto",
-                 generator: torch.Generator | None = None, enough: Enough | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None, enough: Enough | None = None,
+                 k0: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mu, eigvals in descending order, eigvecs as columns), all float64.
 
         Eigenvector signs are fixed so that the entry with the largest magnitude in each
@@ -78,7 +78,7 @@ class StreamingCovariance:
         cov = self.covariance()
         mu = self.mean()
         if enough is not None:
-            eigvals, eigvecs = leading_eigh(cov, enough, generator=generator)
+            eigvals, eigvecs = leading_eigh(cov, enough, k0=k0, generator=generator)
             return mu, eigvals, eigvecs
         if top_k is None:
             eigvals, eigvecs = full_eigh(cov)
@@ -294,7 +294,8 @@ def _finalize(acc: StreamingCovariance | SampleBuffer, kind: str, *, top_k: int 
     if isinstance(acc, SampleBuffer):
         if selectors:
             enough = selector_enough(selectors, acc.total_variance())
-            mu, eigvals, eigvecs, trace = acc.finalize(enough=enough, generator=generator)
+            mu, eigvals, eigvecs, trace = acc.finalize(enough=enough, k0=_first_k(selectors),
+                                                       generator=generator)
             total_variance = trace if eigvals.numel() < acc.dim else None
         else:
             mu, eigvals, eigvecs, _trace = acc.finalize(top_k)
@@ -302,7 +303,7 @@ def _finalize(acc: StreamingCovariance | SampleBuffer, kind: str, *, top_k: int 
     elif selectors:
         trace = acc.total_variance()
         mu, eigvals, eigvecs = acc.finalize(enough=selector_enough(selectors, trace),
-                                            generator=generator)
+                                            k0=_first_k(selectors), generator=generator)
         total_variance = trace if eigvals.numel() < acc.dim else None
     elif top_k is None:
         mu, eigvals, eigvecs = acc.finalize()
@@ -311,6 +312,15 @@ def _finalize(acc: StreamingCovariance | SampleBuffer, kind: str, *, top_k: int 
         mu, eigvals, eigvecs = acc.finalize(top_k, solver=solver, generator=generator)
         total_variance = acc.total_variance() if eigvals.numel() < acc.dim else None
     return LayerStats(mu, eigvals, eigvecs, acc.count, kind, total_variance)
+
+
+def _first_k(selectors: Sequence[dict[str, Any]]) -> int:
+    """Where `leading_eigh` starts: the largest `dims` asked for; 32 when a threshold or an
+    energy fraction is asked for too (their k is unknown until computed)."""
+    dims = [int(s["dims"]) for s in selectors if "dims" in s]
+    if len(dims) == len(selectors):
+        return max(dims)
+    return max([32, *dims])
 
 
 def _batch_inputs(dataset: Dataset, start: int, stop: int) -> torch.Tensor:

@@ -144,7 +144,7 @@ def select_dims(stats: LayerStats, selector: dict[str, Any]) -> int:
     return min(dims, int(stats.eigvecs.shape[1]))
 
 
-def _layer_selector(select: dict[str, Any], name: str, kind: str) -> dict[str, Any]:
+def layer_selector(select: dict[str, Any], name: str, kind: str) -> dict[str, Any]:
     """per_layer[name] > select[kind] ('linear'|'conv') > the top-level selector."""
     per_layer = select.get("per_layer", {}) or {}
     for candidate in (per_layer.get(name), select.get(kind),
@@ -225,7 +225,7 @@ def pcn_input_transform(model: nn.Module, stats: dict[str, LayerStats], select: 
         layer = get_layer(new_model, name)
         st = stats[name]
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
-        dims = select_dims(st, _layer_selector(select, name, kind))
+        dims = select_dims(st, layer_selector(select, name, kind))
         set_layer(new_model, name, pcn_from_layer(name, layer, st, dims))
         new_model.slimline_arch = with_edit(new_model, {"op": "pcn_input", "layer": name,
                                                         "dims": dims})

@@ -26,8 +26,8 @@ from core.pca import LayerStats
 from core.pcn import (
     PCNConv2d,
     PCNLinear,
-    _layer_selector,
     _validate_select,
+    layer_selector,
     pcn_from_layer,
     resolve_layers,
     select_dims,
@@ -271,7 +271,7 @@ def pcn_transform(model: nn.Module, stats: dict[str, LayerStats], select: dict[s
     _validate_select(select, chosen)
     kinds = {n: "linear" if isinstance(get_layer(model, n), nn.Linear) else "conv"
              for n in chosen}
-    dims = {n: select_dims(stats[n], _layer_selector(select, n, kinds[n])) for n in chosen}
+    dims = {n: select_dims(stats[n], layer_selector(select, n, kinds[n])) for n in chosen}
     for tensor in shared:
         members = [n for n in tensor if n in dims]
         for n in members:

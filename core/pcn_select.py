@@ -28,18 +28,27 @@ from core.pcn_graph import shared_input_sets, unit_groups
 AUTO_OUTPUT_RULE = {"score_mass": 0.9}
 
 
-def auto_layers(model: nn.Module, *, coverage: float = 0.9) -> list[str]:
-    """The widest layers: fewest layers (by decreasing weight count) holding >= coverage of the
-    weights of every Linear/Conv2d but the first, plus their shared-input partners; forward
-    order."""
+def auto_layers(model: nn.Module, *, coverage: float = 0.9, min_in_dim: int = 16) -> list[str]:
+    """The widest layers (seed 000 App. E: "the input-based transformation on the widest
+    layers"): fewest Linear/Conv2d layers, by decreasing weight count, holding >= coverage of
+    the weights of every candidate, plus their shared-input partners; forward order.
+
+    The first layer is a candidate only when its input has >= `min_in_dim` dims: a first conv
+    reading 1-3 image channels has nothing to compress, while an MLP's first layer reading 784
+    pixels is its widest (LeNet-300-100: fc1 holds 88% of the weights, like Conv4's fc1).
+    """
     from core.models import prunable_layers
 
     if not 0 < coverage <= 1:
         raise SpecError(f"coverage must be in (0, 1], got {coverage!r}")
-    candidates = [(n, m) for n, m in prunable_layers(model)
-                  if isinstance(m, (nn.Linear, nn.Conv2d))][1:]
+    layers = [(n, m) for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    first = layers[0][1] if layers else None
+    wide_first = first is not None and (
+        first.in_features if isinstance(first, nn.Linear) else first.in_channels) >= min_in_dim
+    candidates = layers if wide_first else layers[1:]
     if not candidates:
-        raise SpecError("the model has no Linear/Conv2d layer after its first one to transform")
+        raise SpecError("the model has no Linear/Conv2d layer to transform (its first layer "
+                        f"reads fewer than {min_in_dim} input dims)")
     sizes = {n: m.weight.numel() for n, m in candidates}
     total = sum(sizes.values())
     picked: set[str] = set()

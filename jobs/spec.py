@@ -136,10 +136,15 @@ class PCNStep(Strict):
     output_based: bool = False
     samples: int = Field(default=5000, ge=2, le=100_000)
     batch_size: int = Field(default=256, ge=1, le=65536)
-    # PCA solver: None = exact fast path (Gram matrix where a layer sees fewer samples than
-    # dims, else full eigh); top_k = compute only the k leading components per layer
+    # PCA solver. Default (top_k None, solver "auto"): only the components the selectors need
+    # (doubling top-k subspace iteration; the N x N Gram matrix where a layer sees fewer
+    # samples than dims); a target search computes every component. top_k = the k leading
+    # components per layer; solver "eigh" (with top_k None) = the full spectrum by dense eigh.
     top_k: int | None = Field(default=None, ge=1, le=1_000_000)
     solver: Literal["auto", "eigh", "subspace", "gram"] = "auto"
+    # conv layers: at most about this many of the N*h*w positions (a seeded uniform subset) go
+    # into the covariance; None = every position (the paper). Dense layers use every sample.
+    max_rows: int | None = Field(default=None, ge=1000, le=100_000_000)
     # "now": after the previous step; "plateau": inside the preceding train step, after the
     # first epoch (>= plateau_min_epochs, default 1) whose validation-accuracy gain over the
     # epoch before (or over the model at the start of the step) is < plateau_delta (0.005),

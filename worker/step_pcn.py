@@ -6,10 +6,12 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 
 from core.errors import SpecError
 from core.models import get_layer
 from core.pca import LayerStats, collect_input_stats
+from core.pcn import layer_selector
 from core.pcn_graph import shared_input_sets
 from core.pcn_output import pcn_transform
 from core.pcn_select import auto_layers, pcn_transform_to_target
@@ -50,16 +52,31 @@ def _chosen_layers(ctx: StepContext, step: PCNStep) -> list[str]:
 def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str]
                    ) -> dict[str, LayerStats]:
     """One forward pass; one PCA per tensor (layers reading one tensor share it: core fills in
-    the partners). Default solver: exact fast path — top_k = every component, so a layer that
-    sees fewer samples than dims takes the Gram route and any other layer a full eigh."""
+    the partners).
+
+    Default (solver 'auto', no top_k): only the kept components — each tensor's eigenpairs are
+    computed until its layers' selectors are decided (`core.pca.selector_enough`), through the
+    N x N Gram matrix where a layer sees fewer samples than dims. A target search compares
+    thresholds over the whole spectrum, so it computes every component (Gram route where
+    N < m). `top_k` / `solver` override both."""
     shared = {n: tensor[0] for tensor in shared_input_sets(ctx.model) for n in tensor}
     stat_layers = list(dict.fromkeys(shared.get(n, n) for n in layers))
-    top_k = step.top_k
+    top_k, keep = step.top_k, None
     if top_k is None and step.solver == "auto":
-        top_k = max(get_layer(ctx.model, n).weight.shape[1] for n in stat_layers)
+        if step.select.target is None:
+            select = _core_select(step)
+            keep = {}
+            for name in layers:
+                layer = get_layer(ctx.model, name)
+                kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+                keep.setdefault(shared.get(name, name), []).append(
+                    layer_selector(select, name, kind))
+        else:
+            top_k = max(get_layer(ctx.model, n).weight.shape[1] for n in stat_layers)
     return collect_input_stats(ctx.model, stat_layers, calibration_set(ctx, step.samples),
                                samples=step.samples, batch_size=step.batch_size,
-                               device=ctx.device, top_k=top_k, solver=step.solver,
+                               device=ctx.device, top_k=top_k, solver=step.solver, keep=keep,
+                               max_rows=step.max_rows,
                                generator=torch.Generator().manual_seed(
                                    ctx.generator.initial_seed()))
 

@@ -26,7 +26,10 @@ def test_auto_layers_takes_the_widest_layers():
     assert auto_layers(build({"name": "conv4"})) == ["conv4", "fc1"]
     assert auto_layers(build({"name": "conv4"}), coverage=1.0) == [
         "conv2", "conv3", "conv4", "fc1", "fc2", "fc3"]
-    assert auto_layers(build({"name": "lenet300"})) == ["fc2"]  # 30000 of 31000; fc1 is first
+    # an MLP's first layer reads 784 pixels: fc1 (235200 of 266200 weights) + fc2 (30000)
+    assert auto_layers(build({"name": "lenet300"})) == ["fc1", "fc2"]
+    # a first layer reading fewer than min_in_dim dims is never a candidate
+    assert auto_layers(build({"name": "lenet300"}), min_in_dim=1000) == ["fc2"]
     resnet = auto_layers(build({"name": "resnet", "width": 0.5}))
     assert "stage3.0.conv1" in resnet and "stage3.0.shortcut_conv" in resnet
     assert "conv1" not in resnet and "stage1.0.conv1" not in resnet

@@ -70,7 +70,7 @@ def check_plots(files: dict[str, tuple[str, bytes]], tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("arch", "pcn", "pruned", "layers"), [
-    (TINY_MLP, {"select": {"dims": 4}}, "fc1", ["fc2", "fc3"]),
+    (TINY_MLP, {"select": {"dims": 4}}, "fc1", ["fc1", "fc2"]),
     # fc1 reads conv4's 8 filters x 2x2 positions = 32 dims; 2 dims is >= 10x: conv4 is pruned
     (TINY_CONV4, {"select": {"dims": 4}, "per_layer": {"fc1": {"dims": 2}}}, "conv4",
      ["conv3", "conv4", "fc1", "fc2", "fc3"]),
@@ -127,7 +127,7 @@ def test_tracked_output_based_pipeline(settings, store, submit, tmp_path, arch, 
 
 
 def test_target_trainable_params_meets_the_budget(settings, store, submit, tmp_path):
-    budget = 5000  # dense: 6570 trainable; fc1 (4160) is not an auto layer
+    budget = 5000  # dense: 6570 trainable
     job = run(settings, submit, spec(TINY_MLP, [
         {"op": "train", "epochs": 1, "batch_size": 32},
         {"op": "pcn", "select": {"target": {"trainable_params": budget}}, "samples": 200},
@@ -154,7 +154,7 @@ def test_target_max_accuracy_drop(settings, submit):
 
 @pytest.mark.parametrize(("pcn", "needles"), [
     ({"select": {"target": {"trainable_params": 100}}}, ["trainable_params 100", "minimum"]),
-    ({"select": {"dims": 2}, "per_layer": {"fc1": {"dims": 2}}}, ["fc1", "fc2, fc3"]),
+    ({"select": {"dims": 2}, "per_layer": {"fc3": {"dims": 2}}}, ["fc3", "fc1, fc2"]),
     ({"select": {"dims": 2}, "layers": ["fc9"]}, ["fc9", "valid layers: fc1, fc2, fc3"]),
 ])
 def test_unmeetable_pcn_specs_fail_with_a_clear_spec_error(settings, store, submit, pcn,
@@ -221,3 +221,24 @@ def test_plateau_watch_and_the_continued_schedule():
     config = TrainConfig(epochs=5, lr=0.1, lr_steps=(1, 3), lr_gamma=0.5)
     rest = _remaining(config, 2)
     assert (rest.epochs, rest.lr, rest.lr_steps) == (3, 0.05, (1,))
+
+
+@pytest.mark.parametrize("select", [{"threshold": 0.05}, {"energy": 0.9}])
+def test_default_kept_only_solver_matches_the_full_spectrum(settings, submit, select):
+    """The default computes only what the selector needs; the result is the full-eigh one."""
+    results = []
+    for solver in ("auto", "eigh"):
+        job = run(settings, submit, spec(TINY_CONV4, [
+            {"op": "train", "epochs": 1, "batch_size": 32},
+            {"op": "pcn", "select": select, "layers": ["conv3", "conv4", "fc1", "fc2"],
+             "samples": 20, "solver": solver}]))  # fc1: 20 samples < 32 dims -> Gram route
+        results.append(job["result"]["steps"][1])
+    fast, exact = results
+    assert {n: r["dims"] for n, r in fast["layers"].items()} == \
+        {n: r["dims"] for n, r in exact["layers"].items()}
+    for name, r in fast["layers"].items():
+        assert r["explained_variance"] == pytest.approx(
+            exact["layers"][name]["explained_variance"], rel=1e-6)
+    assert fast["accuracy"] == exact["accuracy"]
+    for kind in ("total", "trainable"):  # nonzero may differ: exact zeros vs round-off
+        assert fast["params"][kind] == exact["params"][kind]

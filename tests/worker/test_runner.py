@@ -99,9 +99,9 @@ def test_pipeline_succeeds_with_design_result_shape(settings, store, submit, tmp
     assert report["model_id"] == result["model_id"] and report["spec"]["seed"] == 1
     curves = json.loads(b"".join(store.open_stream(artifacts["curves.json"].storage_key)))
     assert len(curves["training"]) == 5
-    assert [s["source"] for s in curves["spectra"]["fc1"]] == ["pcn"]
-    # tracked: the auto (widest) layers of the input model
-    assert set(curves["effective_dim"]) == {"fc2", "fc3"}
+    # fc1 is tracked (auto: the widest layers of the input model) and then transformed
+    assert [s["source"] for s in curves["spectra"]["fc1"]] == ["effective_dim"] * 3 + ["pcn"]
+    assert set(curves["effective_dim"]) == {"fc1", "fc2"}
     assert len(curves["effective_dim"]["fc2"]) == 3
 
 
@@ -248,7 +248,8 @@ def test_uploaded_dataset_and_model_chain(settings, store, submit, tenant_id, tm
     result = get_job(settings, second).result
     assert result["before"]["accuracy"] == pytest.approx(
         get_job(settings, first).result["after"]["accuracy"])
-    assert result["steps"][0]["layers"].keys() == {"fc2", "fc3"}  # "auto" skips the input layer
+    # "auto": the widest layers; an MLP's first layer (64 input dims) is one of them
+    assert result["steps"][0]["layers"].keys() == {"fc1", "fc2"}
     with session_scope(settings) as session:
         assert session.get(Model, result["model_id"]).name == f"mlp-{first[-8:]}-{second[-8:]}"
         assert session.get(Dataset, dataset_id) is not None
