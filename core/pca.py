@@ -5,6 +5,7 @@ Sums are accumulated in float64 batch by batch; all activations are never held a
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -163,7 +164,8 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
                         solver: str = "auto",
                         generator: torch.Generator | None = None,
                         keep: Mapping[str, Sequence[dict[str, Any]]] | None = None,
-                        max_rows: int | None = None) -> dict[str, LayerStats]:
+                        max_rows: int | None = None,
+                        timings: dict[str, float] | None = None) -> dict[str, LayerStats]:
     """PCA of the inputs of the named Linear/Conv2d layers from ONE forward pass.
 
     Uses the first `samples` items of `dataset` (pass a shuffled subset for a random sample).
@@ -187,6 +189,9 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
     `max_rows` (optional): at most about this many samples per conv layer — a uniformly random
     subset of the N*h*w positions, drawn batch by batch (seeded; an unbiased estimate of the
     same covariance, for a fraction of the cost). Linear layers always use every sample.
+
+    `timings` (optional dict): filled with `pass_s` (the forward pass with the hooks'
+    accumulation) and `solve_s` (the eigensolvers).
     """
     if solver not in SOLVERS:
         raise SpecError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -266,6 +271,7 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     was_training = model.training
+    started = time.perf_counter()
     try:
         model.eval()
         with torch.no_grad():
@@ -278,6 +284,7 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
         model.train(was_training)
         for h in handles:
             h.remove()
+    solve_started = time.perf_counter()
     stats = {}
     for name in dims:
         acc = accs.get(name)
@@ -285,6 +292,9 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
             raise SpecError(f"layer {name!r} was not reached by the forward pass")
         stats[name] = _finalize(acc, kinds[name], top_k=top_k, solver=solver,
                                 generator=generator, selectors=keep.get(name))
+    if timings is not None:
+        timings["pass_s"] = solve_started - started
+        timings["solve_s"] = time.perf_counter() - solve_started
     return stats
 
 

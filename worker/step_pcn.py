@@ -49,8 +49,8 @@ def _chosen_layers(ctx: StepContext, step: PCNStep) -> list[str]:
     return layers
 
 
-def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str]
-                   ) -> dict[str, LayerStats]:
+def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str],
+                   timings: dict[str, float] | None = None) -> dict[str, LayerStats]:
     """One forward pass; one PCA per tensor (layers reading one tensor share it: core fills in
     the partners).
 
@@ -76,7 +76,7 @@ def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str]
     return collect_input_stats(ctx.model, stat_layers, calibration_set(ctx, step.samples),
                                samples=step.samples, batch_size=step.batch_size,
                                device=ctx.device, top_k=top_k, solver=step.solver, keep=keep,
-                               max_rows=step.max_rows,
+                               max_rows=step.max_rows, timings=timings,
                                generator=torch.Generator().manual_seed(
                                    ctx.generator.initial_seed()))
 
@@ -103,7 +103,8 @@ def apply_pcn(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
     ctx.reporter.progress(0.0, "pcn: collecting activation statistics")
     layers = _chosen_layers(ctx, step)
     start = time.perf_counter()
-    stats = _collect_stats(ctx, step, layers)
+    timings: dict[str, float] = {}
+    stats = _collect_stats(ctx, step, layers, timings)
     stats_wall_s = time.perf_counter() - start
     ctx.check_cancel()
     ctx.reporter.progress(0.5, "pcn: transforming layers")
@@ -137,6 +138,8 @@ def apply_pcn(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
         "layer_selection": "auto" if step.layers == "auto" else "given",
         "samples": min(step.samples, len(ctx.splits.train)),
         "stats_wall_s": stats_wall_s, "surgery_wall_s": surgery_wall_s,
+        # of stats_wall_s: the forward pass with accumulation, and the eigensolvers
+        "stats_pass_s": timings.get("pass_s"), "stats_solve_s": timings.get("solve_s"),
         "transform_wall_s": stats_wall_s + surgery_wall_s,
         "after_transform": model_metrics(ctx.model, ctx.input_shape, ctx.splits.test,
                                          ctx.device) | {"val_accuracy": val},

@@ -93,6 +93,7 @@ def test_tracked_output_based_pipeline(settings, store, submit, tmp_path, arch, 
     assert step["layers"][reader]["in_dim"] == out["keep"] * (4 if pruned == "conv4" else 1)
     assert step["transform_wall_s"] == pytest.approx(step["stats_wall_s"]
                                                      + step["surgery_wall_s"])
+    assert 0 < step["stats_pass_s"] + step["stats_solve_s"] <= step["stats_wall_s"]
     after = step["after_transform"]
     assert after["params"] == step["params"] and after["macs"] == step["macs"]
     assert after["accuracy"] == step["accuracy"] and step["val_accuracy"] == after["val_accuracy"]
