@@ -303,9 +303,9 @@ def _finalize(acc: StreamingCovariance | SampleBuffer, kind: str, *, top_k: int 
               selectors: Sequence[dict[str, Any]] | None) -> LayerStats:
     if isinstance(acc, SampleBuffer):
         if selectors:
-            enough = selector_enough(selectors, acc.total_variance())
-            mu, eigvals, eigvecs, trace = acc.finalize(enough=enough, k0=_first_k(selectors),
-                                                       generator=generator)
+            mu, eigvals, eigvecs, trace = acc.finalize(
+                enough_for=lambda trace: selector_enough(selectors, trace),
+                k0=_first_k(selectors), generator=generator)
             total_variance = trace if eigvals.numel() < acc.dim else None
         else:
             mu, eigvals, eigvecs, _trace = acc.finalize(top_k)

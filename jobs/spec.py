@@ -143,8 +143,9 @@ class PCNStep(Strict):
     top_k: int | None = Field(default=None, ge=1, le=1_000_000)
     solver: Literal["auto", "eigh", "subspace", "gram"] = "auto"
     # conv layers: at most about this many of the N*h*w positions (a seeded uniform subset) go
-    # into the covariance; None = every position (the paper). Dense layers use every sample.
-    max_rows: int | None = Field(default=None, ge=1000, le=100_000_000)
+    # into the covariance (BENCHMARKS.md: same model, 2 s less on Conv4); None = every position.
+    # Dense layers always use every sample.
+    max_rows: int | None = Field(default=100_000, ge=1000, le=100_000_000)
     # "now": after the previous step; "plateau": inside the preceding train step, after the
     # first epoch (>= plateau_min_epochs, default 1) whose validation-accuracy gain over the
     # epoch before (or over the model at the start of the step) is < plateau_delta (0.005),
