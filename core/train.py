@@ -2,12 +2,13 @@
 
 Batches are sliced from the datasets' in-memory tensors (no DataLoader workers); shuffling uses
 the explicit `generator`. `train` moves the model to `device` and leaves it in eval mode.
+With `masks` (from `core.prune`), pruned weights stay exactly zero throughout training.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from core.data import ArrayDataset, Splits
 from core.errors import Cancelled
+from core.prune import masked_parameters
 
 
 @dataclass(frozen=True)
@@ -73,18 +75,48 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return param.dtype if param is not None else torch.float32
 
 
+def _masked_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
+                       ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    if not masks:
+        return []
+    masked = masked_parameters(model, masks)
+    _mask_weights(masked)
+    return masked
+
+
+def _mask_grads(masked: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    for weight, mask in masked:
+        if weight.grad is not None:
+            weight.grad.mul_(mask)
+
+
+@torch.no_grad()
+def _mask_weights(masked: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    for weight, mask in masked:
+        weight.mul_(mask)
+
+
 def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
           device: str | torch.device = "cpu", generator: torch.Generator,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          should_cancel: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+          should_cancel: Callable[[], bool] | None = None,
+          masks: Mapping[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Train `model` in place; return one record per epoch.
 
     Record: `{"epoch", "loss", "accuracy" (running train averages over the epoch), "val_loss",
     "val_accuracy", "wall_s", "lr"}`. `should_cancel()` is checked before every batch and raises
     `Cancelled`. Only parameters with `requires_grad` are optimised, so PCN buffers stay frozen.
+
+    `masks` (`{layer: BoolTensor}` shaped like the layer's weight, from `core.prune`) fixes a
+    sparse topology: the masks are applied once before training, the masked gradients are
+    zeroed before every optimizer step (so momentum buffers and Adam moments of pruned weights
+    stay zero; weight decay acts on zero weights) and the masks are re-applied after every step,
+    so a pruned weight is exactly zero whatever the optimizer does. Unknown layers or shape
+    mismatches raise `SpecError` before anything is trained.
     """
     device = torch.device(device)
     model.to(device)
+    masked = _masked_parameters(model, masks)
     dtype = _model_dtype(model)
     optimizer = _make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_steps),
@@ -110,7 +142,9 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            _mask_grads(masked)
             optimizer.step()
+            _mask_weights(masked)
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(idx)

@@ -55,6 +55,9 @@ class StepContext:
     applied: dict[int, dict[str, Any]] = field(default_factory=dict)
     global_epoch: int = 0  # epochs trained so far over all train steps
     curves: dict[str, Any] = field(default_factory=empty_curves)
+    # pruning masks {layer: BoolTensor} kept through every later train step (a pruning step, or
+    # a sparse input checkpoint); None = dense
+    masks: dict[str, torch.Tensor] | None = None
 
     def check_cancel(self) -> None:
         if self.reporter.should_cancel():

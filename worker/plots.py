@@ -3,8 +3,10 @@
 * `training.png`: loss and accuracy (train and validation) per epoch over all train steps.
 * `effective_dim.png`: effective dimensionality per tracked layer and threshold vs epoch, with
   train/validation accuracy on a twin axis (the shape of seed 000 Fig. 1 / 3b).
-The x axis is `global_epoch` (epochs over all train steps); dotted vertical lines mark where a
-pcn transform was applied.
+* `pruning.png`: per pruning step, the kept fraction of every layer (bars; a collapsed layer is
+  marked) and the first layer's retained-input heatmap (seed 004 Fig. 3.2).
+The x axis of the first two is `global_epoch` (epochs over all train steps); dotted vertical
+lines mark where a pcn transform was applied.
 """
 from __future__ import annotations
 
@@ -99,7 +101,38 @@ def effective_dim_plot(curves: dict[str, Any], path: Path) -> bool:
     return True
 
 
-PLOTS = (("training.png", training_plot), ("effective_dim.png", effective_dim_plot))
+def pruning_plot(curves: dict[str, Any], path: Path) -> bool:
+    """Kept fraction per layer and the first layer's retained-input heatmap, one row per
+    pruning step; False (nothing written) when nothing was pruned."""
+    records = curves.get("pruning") or []
+    if not records:
+        return False
+    fig = Figure(figsize=(11, 3.6 * len(records)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(records), 2, squeeze=False,
+                        gridspec_kw={"width_ratios": [2.2, 1]})
+    for (bars, heat), rec in zip(axes, records):
+        names = list(rec["layers"])
+        fractions = [rec["layers"][n]["fraction"] for n in names]
+        colors = ["tab:red" if n in rec.get("collapsed", []) else "tab:blue" for n in names]
+        bars.bar(range(len(names)), fractions, color=colors)
+        bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+        bars.set_ylabel("kept fraction")
+        bars.set_ylim(0, max(1e-3, max(fractions) * 1.15))
+        bars.set_title(f"step {rec['step'] + 1}: {rec['op']} ({rec['scope']}), "
+                       f"sparsity {rec['sparsity']:g}")
+        bars.grid(alpha=0.3, axis="y")
+        image = heat.imshow(rec["heatmap"], cmap="viridis", vmin=0)
+        heat.set_title(f"{rec['first_layer']}: retained {rec.get('heatmap_of', 'inputs')}",
+                       fontsize="small")
+        heat.set_xticks([])
+        heat.set_yticks([])
+        fig.colorbar(image, ax=heat, shrink=0.8)
+    fig.savefig(path, format="png")
+    return True
+
+
+PLOTS = (("training.png", training_plot), ("effective_dim.png", effective_dim_plot),
+         ("pruning.png", pruning_plot))
 
 
 def render_plots(curves: dict[str, Any], directory: Path) -> list[Path]:

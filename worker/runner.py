@@ -232,7 +232,8 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     ctx = StepContext(model=source.model.to(device), splits=splits, input_shape=input_shape,
                       device=device, generator=torch.Generator().manual_seed(spec.seed),
                       settings=settings, job_id=job_id, reporter=reporter,
-                      step_count=len(spec.steps), steps=list(spec.steps))
+                      step_count=len(spec.steps), steps=list(spec.steps),
+                      masks=getattr(source.model, "slimline_masks", None))
     reporter.progress(0.0, "measuring the input model")
     before = model_metrics(ctx.model, input_shape, splits.test, device)
     steps = []
@@ -245,7 +246,9 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     result = {"model_id": None, "before": before, "after": after, "steps": steps,
               "dataset": spec.dataset, "device": str(device)}
     plots = render_plots(ctx.curves, workdir)
-    return Outcome(result, f"{source.name}-{job_id[-8:]}", ctx.model.cpu(), ctx.curves, plots)
+    model = ctx.model.cpu()
+    model.slimline_masks = ctx.masks  # stored sparsely by core.models.save
+    return Outcome(result, f"{source.name}-{job_id[-8:]}", model, ctx.curves, plots)
 
 
 def _write_json(path: Path, value: Any) -> Path:
@@ -260,6 +263,7 @@ def _finish(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     model_path = workdir / "model.safetensors"
     zoo.save(outcome.model, model_path)
     result = json_safe(outcome.result)
+    result["after"]["checkpoint_bytes"] = model_path.stat().st_size
     with session_scope(settings) as session:
         job = _owned(session, job_id, attempt)
         if job.cancel_requested:

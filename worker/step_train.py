@@ -181,7 +181,7 @@ def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
     details: dict[str, Any] = {}
     try:
         train(ctx.model, ctx.splits, config, device=ctx.device, generator=ctx.generator,
-              on_epoch=on_epoch, should_cancel=ctx.reporter.should_cancel)
+              on_epoch=on_epoch, should_cancel=ctx.reporter.should_cancel, masks=ctx.masks)
     except _PlateauReached:
         pass
     if plateau is not None and watch is not None:
@@ -205,7 +205,7 @@ def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
             ctx.reporter.progress(offset / step.epochs, f"train {offset}/{step.epochs}")
             train(ctx.model, ctx.splits, _remaining(config, offset), device=ctx.device,
                   generator=ctx.generator, on_epoch=on_epoch,
-                  should_cancel=ctx.reporter.should_cancel)
+                  should_cancel=ctx.reporter.should_cancel, masks=ctx.masks)
     ctx.model.eval()
     last = history[-1]
     return {"epochs": step.epochs, "config": config.to_dict(),

@@ -34,6 +34,7 @@ from core.train import evaluate
 from jobs.spec import EvaluateStep
 from worker.context import StepContext, model_metrics
 from worker.step_pcn import run_pcn
+from worker.step_prune import run_prune
 from worker.step_train import run_train
 
 
@@ -52,6 +53,10 @@ HANDLERS: dict[str, Handler] = {
     "train": run_train,
     "evaluate": run_evaluate,
     "pcn": run_pcn,
+    "snip": run_prune,
+    "random": run_prune,
+    "magnitude": run_prune,
+    "synflow": run_prune,
 }
 
 

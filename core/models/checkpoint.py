@@ -2,6 +2,12 @@
 
 metadata = {"slimline_arch": <json of the normalized arch>, "format": "slimline/1"}.
 `load(path)` rebuilds the exact module (edits included) from the file alone.
+
+A pruned model (`model.slimline_masks = {layer: BoolTensor}`, set by the pruning steps) is
+stored sparsely: each masked `<layer>.weight` becomes its kept values, its bit-packed mask and
+its shape (`core.prune.sparse_state`; metadata "slimline_sparse": "1"), never a dense copy.
+`load` rebuilds the dense weights (zeros where pruned) and sets `slimline_masks` again, so a
+later job keeps the same weights pruned.
 """
 from __future__ import annotations
 
@@ -26,17 +32,29 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     if arch is None:
         raise CheckpointError("model has no slimline_arch; build it with core.models.build "
                               "so the checkpoint can be rebuilt from data")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"slimline_arch": json.dumps(arch), "format": FORMAT})
+    masks = getattr(model, "slimline_masks", None)
+    metadata = {"slimline_arch": json.dumps(arch), "format": FORMAT}
+    if masks:
+        from core.prune import sparse_state
+
+        tensors = {k: v.contiguous() for k, v in sparse_state(model, masks).items()}
+        metadata["slimline_sparse"] = "1"
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
 def read_arch(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The arch stored in a checkpoint's metadata (no tensors are read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    metadata = _metadata(path)
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {metadata.get('format')!r}, expected {FORMAT!r}; "
                               "write checkpoints with core.models.save")
@@ -56,7 +74,24 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read tensors from {path}: {exc}") from None
-    return from_state_dict(arch, tensors)
+    if _metadata(path).get("slimline_sparse") != "1":
+        return from_state_dict(arch, tensors)
+    from core.prune import dense_from_sparse
+
+    try:
+        dense, masks = dense_from_sparse(tensors)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: invalid sparse weights: {exc}") from None
+    model = from_state_dict(arch, dense)
+    from core.prune import masked_parameters
+
+    try:
+        masked_parameters(model, masks)  # every mask names a prunable layer of its shape
+    except Exception as exc:  # noqa: BLE001 - any mismatch is a bad checkpoint
+        raise CheckpointError(f"{path}: sparse masks do not fit the architecture: {exc}") \
+            from None
+    model.slimline_masks = masks
+    return model
 
 
 def from_state_dict(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -62,21 +62,36 @@ def init_weights(model: nn.Module, scheme: str, generator: torch.Generator | Non
             nn.init.zeros_(module.bias)
 
 
-class MLP(nn.Module):
-    """Flatten, then `fc1..fc{L}` with ReLU between; the last layer gives logits."""
+# Elementwise nonlinearities an `mlp` may use between its layers (seed 004 ch. 4 studies linear
+# and tanh MLPs); the name doubles as the `nn.init.calculate_gain` key.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+}
 
-    def __init__(self, input_shape: Sequence[int], widths: Sequence[int], num_classes: int):
+
+class MLP(nn.Module):
+    """Flatten, then `fc1..fc{L}` with `activation` (ReLU by default) between; the last layer
+    gives logits."""
+
+    def __init__(self, input_shape: Sequence[int], widths: Sequence[int], num_classes: int,
+                 activation: str = "relu"):
         super().__init__()
         c, h, w = _check_input_shape(input_shape)
+        if activation not in ACTIVATIONS:
+            raise SpecError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        self.activation = activation
         dims = [c * h * w, *widths, num_classes]
         self.layer_names = [f"fc{i + 1}" for i in range(len(dims) - 1)]
         for name, (d_in, d_out) in zip(self.layer_names, itertools.pairwise(dims)):
             setattr(self, name, nn.Linear(d_in, d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        phi = ACTIVATIONS[self.activation]
         x = x.flatten(1)  # (N, C*H*W)
         for name in self.layer_names[:-1]:
-            x = F.relu(getattr(self, name)(x))
+            x = phi(getattr(self, name)(x))
         return getattr(self, self.layer_names[-1])(x)
 
 
@@ -191,7 +206,8 @@ class ResNet(nn.Module):
 # ---- registry: name -> (defaults, constructor from normalized kwargs) ----
 
 def _mlp(a: dict) -> nn.Module:
-    return MLP(a["input_shape"], _positive_ints("widths", a["widths"]), int(a["num_classes"]))
+    return MLP(a["input_shape"], _positive_ints("widths", a["widths"]), int(a["num_classes"]),
+               activation=a["activation"])
 
 
 def _lenet300(a: dict) -> nn.Module:
@@ -219,7 +235,7 @@ def _resnet(a: dict) -> nn.Module:
 _COMMON = {"input_shape": [1, 28, 28], "num_classes": 10, "init": "glorot"}
 
 ZOO: dict[str, tuple[dict, Callable[[dict], nn.Module]]] = {
-    "mlp": ({**_COMMON, "widths": [300, 100]}, _mlp),
+    "mlp": ({**_COMMON, "widths": [300, 100], "activation": "relu"}, _mlp),
     "lenet300": (dict(_COMMON), _lenet300),
     "lenet5": (dict(_COMMON), _lenet5),
     "conv4": ({**_COMMON, "channels": [64, 64, 128, 128], "fc": [256, 256]}, _conv4),

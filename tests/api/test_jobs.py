@@ -33,7 +33,7 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     ({"steps": [{"op": "train", "epochs": 1, "lr": -1}]}, "steps[0].lr"),
     ({"steps": [{"op": "train", "epochs": 1, "momentum": 1}]}, "momentum"),
     ({"steps": [{"op": "frobnicate"}]}, "frobnicate"),
-    ({"steps": [{"op": "snip", "sparsity": 0.9}]}, "not available yet"),
+    ({"steps": [{"op": "lowrank", "target": {"param_ratio": 0.1}}]}, "not available yet"),
     ({"steps": [{"op": "evaluate", "bogus": 1}]}, "steps[0].bogus"),
     ({"surprise": 1}, "surprise"),
     ({"steps": []}, "steps"),

@@ -1,0 +1,146 @@
+"""The pruning steps `snip`, `random`, `magnitude` and `synflow` (seed 004 ch. 3-4; SynFlow from
+seed 002's comparison): one mask over every Linear/Conv2d weight, kept through every later train
+step (`ctx.masks`, enforced by `core.train.train`) and stored compactly in the checkpoint.
+
+Order inside the step: optional re-initialisation (`init`), the Jacobian of the dense net at
+that point, scoring, the mask (exactly kappa kept), the layer-collapse check (before any
+training), the optional data-free approximate-isometry repair, and the Jacobian of the pruned
+net. A model that is already pruned keeps its pruned weights pruned: they score below every
+live weight.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import SpecError
+from core.prune import (
+    apply_masks,
+    collapsed_layers,
+    layer_report,
+    magnitude_scores,
+    masks_from_scores,
+    prunable,
+    random_scores,
+    snip_scores,
+    synflow_masks,
+)
+from core.sigprop import (
+    approximate_isometry,
+    init_ldi,
+    init_variance_scaling,
+    jacobian_singular_values,
+    orthogonality_score,
+    retained_input_heatmap,
+)
+from jobs.spec import PruneStep
+from worker.context import StepContext
+
+JACOBIAN_SAMPLES = 16  # validation images the input-output Jacobian is measured on
+
+
+def _scoring_batches(ctx: StepContext, step: PruneStep) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`batches` seeded random batches of the training split (SNIP's labelled batches)."""
+    train = ctx.splits.train
+    need = step.batches * step.batch_size
+    if need > len(train):
+        raise SpecError(f"snip needs batches * batch_size = {need} training samples, the "
+                        f"training split has {len(train)}; lower batches or batch_size")
+    order = torch.randperm(len(train), generator=ctx.generator)[:need]
+    return [(train.x[idx], train.y[idx]) for idx in order.split(step.batch_size)]
+
+
+def _scores(ctx: StepContext, step: PruneStep) -> dict[str, torch.Tensor]:
+    if step.op == "snip":
+        return snip_scores(ctx.model, _scoring_batches(ctx, step), labels=step.labels,
+                           device=ctx.device)
+    if step.op == "magnitude":
+        return magnitude_scores(ctx.model)
+    return random_scores(ctx.model, ctx.generator)
+
+
+def _jacobian(ctx: StepContext) -> dict[str, Any]:
+    x = ctx.splits.val.x[:JACOBIAN_SAMPLES]
+    stats = jacobian_singular_values(ctx.model, x.to(ctx.device))
+    return {k: v for k, v in stats.items() if k != "values"}
+
+
+def _init(ctx: StepContext, step: PruneStep) -> None:
+    if step.init == "variance_scaling":
+        init_variance_scaling(ctx.model, ctx.generator)
+    elif step.init == "ldi":
+        init_ldi(ctx.model, ctx.generator)
+
+
+def _collapse_error(step: PruneStep, collapsed: list[str]) -> SpecError:
+    hints = ["a lower sparsity"]
+    if step.scope == "global":
+        hints.append("scope 'layerwise'")
+    if step.op != "synflow":
+        hints.append("op 'synflow' (designed to avoid collapse)")
+    if step.init is None and step.op == "snip":
+        hints.append("init 'variance_scaling' or 'ldi'")
+    return SpecError(f"{step.op} at sparsity {step.sparsity} leaves no weight in layer(s) "
+                     f"{', '.join(collapsed)} (layer collapse: the network would output a "
+                     f"constant); try {', '.join(hints)}, or set allow_collapse: true to "
+                     "train it anyway")
+
+
+def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
+    ctx.reporter.progress(0.0, f"{step.op}: scoring")
+    _init(ctx, step)
+    jacobian_dense = _jacobian(ctx)
+    previous = ctx.masks
+    start = time.perf_counter()
+    if step.op == "synflow":
+        if previous:
+            apply_masks(ctx.model, previous)
+        masks = synflow_masks(ctx.model, step.sparsity, ctx.input_shape, rounds=step.rounds,
+                              scope=step.scope)
+    else:
+        scores = _scores(ctx, step)
+        if previous:  # already pruned weights score below every live one
+            scores = {n: torch.where(previous[n].to(s.device), s, torch.full_like(s, -1.0))
+                      if n in previous else s for n, s in scores.items()}
+        masks = masks_from_scores(scores, step.sparsity, scope=step.scope)
+    scoring_wall_s = time.perf_counter() - start
+    if previous:
+        masks = {n: m & previous[n].to(m.device) if n in previous else m
+                 for n, m in masks.items()}
+    report = layer_report(masks)
+    collapsed = collapsed_layers(masks)
+    if collapsed and not step.allow_collapse:
+        raise _collapse_error(step, collapsed)
+    ctx.check_cancel()
+    apply_masks(ctx.model, masks)
+    ctx.masks = masks
+    details: dict[str, Any] = {
+        "sparsity": step.sparsity, "scope": step.scope, "init": step.init,
+        "kept": sum(int(r["kept"]) for r in report.values()),
+        "prunable": sum(int(r["total"]) for r in report.values()),
+        "layers": report, "collapsed": collapsed, "scoring_wall_s": scoring_wall_s}
+    if step.op == "snip":
+        details |= {"labels": step.labels, "batches": step.batches,
+                    "batch_size": step.batch_size}
+    if step.repair == "ai":
+        ctx.reporter.progress(0.5, f"{step.op}: approximate-isometry repair")
+        details["repair"] = {"method": "ai"} | approximate_isometry(ctx.model, masks)
+    else:
+        details["orthogonality_score"] = orthogonality_score(ctx.model, masks)
+    details["jacobian"] = {"dense": jacobian_dense, "pruned": _jacobian(ctx)}
+    first_name, first = prunable(ctx.model)[0]
+    heatmap = retained_input_heatmap(masks[first_name].cpu(), ctx.input_shape)
+    record = {"step": ctx.step_index, "op": step.op, "sparsity": step.sparsity,
+              "scope": step.scope, "global_epoch": ctx.global_epoch,
+              "layers": {n: {"kept": int(r["kept"]), "total": int(r["total"]),
+                             "fraction": float(r["fraction"])} for n, r in report.items()},
+              "collapsed": collapsed, "first_layer": first_name,
+              "heatmap_of": "inputs" if isinstance(first, nn.Linear) else "kernel taps",
+              "heatmap": [[round(float(v), 5) for v in row] for row in heatmap.mean(0)]}
+    ctx.curves["pruning"].append(record)
+    ctx.reporter.event("pruning", record)
+    del first
+    return details
