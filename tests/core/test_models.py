@@ -10,6 +10,7 @@ from core.models import (
     ZOO,
     build,
     from_state_dict,
+    get_layer,
     input_shape,
     load,
     normalize_arch,
@@ -238,3 +239,32 @@ def test_edits_replayed_structurally():
         build({**ARCH, "edits": [{"op": "pcn_input", "layer": "fc2", "dims": 9}]})
     with pytest.raises(SpecError, match="valid layers"):
         build({**ARCH, "edits": [{"op": "pcn_input", "layer": "fc7", "dims": 2}]})
+
+
+def test_sparse_checkpoint_round_trip_and_tampering(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from core.prune import apply_masks, magnitude_scores, masks_from_scores
+
+    model = build({"name": "lenet300"}, generator=torch.Generator().manual_seed(0))
+    masks = masks_from_scores(magnitude_scores(model), 0.95)
+    apply_masks(model, masks)
+    model.slimline_masks = masks
+    path = tmp_path / "sparse.safetensors"
+    save(model, path)
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert path.stat().st_size < 0.2 * dense_bytes  # values + 1 bit per weight, no dense copy
+    again = load(path)
+    for name, mask in masks.items():
+        assert torch.equal(again.slimline_masks[name], mask)
+        assert torch.equal(get_layer(again, name).weight, get_layer(model, name).weight)
+    # a file whose mask keeps more weights than it stores values for is refused
+    tensors = load_file(str(path))
+    tensors["fc1.weight.sparse_values"] = tensors["fc1.weight.sparse_values"][:-1].clone()
+    bad = tmp_path / "bad.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(bad), metadata=metadata)
+    with pytest.raises(CheckpointError, match="sparse"):
+        load(bad)
