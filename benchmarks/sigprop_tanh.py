@@ -1,7 +1,7 @@
 """Signal propagation in a pruned 7-layer tanh MLP (seed 004 ch. 4): training loss vs steps for
 variance-scaling SNIP, LDI SNIP, and LDI SNIP + approximate-isometry repair, at 90% sparsity.
 
-Run from the repository root (about 3 minutes on 2 cores):
+Run from the repository root (about 7 minutes on 2 shared cores):
 
     .venv/bin/python -m benchmarks.sigprop_tanh
 
@@ -98,7 +98,7 @@ def run(config: str, seed: int, args: argparse.Namespace, splits: data.Splits) -
         with torch.no_grad():
             for w, m in masked:
                 w.mul_(m)
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         if step % args.every == 0:
             losses.append(statistics.mean(window))
             window = []
