@@ -64,7 +64,8 @@ class Tracking:
                    if isinstance(get_layer(ctx.model, n),
                                  (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d))]
         curve = effective_dim_curve(ctx.model, current, self.dataset, self.thresholds,
-                                    self.samples, device=ctx.device) if current else {}
+                                    self.samples, device=ctx.device,
+                                    spectrum=TRACK_EIGVALS_MAX) if current else {}
         layers = {}
         for name, c in curve.items():
             layer = get_layer(ctx.model, name)

@@ -117,3 +117,21 @@ def test_effective_dim_curve():
                                                 1e-3: max(1, int((e > 1e-3).sum())), 1e9: 1}
     with pytest.raises(SpecError):
         effective_dim_curve(model, ["conv2"], data, [], samples=8)
+
+
+def test_effective_dim_curve_with_a_spectrum_cap_computes_only_what_it_reports():
+    """fc1 reads 32 dims from 20 samples (Gram route): the capped curve has the same m_e and
+    the same leading eigenvalues as the full one, and at most what it needs beyond k."""
+    torch.manual_seed(0)
+    model = build(TINY_CONV4)
+    data = calibration([1, 8, 8], n=20)
+    taus = [1e-3, 1e-2]
+    full = effective_dim_curve(model, ["conv2", "fc1"], data, taus, samples=20)
+    capped = effective_dim_curve(model, ["conv2", "fc1"], data, taus, samples=20, spectrum=4)
+    for name in ("conv2", "fc1"):
+        assert capped[name]["effective_dim"] == full[name]["effective_dim"]
+        k = len(capped[name]["eigvals"])
+        rank = sum(1 for v in full[name]["eigvals"] if v > 1e-12)
+        assert k >= min(4, rank)  # the Gram route stops at the rank (zeros are not listed)
+        assert capped[name]["eigvals"] == pytest.approx(full[name]["eigvals"][:k], rel=1e-6,
+                                                        abs=1e-12)
