@@ -23,6 +23,15 @@ def test_create_job_commits_then_enqueues(client, enqueued):
     assert client.get(f"/v1/jobs/{job['id']}").json() == job
 
 
+def test_a_pruning_job_is_accepted_with_defaults_filled_in(client, enqueued):
+    r = client.post("/v1/jobs", json=SPEC | {"steps": [
+        {"op": "snip", "sparsity": 0.95}, {"op": "train", "epochs": 1}]})
+    assert r.status_code == 202, r.text
+    step = r.json()["spec"]["steps"][0]
+    assert step == {"op": "snip", "sparsity": 0.95, "scope": "global", "labels": "true",
+                    "batches": 1, "batch_size": 100, "rounds": 100, "allow_collapse": False}
+
+
 def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     client.post("/v1/jobs", json=SPEC | {"device": "cuda"})
     assert enqueued[-1][1] == "gpu"
@@ -45,6 +54,9 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
      "put a train step before it"),
     ({"steps": [{"op": "train", "track_layers": ["fc1"]}]}, "only used with track"),
     ({"steps": [{"op": "pcn", "select": {"dims": 3, "threshold": 0.1}}]}, "exactly one"),
+    ({"steps": [{"op": "snip", "sparsity": 1}]}, "steps[0].sparsity"),
+    ({"steps": [{"op": "snip"}]}, "steps[0].sparsity"),
+    ({"steps": [{"op": "random", "sparsity": 0.9, "labels": "uniform"}]}, "only used by op"),
 ])
 def test_invalid_specs_are_422_naming_the_field(client, enqueued, patch, needle):
     r = client.post("/v1/jobs", json=SPEC | patch)
