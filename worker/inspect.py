@@ -110,10 +110,10 @@ def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path) -> dic
 
     from core.errors import CheckpointError
     from core.metrics import param_counts
-    from core.models import from_state_dict, save
+    from core.models import from_tensors, save
 
     try:
-        model = from_state_dict(arch, tensors)
+        model = from_tensors(arch, tensors, source="upload")  # dense or sparse weights
     except CheckpointError as exc:
         raise _invalid(str(exc)) from None
     save(model, output)

@@ -22,6 +22,7 @@ __all__ = [
     "ZOO",
     "build",
     "from_state_dict",
+    "from_tensors",
     "get_layer",
     "input_shape",
     "load",
@@ -170,4 +171,4 @@ def with_edit(model: nn.Module, edit: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
-from core.models.checkpoint import from_state_dict, load, read_arch, save
+from core.models.checkpoint import from_state_dict, from_tensors, load, read_arch, save

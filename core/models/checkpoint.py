@@ -74,21 +74,28 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read tensors from {path}: {exc}") from None
-    if _metadata(path).get("slimline_sparse") != "1":
-        return from_state_dict(arch, tensors)
-    from core.prune import dense_from_sparse
+    return from_tensors(arch, tensors, source=str(path))
 
+
+def from_tensors(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
+                 source: str = "checkpoint") -> nn.Module:
+    """`from_state_dict`, plus sparse weights: when `tensors` holds `core.prune.sparse_state`
+    entries (`<layer>.weight.sparse_values/_mask/_shape`), the dense weights are rebuilt
+    (zeros where pruned) and `model.slimline_masks` is set. CheckpointError on inconsistent
+    sparse entries or masks that do not fit the architecture."""
+    from core.prune import SPARSE_SUFFIXES, dense_from_sparse, masked_parameters
+
+    if not any(k.endswith(SPARSE_SUFFIXES) for k in tensors):
+        return from_state_dict(arch, tensors)
     try:
         dense, masks = dense_from_sparse(tensors)
     except (ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointError(f"{path}: invalid sparse weights: {exc}") from None
+        raise CheckpointError(f"{source}: invalid sparse weights: {exc}") from None
     model = from_state_dict(arch, dense)
-    from core.prune import masked_parameters
-
     try:
         masked_parameters(model, masks)  # every mask names a prunable layer of its shape
     except Exception as exc:  # noqa: BLE001 - any mismatch is a bad checkpoint
-        raise CheckpointError(f"{path}: sparse masks do not fit the architecture: {exc}") \
+        raise CheckpointError(f"{source}: sparse masks do not fit the architecture: {exc}") \
             from None
     model.slimline_masks = masks
     return model

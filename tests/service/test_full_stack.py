@@ -165,3 +165,49 @@ def test_bad_inputs_get_4xx_and_leave_nothing_behind(full_stack, keys, tmp_path)
         assert len(client.get("/v1/models").json()["items"]) == models_before
         assert len(client.get("/v1/jobs", params={"limit": 100}).json()["items"]) == jobs_before
         assert bucket_keys(full_stack) == objects_before
+
+
+def test_pruning_job_stores_a_sparse_model_that_chains_and_reuploads(full_stack, keys,
+                                                                     tmp_path):
+    """snip through the real stack: the S3-stored checkpoint is sparse, reloads with its
+    masks, a chained train job keeps them, and the file is accepted again as an upload."""
+    from core import models as zoo
+
+    spec = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs", "seed": 2,
+            "steps": [{"op": "snip", "sparsity": 0.95, "init": "variance_scaling"},
+                      {"op": "train", "epochs": 1}]}
+    with full_stack.client(keys["a"]) as client:
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["id"])
+        assert job["status"] == "succeeded", job
+        snip, after = job["result"]["steps"][0], job["result"]["after"]
+        assert snip["kept"] == round(0.05 * snip["prunable"]) and snip["collapsed"] == []
+        blob = client.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors").content
+        assert len(blob) == after["checkpoint_bytes"]
+        assert len(blob) < 0.25 * 266_610 * 4  # kept values + 1 bit per weight
+        names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
+        assert "pruning.png" in names
+        path = tmp_path / "sparse.safetensors"
+        path.write_bytes(blob)
+        masks = zoo.load(path).slimline_masks
+        assert sum(int(m.sum()) for m in masks.values()) == snip["kept"]
+
+        chained = client.post("/v1/jobs", json={
+            "model": job["result"]["model_id"], "dataset": "synthetic-blobs",
+            "steps": [{"op": "train", "epochs": 1, "optimizer": "sgd", "lr": 0.05,
+                       "weight_decay": 0.01}]})
+        assert chained.status_code == 202, chained.text
+        second = wait_job(client, chained.json()["id"])
+        assert second["status"] == "succeeded", second
+        out = tmp_path / "chained.safetensors"
+        out.write_bytes(client.get(
+            f"/v1/jobs/{second['id']}/artifacts/model.safetensors").content)
+        model = zoo.load(out)
+        for name, mask in masks.items():
+            assert torch.equal(model.slimline_masks[name], mask)
+            assert bool((zoo.get_layer(model, name).weight[~mask] == 0).all())
+
+        again = upload_model(client, blob, name="sparse-lenet")
+        assert again.status_code == 201, again.text
+        assert again.json()["params"]["nonzero"] <= after["params"]["nonzero"]
