@@ -118,8 +118,13 @@ def pruning_plot(curves: dict[str, Any], path: Path) -> bool:
         bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
         bars.set_ylabel("kept fraction")
         bars.set_ylim(0, max(1e-3, max(fractions) * 1.15))
-        bars.set_title(f"step {rec['step'] + 1}: {rec['op']} ({rec['scope']}), "
-                       f"sparsity {rec['sparsity']:g}")
+        title = (f"step {rec['step'] + 1}: {rec['op']} ({rec['scope']}), "
+                 f"sparsity {rec['sparsity']:g}")
+        jac = rec.get("jacobian") or {}
+        if "dense" in jac and "pruned" in jac:
+            title += (f"\nJacobian mean singular value {jac['dense']['mean']:.3g} (dense) → "
+                      f"{jac['pruned']['mean']:.3g} (pruned)")
+        bars.set_title(title, fontsize="medium")
         bars.grid(alpha=0.3, axis="y")
         image = heat.imshow(rec["heatmap"], cmap="viridis", vmin=0)
         heat.set_title(f"{rec['first_layer']}: retained {rec.get('heatmap_of', 'inputs')}",

@@ -137,7 +137,8 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
               "scope": step.scope, "global_epoch": ctx.global_epoch,
               "layers": {n: {"kept": int(r["kept"]), "total": int(r["total"]),
                              "fraction": float(r["fraction"])} for n, r in report.items()},
-              "collapsed": collapsed, "first_layer": first_name,
+              "collapsed": collapsed, "jacobian": details["jacobian"],
+              "first_layer": first_name,
               "heatmap_of": "inputs" if isinstance(first, nn.Linear) else "kernel taps",
               "heatmap": [[round(float(v), 5) for v in row] for row in heatmap.mean(0)]}
     ctx.curves["pruning"].append(record)

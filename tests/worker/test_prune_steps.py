@@ -92,6 +92,7 @@ def test_snip_masks_survive_training_and_the_checkpoint_is_sparse(settings, stor
     curves = json.loads(files["curves.json"])
     (record,) = curves["pruning"]
     assert record["op"] == "snip" and set(record["layers"]) == set(prune["layers"])
+    assert record["jacobian"] == prune["jacobian"]
     # a dense first layer: one value per input pixel; a conv: one per kernel tap
     side = arch["input_shape"][1] if arch["name"] == "mlp" else 3
     assert len(record["heatmap"]) == side and len(record["heatmap"][0]) == side
