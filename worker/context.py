@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from core.data import ArrayDataset, Splits
-from core.errors import Cancelled
+from core.errors import Cancelled, SpecError
 from core.metrics import count_macs, param_counts
 from core.models import prunable_layers
 from core.train import evaluate
@@ -74,6 +74,21 @@ def model_metrics(model: nn.Module, input_shape: list[int], test: ArrayDataset,
 def dense_layers(model: nn.Module) -> list[str]:
     """Plain Linear/Conv2d layers in forward order (PCN layers are already transformed)."""
     return [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def chosen_layers(model: nn.Module, names: Any, field: str) -> list[str]:
+    """`names` = "auto"/None (`core.pcn_select.auto_layers`: the widest layers) or a list of
+    Linear/Conv2d layer names, checked: SpecError naming the valid layers otherwise."""
+    from core.pcn_select import auto_layers
+
+    if names in (None, "auto"):
+        return auto_layers(model)
+    plain = dense_layers(model)
+    unknown = [n for n in names if n not in plain]
+    if unknown:
+        raise SpecError(f"{field} {unknown} are not Linear/Conv2d layers of the model; "
+                        f"valid layers: {', '.join(plain)}")
+    return list(names)
 
 
 def calibration_set(ctx: StepContext, samples: int) -> ArrayDataset:

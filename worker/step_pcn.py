@@ -14,10 +14,16 @@ from core.pca import LayerStats, collect_input_stats
 from core.pcn import layer_selector
 from core.pcn_graph import shared_input_sets
 from core.pcn_output import pcn_transform
-from core.pcn_select import auto_layers, pcn_transform_to_target
+from core.pcn_select import pcn_transform_to_target
 from core.train import evaluate
 from jobs.spec import PCNStep
-from worker.context import SPECTRUM_MAX, StepContext, calibration_set, dense_layers, model_metrics
+from worker.context import (
+    SPECTRUM_MAX,
+    StepContext,
+    calibration_set,
+    chosen_layers,
+    model_metrics,
+)
 
 
 def _core_select(step: PCNStep) -> dict[str, Any]:
@@ -32,15 +38,7 @@ def _core_select(step: PCNStep) -> dict[str, Any]:
 
 def _chosen_layers(ctx: StepContext, step: PCNStep) -> list[str]:
     """The layers to transform, checked before any statistics are collected."""
-    plain = dense_layers(ctx.model)
-    if step.layers == "auto":
-        layers = auto_layers(ctx.model)
-    else:
-        layers = list(step.layers)
-        unknown = [n for n in layers if n not in plain]
-        if unknown:
-            raise SpecError(f"pcn layers {unknown} are not Linear/Conv2d layers of the model; "
-                            f"valid layers: {', '.join(plain)}")
+    layers = chosen_layers(ctx.model, step.layers, "pcn layers")
     extra = sorted(set(step.per_layer) - set(layers))
     if extra:
         raise SpecError(f"per_layer names layers that are not transformed: {extra}; "

@@ -10,10 +10,8 @@ from torch import nn
 
 from core.data import ArrayDataset
 from core.dim_tracking import effective_dim_curve
-from core.errors import SpecError
 from core.models import get_layer
 from core.pcn import PCNConv2d, PCNLinear
-from core.pcn_select import auto_layers
 from core.train import TrainConfig, evaluate, train
 from jobs.spec import PCNStep, TrainStep
 from worker.context import (
@@ -23,7 +21,7 @@ from worker.context import (
     TRACK_SAMPLES,
     TRACK_THRESHOLDS,
     StepContext,
-    dense_layers,
+    chosen_layers,
     tau_key,
     tracking_set,
 )
@@ -43,15 +41,7 @@ class Tracking:
     def for_step(cls, ctx: StepContext, step: TrainStep) -> Tracking | None:
         if "effective_dim" not in step.track:
             return None
-        plain = dense_layers(ctx.model)
-        if step.track_layers in (None, "auto"):
-            layers = auto_layers(ctx.model)
-        else:
-            layers = list(step.track_layers)
-            unknown = [n for n in layers if n not in plain]
-            if unknown:
-                raise SpecError(f"track_layers {unknown} are not Linear/Conv2d layers of the "
-                                f"model; valid layers: {', '.join(plain)}")
+        layers = chosen_layers(ctx.model, step.track_layers, "track_layers")
         samples = step.track_samples or TRACK_SAMPLES
         return cls(layers, list(step.track_thresholds or TRACK_THRESHOLDS), samples,
                    tracking_set(ctx, samples))
