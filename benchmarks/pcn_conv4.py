@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import dump_results, run_meta
 from benchmarks.pcn_lenet300 import _pct, _stat  # one summary format for all PCN benchmarks
 from core import data, metrics, models, pca
 from core.dim_tracking import effective_dim_curve
@@ -452,17 +451,10 @@ def plot_dims(rows: list[dict[str, Any]], path: Path, meta: dict[str, Any]) -> N
 
 def write_results(out: Path, args, rows, runtime: float, complete: bool, extra: dict) -> str:
     summary = summarize(rows)
-    table = markdown_table(summary)
-    meta = {"args": vars(args), "settings": {k: SETTINGS[k] for k in args.settings},
-            "complete": complete, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "runtime_s": runtime, **extra}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows,
-                               "table_md": table, "dim_table_md": dim_table(rows)},
-                              indent=1, default=str))
-    return table
+    meta = run_meta(args, complete=complete, runtime=runtime,
+                    settings={k: SETTINGS[k] for k in args.settings}, **extra)
+    return dump_results(out, meta, summary, rows, markdown_table(summary),
+                        dim_table_md=dim_table(rows))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks.baselines import match_mlp_widths, mlp_trainable, prune_units_by_magnitude
+from benchmarks.common import dump_results, run_meta
 from core import data, metrics, models, pca, pcn
 from core.train import TrainConfig, evaluate, train
 
@@ -244,16 +243,9 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
 def write_results(out: Path, args: argparse.Namespace, rows: list[dict[str, Any]],
                   runtime: float, complete: bool) -> str:
     summary = summarize(rows)
-    table = markdown_table(summary)
-    meta = {"args": vars(args), "settings": copy.deepcopy({k: SETTINGS[k] for k in args.dims}),
-            "complete": complete, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "platform": platform.platform(), "processor": platform.processor(),
-            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "runtime_s": runtime}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows,
-                               "table_md": table}, indent=1, default=list))
-    return table
+    meta = run_meta(args, complete=complete, runtime=runtime,
+                    settings=copy.deepcopy({k: SETTINGS[k] for k in args.dims}))
+    return dump_results(out, meta, summary, rows, markdown_table(summary))
 
 
 def main(argv: list[str] | None = None) -> None:

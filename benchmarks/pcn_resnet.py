@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import dump_results, run_meta
 from benchmarks.pcn_lenet300 import _pct, _stat
 from core import data, metrics, models, pca
 from core.pcn_output import pcn_transform
@@ -246,16 +245,9 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
 
 def write_results(out: Path, args, rows, runtime: float, complete: bool) -> str:
     summary = summarize(rows)
-    table = markdown_table(summary)
-    meta = {"args": vars(args), "configs": {k: CONFIGS[k] for k in args.configs},
-            "complete": complete, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "runtime_s": runtime}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows,
-                               "table_md": table}, indent=1, default=str))
-    return table
+    meta = run_meta(args, complete=complete, runtime=runtime,
+                    configs={k: CONFIGS[k] for k in args.configs})
+    return dump_results(out, meta, summary, rows, markdown_table(summary))
 
 
 def main(argv: list[str] | None = None) -> None:
