@@ -156,9 +156,16 @@ def _replay_pcn_output(model: nn.Module, edit: dict[str, Any]) -> None:
     replay_pcn_output(model, edit)
 
 
+def _replay_lowrank(model: nn.Module, edit: dict[str, Any]) -> None:
+    from core.lowrank import replay_lowrank
+
+    replay_lowrank(model, edit)
+
+
 EDIT_OPS: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
     "pcn_input": _replay_pcn_input,
     "pcn_output": _replay_pcn_output,
+    "lowrank": _replay_lowrank,
 }
 
 
