@@ -19,7 +19,7 @@ MAX_EPOCHS = 200
 MAX_STEPS = 32
 BUILTIN_DATASETS = ("fashion-mnist", "synthetic-blobs", "synthetic-tiny")
 # Named in DESIGN.md but not implemented by the worker yet: refused with a clear 422.
-PLANNED_OPS = ("lowrank", "dctps", "analyze", "export")
+PLANNED_OPS = ("dctps", "analyze", "export")
 
 
 class Strict(BaseModel):
@@ -214,8 +214,42 @@ class PruneStep(Strict):
         return self
 
 
-Step = Annotated[TrainStep | EvaluateStep | PCNStep | PruneStep, Field(discriminator="op")]
-AVAILABLE_OPS = ("train", "evaluate", "pcn", "snip", "random", "magnitude", "synflow")
+class LowRankTarget(Strict):
+    """Exactly one: a global parameter ratio (the chosen layers' weights after / before), or
+    explicit ranks per layer (one int for every block, or a list with one rank per block)."""
+
+    param_ratio: float | None = Field(default=None, gt=0, le=1)
+    ranks: dict[LayerName, Annotated[int, Field(ge=1)]
+                | Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]] | None = \
+        Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LowRankTarget:
+        given = [k for k in ("param_ratio", "ranks") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of param_ratio, ranks; got {given or 'none'}")
+        return self
+
+
+class LowRankStep(Strict):
+    """Low-rank compression (seed 003): SVD per block of every chosen Linear/Conv2d, the
+    globally lowest-scoring singular vectors dropped, each layer materialised as a factor
+    pair."""
+
+    op: Literal["lowrank"]
+    target: LowRankTarget
+    score: Literal["output_perturbation", "output_variance", "relative_error",
+                   "magnitude"] = "output_perturbation"
+    blocking: Literal["none", "alds", "square"] = "none"
+    samples: int = Field(default=512, ge=1, le=100_000)  # calibration images for the scores
+    # "all" = every plain Linear/Conv2d of the model; or a list of names
+    layers: Literal["all"] | LayerList = "all"
+
+
+Step = Annotated[TrainStep | EvaluateStep | PCNStep | PruneStep | LowRankStep,
+                 Field(discriminator="op")]
+AVAILABLE_OPS = ("train", "evaluate", "pcn", "snip", "random", "magnitude", "synflow",
+                 "lowrank")
 
 
 class ModelArch(Strict):

@@ -35,7 +35,8 @@ class Reporter(Protocol):
 
 
 def empty_curves() -> dict[str, Any]:
-    return {"training": [], "effective_dim": {}, "spectra": {}, "transforms": [], "pruning": []}
+    return {"training": [], "effective_dim": {}, "spectra": {}, "transforms": [], "pruning": [],
+            "lowrank": []}
 
 
 @dataclass
@@ -110,3 +111,18 @@ def tau_key(tau: float) -> str:
     return f"{tau:g}"
 
 
+def keep_valid_masks(ctx: StepContext) -> list[str]:
+    """Pruning masks of layers a transform replaced or resized no longer apply: drop them
+    (a PCN or low-rank layer's weights are new, dense matrices). Returns the dropped layer names."""
+    if not ctx.masks:
+        return []
+    modules = dict(ctx.model.named_modules())
+    kept, dropped = {}, []
+    for name, mask in ctx.masks.items():
+        layer = modules.get(name)
+        if isinstance(layer, (nn.Linear, nn.Conv2d)) and layer.weight.shape == mask.shape:
+            kept[name] = mask
+        else:
+            dropped.append(name)
+    ctx.masks = kept or None
+    return dropped

@@ -136,8 +136,35 @@ def pruning_plot(curves: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def lowrank_plot(curves: dict[str, Any], path: Path) -> bool:
+    """Kept rank per layer (as a fraction of the full rank, summed over blocks) and the kept
+    weight fraction, one panel per lowrank step; False when there was none."""
+    records = curves.get("lowrank") or []
+    if not records:
+        return False
+    fig = Figure(figsize=(10, 3.6 * len(records)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(records), 1, squeeze=False)
+    for (ax,), rec in zip(axes, records):
+        names = list(rec["layers"])
+        rank = [sum(rec["layers"][n]["ranks"]) / max(1, sum(rec["layers"][n]["full_ranks"]))
+                for n in names]
+        weights = [rec["layers"][n]["weight_params_after"]
+                   / max(1, rec["layers"][n]["weight_params_before"]) for n in names]
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], rank, width=0.4, label="kept rank / full rank")
+        ax.bar([x + 0.2 for x in xs], weights, width=0.4, label="weights after / before")
+        ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize="small")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="small")
+        ax.set_title(f"step {rec['step'] + 1}: lowrank ({rec['score']}, blocking "
+                     f"{rec['blocking']})")
+    fig.savefig(path, format="png")
+    return True
+
+
 PLOTS = (("training.png", training_plot), ("effective_dim.png", effective_dim_plot),
-         ("pruning.png", pruning_plot))
+         ("pruning.png", pruning_plot), ("lowrank.png", lowrank_plot))
 
 
 def render_plots(curves: dict[str, Any], directory: Path) -> list[Path]:

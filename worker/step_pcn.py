@@ -22,6 +22,7 @@ from worker.context import (
     StepContext,
     calibration_set,
     chosen_layers,
+    keep_valid_masks,
     model_metrics,
 )
 
@@ -118,7 +119,7 @@ def apply_pcn(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
                                           output=output)
     surgery_wall_s = time.perf_counter() - start
     ctx.model = new_model.to(ctx.device)
-    dropped_masks = _keep_valid_masks(ctx)
+    dropped_masks = keep_valid_masks(ctx)
     for name, st in stats.items():
         spectrum = {"step": step_index, "layer": name, "global_epoch": ctx.global_epoch,
                     "source": "pcn", "in_dim": st.dim,
@@ -151,23 +152,6 @@ def apply_pcn(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
     if "search" in report:
         details["target"] = _search_summary(report["search"])
     return details
-
-
-def _keep_valid_masks(ctx: StepContext) -> list[str]:
-    """Pruning masks of layers the transform replaced or resized no longer apply: drop them
-    (the PCN layer's weight is a new, dense matrix). Returns the dropped layer names."""
-    if not ctx.masks:
-        return []
-    modules = dict(ctx.model.named_modules())
-    kept, dropped = {}, []
-    for name, mask in ctx.masks.items():
-        layer = modules.get(name)
-        if isinstance(layer, (nn.Linear, nn.Conv2d)) and layer.weight.shape == mask.shape:
-            kept[name] = mask
-        else:
-            dropped.append(name)
-    ctx.masks = kept or None
-    return dropped
 
 
 def record_transform(ctx: StepContext, step_index: int, details: dict[str, Any]) -> None:

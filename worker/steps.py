@@ -13,6 +13,8 @@ Curves (`ctx.curves`, stored as `curves.json`, and rebuilt from the job's events
 * `spectra`: `{layer: [{step, epoch, global_epoch, source, in_dim, eigvals, ...}]}` — source
   `effective_dim` (tracking, top 256 eigenvalues) or `pcn` (the transform's PCA, top 1024).
 * `transforms`: one record per pcn step (event `pcn`): where it was applied and what it kept.
+* `pruning`: one record per pruning step (event `pruning`); `lowrank`: one per lowrank step
+  (event `lowrank`: ranks and weight params per layer).
 
 `when: "plateau"` (a pcn step right after a train step): the train handler applies that pcn
 step after the first epoch k >= plateau_min_epochs (default 1) whose validation-accuracy gain
@@ -33,6 +35,7 @@ from core.errors import SpecError
 from core.train import evaluate
 from jobs.spec import EvaluateStep
 from worker.context import StepContext, model_metrics
+from worker.step_lowrank import run_lowrank
 from worker.step_pcn import run_pcn
 from worker.step_prune import run_prune
 from worker.step_train import run_train
@@ -57,6 +60,7 @@ HANDLERS: dict[str, Handler] = {
     "random": run_prune,
     "magnitude": run_prune,
     "synflow": run_prune,
+    "lowrank": run_lowrank,
 }
 
 

@@ -126,13 +126,15 @@ WHERE_KEYS = ("step", "epoch", "global_epoch")
 @router.get("/{job_id}/curves")
 def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
     """Curves from the job's events: training per epoch, effective dimensionality and spectra
-    per layer, pcn transforms (the worker's curves.json has the same shape)."""
+    per layer, pcn transforms, pruning masks and low-rank cuts (the worker's curves.json has
+    the same shape)."""
     get_job(session, tenant_id, job_id)
     training: list[dict[str, Any]] = []
     effective_dim: dict[str, list[dict[str, Any]]] = {}
     spectra: dict[str, list[dict[str, Any]]] = {}
     transforms: list[dict[str, Any]] = []
     pruning: list[dict[str, Any]] = []
+    lowrank: list[dict[str, Any]] = []
     for event in list_events(session, job_id, 0, 100_000):
         data = event.data or {}
         if event.kind == "epoch":
@@ -153,5 +155,7 @@ def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
             transforms.append(data)
         elif event.kind == "pruning":
             pruning.append(data)
+        elif event.kind == "lowrank":
+            lowrank.append(data)
     return {"training": training, "effective_dim": effective_dim, "spectra": spectra,
-            "transforms": transforms, "pruning": pruning}
+            "transforms": transforms, "pruning": pruning, "lowrank": lowrank}

@@ -42,7 +42,7 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     ({"steps": [{"op": "train", "epochs": 1, "lr": -1}]}, "steps[0].lr"),
     ({"steps": [{"op": "train", "epochs": 1, "momentum": 1}]}, "momentum"),
     ({"steps": [{"op": "frobnicate"}]}, "frobnicate"),
-    ({"steps": [{"op": "lowrank", "target": {"param_ratio": 0.1}}]}, "not available yet"),
+    ({"steps": [{"op": "dctps", "density": 0.01}]}, "not available yet"),
     ({"steps": [{"op": "evaluate", "bogus": 1}]}, "steps[0].bogus"),
     ({"surprise": 1}, "surprise"),
     ({"steps": []}, "steps"),
@@ -57,6 +57,11 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     ({"steps": [{"op": "snip", "sparsity": 1}]}, "steps[0].sparsity"),
     ({"steps": [{"op": "snip"}]}, "steps[0].sparsity"),
     ({"steps": [{"op": "random", "sparsity": 0.9, "labels": "uniform"}]}, "only used by op"),
+    ({"steps": [{"op": "lowrank", "target": {}}]}, "exactly one of param_ratio, ranks"),
+    ({"steps": [{"op": "lowrank", "target": {"param_ratio": 1.5}}]},
+     "steps[0].target.param_ratio"),
+    ({"steps": [{"op": "lowrank", "target": {"param_ratio": 0.1}, "blocking": "diag"}]},
+     "steps[0].blocking"),
 ])
 def test_invalid_specs_are_422_naming_the_field(client, enqueued, patch, needle):
     r = client.post("/v1/jobs", json=SPEC | patch)
@@ -224,7 +229,8 @@ def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
                                         "fired_at_epoch": None, "layers": {"fc2": 42},
                                         "output": {}})
     curves = client.get(f"/v1/jobs/{job_id}/curves").json()
-    assert set(curves) == {"training", "effective_dim", "spectra", "transforms", "pruning"}
+    assert set(curves) == {"training", "effective_dim", "spectra", "transforms", "pruning",
+                           "lowrank"}
     assert curves["effective_dim"] == {"fc2": [
         {"step": 0, "epoch": e, "global_epoch": e, "in_dim": 300,
          "effective_dim": {"0.1": 40 + e}, "accuracy": 0.5 + e / 10,

@@ -1,0 +1,111 @@
+"""The `lowrank` step (seed 003): every chosen Linear/Conv2d viewed as a matrix (conv:
+`(C_out, C_in*kh*kw)`), optionally blocked, SVD'd per block; the singular vectors are scored on
+one global scale, the lowest-scoring ones dropped greedily until the parameter target is met
+(or the given ranks are used), and each layer is materialised as a real factor pair
+(`core.lowrank`). Fine-tuning is a normal `train` step after it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import nn
+
+from core.errors import SpecError
+from core.lowrank import block_shapes, full_ranks, layer_scores, lowrank_transform, select_ranks
+from core.models import get_layer
+from core.train import evaluate
+from jobs.spec import LowRankStep
+from worker.context import (
+    StepContext,
+    calibration_set,
+    chosen_layers,
+    dense_layers,
+    keep_valid_masks,
+    model_metrics,
+)
+
+
+def _layers(ctx: StepContext, step: LowRankStep) -> list[str]:
+    if step.layers == "all":
+        layers = [n for n in dense_layers(ctx.model)
+                  if not (isinstance(get_layer(ctx.model, n), nn.Conv2d)
+                          and get_layer(ctx.model, n).groups != 1)]
+    else:
+        layers = chosen_layers(ctx.model, step.layers, "lowrank layers")
+    if not layers:
+        raise SpecError("lowrank found no plain Linear/Conv2d layer to factor")
+    return layers
+
+
+def _given_ranks(ctx: StepContext, step: LowRankStep, layers: list[str]
+                 ) -> dict[str, list[int]]:
+    ranks: dict[str, list[int]] = {}
+    assert step.target.ranks is not None
+    unknown = sorted(set(step.target.ranks) - set(layers))
+    if unknown:
+        raise SpecError(f"target.ranks names layers that are not factored: {unknown}; "
+                        f"factored layers: {', '.join(layers)}")
+    for name, given in step.target.ranks.items():
+        full = full_ranks(get_layer(ctx.model, name), step.blocking)
+        wanted = [given] * len(full) if isinstance(given, int) else list(given)
+        if len(wanted) != len(full):
+            raise SpecError(f"target.ranks[{name!r}] has {len(wanted)} ranks; layer {name} has "
+                            f"{len(full)} block(s) with blocking {step.blocking!r}")
+        too_big = [(w, f) for w, f in zip(wanted, full) if w > f]
+        if too_big:
+            raise SpecError(f"target.ranks[{name!r}]: rank {too_big[0][0]} exceeds the block's "
+                            f"full rank {too_big[0][1]} (full ranks: {full})")
+        ranks[name] = wanted
+    return ranks
+
+
+def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
+    layers = _layers(ctx, step)
+    start = time.perf_counter()
+    if step.target.ranks is not None:
+        ranks = _given_ranks(ctx, step, layers)
+    else:
+        ctx.reporter.progress(0.0, f"lowrank: scoring ({step.score})")
+        inputs = None
+        if step.score in ("output_perturbation", "output_variance"):
+            inputs = calibration_set(ctx, step.samples).x.to(ctx.device)
+        scores = layer_scores(ctx.model, layers, step.blocking, step.score, inputs)
+        shapes = {n: block_shapes(get_layer(ctx.model, n), step.blocking) for n in layers}
+        assert step.target.param_ratio is not None
+        ranks = select_ranks(scores, shapes, step.target.param_ratio)
+    scoring_wall_s = time.perf_counter() - start
+    ctx.check_cancel()
+    ctx.reporter.progress(0.5, "lowrank: factoring layers")
+    plan = {name: {"blocking": step.blocking, "ranks": r} for name, r in ranks.items()}
+    new_model, report = lowrank_transform(ctx.model, plan)
+    ctx.model = new_model.to(ctx.device)
+    dropped_masks = keep_valid_masks(ctx)
+    before = sum(r["weight_params_before"] for r in report.values())
+    after = sum(r["weight_params_after"] for r in report.values())
+    val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
+    details: dict[str, Any] = {
+        "score": step.score, "blocking": step.blocking,
+        "target": step.target.model_dump(exclude_none=True),
+        "layers": report, "weight_params_before": before, "weight_params_after": after,
+        "weight_ratio": after / before if before else 1.0,
+        "scoring_wall_s": scoring_wall_s,
+        "after_cut": model_metrics(ctx.model, ctx.input_shape, ctx.splits.test, ctx.device)
+        | {"val_accuracy": val},
+        "val_accuracy": val}
+    if step.target.param_ratio is not None:
+        details["target_met"] = after <= step.target.param_ratio * before + 1e-9
+        if not details["target_met"]:
+            details["target_note"] = ("every block is at rank 1: the chosen layers cannot get "
+                                      "smaller by truncation alone")
+    if dropped_masks:
+        details["masks_dropped"] = dropped_masks
+    record = {"step": ctx.step_index, "global_epoch": ctx.global_epoch, "score": step.score,
+              "blocking": step.blocking,
+              "layers": {n: {"ranks": r["ranks"], "full_ranks": r["full_ranks"],
+                             "weight_params_before": r["weight_params_before"],
+                             "weight_params_after": r["weight_params_after"]}
+                         for n, r in report.items()}}
+    ctx.curves.setdefault("lowrank", []).append(record)
+    ctx.reporter.event("lowrank", record)
+    return details
