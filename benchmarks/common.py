@@ -5,6 +5,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,30 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return str(value)
+
+
+def stat(values: list[float]) -> dict[str, float]:
+    """mean, median, min and max of one measurement over seeds."""
+    return {"mean": statistics.fmean(values), "median": statistics.median(values),
+            "min": min(values), "max": max(values)}
+
+
+def grouped_stats(rows: list[dict[str, Any]], by: tuple[str, ...], keys: tuple[str, ...]
+                  ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Rows grouped by the fields `by` (first-seen order): for each group a summary with those
+    fields, `n`, `stat()` of every key in `keys` that all its rows have (not None), and
+    `delta_vs_dense_pt` (mean test accuracy against the mean of the method-"dense" rows),
+    paired with the group's rows so a caller can add its own fields."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    dense_acc = statistics.fmean(r["test_accuracy"] for r in rows if r["method"] == "dense")
+    out = []
+    for values, rs in groups.items():
+        s: dict[str, Any] = dict(zip(by, values)) | {"n": len(rs)}
+        for key in keys:
+            if all(r.get(key) is not None for r in rs):
+                s[key] = stat([float(r[key]) for r in rs])
+        s["delta_vs_dense_pt"] = 100 * (s["test_accuracy"]["mean"] - dense_acc)
+        out.append((s, rs))
+    return out

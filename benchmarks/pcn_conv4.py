@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import dump_results, run_meta
-from benchmarks.pcn_lenet300 import _pct, _stat  # one summary format for all PCN benchmarks
+from benchmarks.common import dump_results, grouped_stats, run_meta, stat
+from benchmarks.pcn_lenet300 import _pct  # one summary format for all PCN benchmarks
 from core import data, metrics, models, pca
 from core.dim_tracking import effective_dim_curve
 from core.pcn_output import pcn_transform
@@ -347,18 +347,10 @@ def _shape(r: dict[str, Any]) -> str:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["setting"], r["K"], r["method"]), []).append(r)
-    dense_acc = statistics.fmean(r["test_accuracy"] for r in groups[("conv4", None, "dense")])
     out = []
-    for (setting, K, method), rs in groups.items():
-        s: dict[str, Any] = {"method": method, "setting": setting, "K": K, "n": len(rs)}
-        for key in ("trainable", "total", "macs", "test_accuracy",
-                    "val_accuracy_after_transform", "transform_s", "epoch_s"):
-            if all(key in r and r[key] is not None for r in rs):
-                s[key] = _stat([float(r[key]) for r in rs])
-        s["delta_vs_dense_pt"] = 100 * (s["test_accuracy"]["mean"] - dense_acc)
+    for s, rs in grouped_stats(rows, ("method", "setting", "K"), (
+            "trainable", "total", "macs", "test_accuracy", "val_accuracy_after_transform",
+            "transform_s", "epoch_s")):
         s["shape"] = sorted({_shape(r) for r in rs})
         out.append(s)
     order = {"dense": 0, "pcn": 1, "tp-prune": 2, "narrow": 3}
@@ -400,7 +392,7 @@ def dim_table(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{statistics.fmean(v):.0f} [{min(v)}, {max(v)}]")
         ep = point["epoch"]
         accs = ["–", "–"] if ep == 0 else [
-            _pct(_stat([r["history"][ep - 1][k] for r in dense]))
+            _pct(stat([r["history"][ep - 1][k] for r in dense]))
             for k in ("accuracy", "val_accuracy")]
         lines.append(f"| {ep} | " + " | ".join(cells) + f" | {accs[0]} | {accs[1]} |")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks.baselines import match_mlp_widths, mlp_trainable, prune_units_by_magnitude
-from benchmarks.common import dump_results, run_meta
+from benchmarks.common import dump_results, grouped_stats, run_meta
 from core import data, metrics, models, pca, pcn
 from core.train import TrainConfig, evaluate, train
 
@@ -184,25 +184,12 @@ def run_transforms(seed: int, K: int, args: argparse.Namespace, splits: data.Spl
               f"{small_cache[key]['test_accuracy']:.4f}", flush=True)
 
 
-def _stat(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "median": statistics.median(values),
-            "min": min(values), "max": max(values)}
-
-
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["setting"], r["K"], r["method"]), []).append(r)
-    dense_acc = statistics.fmean(r["test_accuracy"] for r in groups[("lenet300", None, "dense")])
     out = []
-    for (setting, K, method), rs in groups.items():
-        s: dict[str, Any] = {"method": method, "setting": setting, "K": K, "n": len(rs)}
-        for key in ("trainable", "total", "macs", "test_accuracy", "test_accuracy_at_best_val",
-                    "test_accuracy_after_transform", "transform_s", "transform_epoch_fraction",
-                    "dense_epoch_s"):
-            if all(key in r and r[key] is not None for r in rs):
-                s[key] = _stat([float(r[key]) for r in rs])
-        s["delta_vs_dense_pt"] = 100 * (s["test_accuracy"]["mean"] - dense_acc)
+    for s, rs in grouped_stats(rows, ("method", "setting", "K"), (
+            "trainable", "total", "macs", "test_accuracy", "test_accuracy_at_best_val",
+            "test_accuracy_after_transform", "transform_s", "transform_epoch_fraction",
+            "dense_epoch_s")):
         if "widths" in rs[0]:
             s["widths"] = sorted({tuple(r["widths"]) for r in rs})
         if "dims" in rs[0]:

@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import dump_results, run_meta
-from benchmarks.pcn_lenet300 import _pct, _stat
+from benchmarks.common import dump_results, grouped_stats, run_meta
+from benchmarks.pcn_lenet300 import _pct
 from core import data, metrics, models, pca
 from core.pcn_output import pcn_transform
 from core.train import TrainConfig, evaluate, train
@@ -209,20 +209,9 @@ def run_seed(seed: int, args: argparse.Namespace, splits: data.Splits, rows: lis
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["config"]), []).append(r)
-    dense_acc = statistics.fmean(r["test_accuracy"] for r in rows if r["method"] == "dense")
-    out = []
-    for (method, config), rs in groups.items():
-        s: dict[str, Any] = {"method": method, "config": config, "n": len(rs)}
-        for key in ("trainable", "total", "macs", "test_accuracy",
-                    "val_accuracy_after_transform", "transform_s", "epoch_s"):
-            if all(r.get(key) is not None for r in rs):
-                s[key] = _stat([float(r[key]) for r in rs])
-        s["delta_vs_dense_pt"] = 100 * (s["test_accuracy"]["mean"] - dense_acc)
-        out.append(s)
-    return out
+    return [s for s, _ in grouped_stats(rows, ("method", "config"), (
+        "trainable", "total", "macs", "test_accuracy", "val_accuracy_after_transform",
+        "transform_s", "epoch_s"))]
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
