@@ -19,6 +19,7 @@ from core.lowrank import (
     select_ranks,
 )
 from core.models import build, get_layer, load, save
+from tests.tiny_models import double_model
 
 
 def _double(layer, seed=0):
@@ -168,19 +169,10 @@ TINY_CONV4 = {"name": "conv4", "input_shape": [2, 8, 8], "channels": [3, 5, 6, 4
               "fc": [12, 9], "num_classes": 5}
 
 
-def _double_model(arch, seed=0):
-    torch.manual_seed(seed)
-    model = build(arch).double().eval()
-    for p in model.parameters():
-        if p.ndim == 1:
-            torch.nn.init.uniform_(p, -0.1, 0.1)
-    return model
-
-
 @pytest.mark.parametrize("layer,blocking", [("conv2", "alds"), ("conv3", "square"),
                                             ("fc1", "square"), ("fc3", "none")])
 def test_batched_output_scores_match_naive(layer, blocking):
-    model = _double_model(TINY_CONV4)
+    model = double_model(TINY_CONV4)
     g = torch.Generator().manual_seed(1)
     batches = [torch.rand(6, 2, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
     batched = output_scores(model, layer, blocking, batches, chunk=4)
@@ -191,12 +183,12 @@ def test_batched_output_scores_match_naive(layer, blocking):
             assert torch.allclose(b, n, rtol=1e-5, atol=1e-10)
             assert (n > 0).all()
     # the model is left untouched
-    ref = _double_model(TINY_CONV4)
+    ref = double_model(TINY_CONV4)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
 
 
 def test_magnitude_and_relative_error_scores():
-    model = _double_model(TINY_CONV4)
+    model = double_model(TINY_CONV4)
     mag = layer_scores(model, ["conv2", "fc1"], "alds", "magnitude")
     rel = layer_scores(model, ["conv2", "fc1"], "alds", "relative_error")
     for name in ("conv2", "fc1"):
@@ -222,7 +214,7 @@ def test_select_ranks_greedy_to_budget():
 
 
 def test_score_select_factor_pipeline_shrinks_model():
-    model = _double_model(TINY_CONV4)
+    model = double_model(TINY_CONV4)
     layers = ["conv2", "conv3", "fc1"]
     x = torch.rand(8, 2, 8, 8, dtype=torch.float64)
     scores = layer_scores(model, layers, "square", "output_perturbation", x)

@@ -7,6 +7,7 @@ from core.metrics import param_counts
 from core.models import build
 from core.pca import collect_input_stats
 from core.pcn import PCNConv2d, PCNLinear, pcn_input_transform
+from tests.tiny_models import double_model
 
 TINY_CONV4 = {"name": "conv4", "input_shape": [1, 8, 8], "channels": [3, 5, 6, 4],
               "fc": [12, 9]}
@@ -16,15 +17,6 @@ def calibration(shape, n=300, seed=0):
     from core.data import ArrayDataset
     g = torch.Generator().manual_seed(seed)
     return ArrayDataset(torch.rand(n, *shape, generator=g), torch.zeros(n, dtype=torch.int64))
-
-
-def double_model(arch, seed=0):
-    torch.manual_seed(seed)
-    model = build(arch).double().eval()
-    for p in model.parameters():  # non-zero biases so b~ = b + W mu is exercised
-        if p.ndim == 1:
-            torch.nn.init.uniform_(p, -0.1, 0.1)
-    return model
 
 
 def full_basis(model, layers, dataset):

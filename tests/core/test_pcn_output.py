@@ -8,6 +8,7 @@ from core.pca import LayerStats, collect_input_stats
 from core.pcn import PCNConv2d, PCNLinear
 from core.pcn_graph import unit_groups
 from core.pcn_output import pcn_transform, select_units, unit_scores
+from tests.tiny_models import double_model
 
 TINY_CONV4 = {"name": "conv4", "input_shape": [1, 8, 8], "channels": [3, 5, 6, 4],
               "fc": [12, 9]}
@@ -17,15 +18,6 @@ CONV4_LAYERS = ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2", "fc3"]
 def calibration(shape, n=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     return ArrayDataset(torch.rand(n, *shape, generator=g), torch.zeros(n, dtype=torch.int64))
-
-
-def double_model(arch, seed=0):
-    torch.manual_seed(seed)
-    model = build(arch).double().eval()
-    for p in model.parameters():
-        if p.ndim == 1:
-            torch.nn.init.uniform_(p, -0.1, 0.1)
-    return model
 
 
 def test_select_units_rules_and_ties():
