@@ -293,75 +293,67 @@ def _block_deltas(layer: nn.Module, a: torch.Tensor, block: Block, u: torch.Tens
     return -(proj[..., None] * left).movedim(-2, 0)  # (G, N, ..., out)
 
 
-def _accumulate(acc: dict[str, torch.Tensor], d: torch.Tensor) -> None:
-    """Add per-vector sums over samples: d (G, N, D) output differences."""
-    for key, val in (("sq", d.pow(2).sum(dim=(1, 2))), ("sum", d.sum(1)),
-                     ("sumsq", d.pow(2).sum(1)), ("n", torch.tensor(float(d.shape[1])))):
-        acc[key] = acc[key] + val if key in acc else val
-
-
-def _finish(acc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = acc["n"]
-    mean = acc["sum"] / n
-    var = (acc["sumsq"] / n - mean.pow(2)).clamp(min=0).sum(-1)
-    return acc["sq"] / n, var
+def _finish(sq: torch.Tensor, total: torch.Tensor, totsq: torch.Tensor, n: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector output perturbation and output variance from sums over `n` samples."""
+    mean = total / n
+    return sq / n, (totsq / n - mean.pow(2)).clamp(min=0).sum(-1)
 
 
 def output_scores(model: nn.Module, name: str, blocking: str,
-                  inputs: torch.Tensor | Iterable[torch.Tensor], *, chunk: int = 32
-                  ) -> dict[str, list[torch.Tensor]]:
+                  inputs: torch.Tensor | Iterable[torch.Tensor], *, chunk: int = 64,
+                  max_elements: int = 1 << 22) -> dict[str, list[torch.Tensor]]:
     """Batched output perturbation and output variance of every singular vector of `name`.
 
     For each block b and index i: `output_perturbation = E_x ||y(x) - y_{-(b,i)}(x)||^2` and
     `output_variance = sum_k Var_x[(y - y_{-(b,i)})_k]` (population variance) over the
-    calibration `inputs` (one tensor or an iterable of batches). The layer's input activations
-    are captured once per batch; up to `chunk` removed vectors of one block are evaluated in one
-    forward of the batch repeated `chunk` times, with a forward hook replacing the layer's
-    output by `output + delta_g` (delta from the captured input). Runs in eval mode, no_grad.
-    Returns float64 tensors per block (layout order), indexed like the block's singular values.
+    calibration `inputs` (one tensor or an iterable of batches). Per batch the network runs once
+    (`core.tail.TailRunner`), keeping the layer's input `a` and output `z`; removing vector i
+    changes the layer output by `delta_i = -s_i u_i (v_i^T a)` (no weight is touched), and up to
+    `chunk` such `z + delta_i` (and at most `max_elements` values in all) are stacked and
+    pushed through the part of the network *after* the layer only. Untraceable models fall back to full forwards of the repeated batch.
+    Runs in eval mode, no_grad. Returns float64 tensors per block (layout order), indexed like
+    the block's singular values.
     """
     from core.models import get_layer
+    from core.tail import tail_runner
 
     layer = get_layer(model, name)
     _check_layer(name, layer)
     layout, svds = block_layout(layer, blocking), block_svds(layer, blocking)
     out_dim = int(layer.weight.shape[0])
-    accs: list[list[dict[str, torch.Tensor]]] = [
-        [{} for _ in range(0, s.numel(), chunk)] for _, s, _ in svds]
+    sums: list[list[torch.Tensor]] = []  # per block: [sum d^2, sum d, sum d^2 per output]
+    seen = 0
     was_training = model.training
     model.eval()
-    state: dict[str, Any] = {}
-
-    def hook(_mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> Any:
-        if "delta" not in state:
-            state["a"] = inp[0].detach()
-            return None
-        delta = state["delta"]
-        return (out.reshape(delta.shape) + delta).reshape(out.shape)
-
-    handle = layer.register_forward_hook(hook)
     try:
+        runner = tail_runner(model, name, layer)
         with torch.no_grad():
             for x in _batches(inputs):
-                state.pop("delta", None)
-                y = model(x)
-                y_flat, a = y.reshape(y.shape[0], -1), state["a"]
-                for (u, s, vh), block, block_accs in zip(svds, layout, accs):
-                    for acc, start in zip(block_accs, range(0, s.numel(), chunk)):
-                        sl = slice(start, min(start + chunk, s.numel()))
+                y, a, z = runner.prime(x)
+                y_flat = y.reshape(y.shape[0], -1).to(torch.float64)
+                # stack at most `max_elements` layer-output values: big stacks thrash the cache
+                step = max(1, min(chunk, max_elements // max(1, z.numel())))
+                if not sums:
+                    sums = [[torch.zeros(s.numel(), dtype=torch.float64, device=y.device),
+                             torch.zeros(s.numel(), y_flat.shape[1], dtype=torch.float64, device=y.device),
+                             torch.zeros(s.numel(), y_flat.shape[1], dtype=torch.float64, device=y.device)]
+                            for _, s, _ in svds]
+                for (u, s, vh), block, acc in zip(svds, layout, sums):
+                    for start in range(0, s.numel(), step):
+                        sl = slice(start, min(start + step, s.numel()))
                         delta = _block_deltas(layer, a, block, u[:, sl], s[sl], vh[sl], out_dim)
-                        state["delta"] = delta
-                        g = delta.shape[0]
-                        y_pert = model(torch.cat([x] * g)).reshape(g, *y_flat.shape)
-                        _accumulate(acc, (y_flat[None] - y_pert).to(torch.float64))
+                        y_pert = runner.tail(z[None] + delta)  # (G, N, ...)
+                        d = y_flat[None] - y_pert.reshape(delta.shape[0], *y_flat.shape)
+                        acc[0][sl] += d.pow(2).sum(dim=(1, 2))
+                        acc[1][sl] += d.sum(1)
+                        acc[2][sl] += d.pow(2).sum(1)
+                seen += x.shape[0]
     finally:
-        handle.remove()
         model.train(was_training)
-    pert, var = [], []
-    for block_accs in accs:
-        parts = [_finish(acc) for acc in block_accs]
-        pert.append(torch.cat([p for p, _ in parts]))
-        var.append(torch.cat([v for _, v in parts]))
+    parts = [_finish(*acc, seen) for acc in sums]
+    pert = [p.cpu() for p, _ in parts]
+    var = [v.cpu() for _, v in parts]
     return {"output_perturbation": pert, "output_variance": var}
 
 
@@ -406,7 +398,7 @@ def output_scores_naive(model: nn.Module, name: str, blocking: str,
 
 def layer_scores(model: nn.Module, layers: list[str], blocking: str, score: str,
                  inputs: torch.Tensor | Iterable[torch.Tensor] | None = None, *,
-                 chunk: int = 32) -> dict[str, list[torch.Tensor]]:
+                 chunk: int = 64) -> dict[str, list[torch.Tensor]]:
     """Scores (float64, per layer, per block in layout order, per singular vector) of `score`.
 
     magnitude: `s_i`; relative_error: `s_i^2 / sum_j s_j^2` within the block; output_* need
