@@ -162,10 +162,17 @@ def _replay_lowrank(model: nn.Module, edit: dict[str, Any]) -> None:
     replay_lowrank(model, edit)
 
 
+def _replay_dctps(model: nn.Module, edit: dict[str, Any]) -> None:
+    from core.dctps import replay_dctps
+
+    replay_dctps(model, edit)
+
+
 EDIT_OPS: dict[str, Callable[[nn.Module, dict[str, Any]], None]] = {
     "pcn_input": _replay_pcn_input,
     "pcn_output": _replay_pcn_output,
     "lowrank": _replay_lowrank,
+    "dctps": _replay_dctps,
 }
 
 
