@@ -16,6 +16,7 @@ scores on `--samples` calibration images), then for every ratio the ranks are se
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -54,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=256, help="calibration images for scores")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--naive-layers", nargs="+", default=None,
+                   help="layers for the naive-vs-batched timing (default: all)")
+    p.add_argument("--plot", default=None,
+                   help="accuracy-vs-ratio figure (default docs/figures/lowrank_<model>.png)")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="re-print the table and redraw the plot from --out")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -111,18 +118,19 @@ def run_seed(seed: int, args: argparse.Namespace, train_set, test_set) -> dict[s
                                  sum(r["ranks"]) / sum(r["full_ranks"])
                                  for r in report.values())})
                 print(rows[-1] | {"ranks": None}, flush=True)
-    # batched vs naive output perturbation (no blocking), every layer
-    t = time.perf_counter()
-    batched = {n: output_scores(model, n, "none", calib)["output_perturbation"] for n in layers}
-    batched_s = time.perf_counter() - t
-    t = time.perf_counter()
-    naive = {n: output_scores_naive(model, n, "none", calib)["output_perturbation"]
-             for n in layers}
-    naive_s = time.perf_counter() - t
-    agree = max(float(((torch.cat(list(map(torch.as_tensor, batched[n])))
-                        - torch.cat(list(map(torch.as_tensor, naive[n])))).abs()
-                       / torch.cat(list(map(torch.as_tensor, naive[n]))).abs().clamp(min=1e-30)
-                       ).max()) for n in layers)
+    # batched vs naive output perturbation (no blocking), per layer
+    per_layer = {}
+    for n in args.naive_layers or layers:
+        t = time.perf_counter()
+        batched = torch.cat(output_scores(model, n, "none", calib)["output_perturbation"])
+        batched_s = time.perf_counter() - t
+        t = time.perf_counter()
+        naive = torch.cat(output_scores_naive(model, n, "none", calib)["output_perturbation"])
+        naive_s = time.perf_counter() - t
+        per_layer[n] = {"vectors": naive.numel(), "batched_s": batched_s, "naive_s": naive_s,
+                        "max_rel_diff": float(((batched - naive).abs()
+                                               / naive.abs().clamp(min=1e-30)).max())}
+        print(n, per_layer[n], flush=True)
     # latency at batch 256: dense vs the ratio-0.1 output-perturbation cut, no blocking
     scores = layer_scores(model, layers, "none", "output_perturbation", calib)
     ranks = select_ranks(scores, {n: block_shapes(get_layer(model, n), "none")
@@ -137,9 +145,7 @@ def run_seed(seed: int, args: argparse.Namespace, train_set, test_set) -> dict[s
                "dense_params": metrics.param_counts(model)["total"],
                "factored_params": metrics.param_counts(cut)["total"]}
     return {"seed": seed, "dense_accuracy": dense_acc, "epoch_s": epoch_s, "rows": rows,
-            "scoring_s": timing, "naive_vs_batched": {"batched_s": batched_s,
-                                                       "naive_s": naive_s,
-                                                       "max_rel_diff": agree},
+            "scoring_s": timing, "naive_vs_batched": per_layer,
             "latency": latency}
 
 
@@ -163,9 +169,17 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for key, v in res["scoring_s"].items():
         lines.append(f"| {key} | {v:.2f} | {v / res['epoch_s']:.3f} |")
     nb = res["naive_vs_batched"]
-    lines += ["", (f"output perturbation, all layers, no blocking: batched {nb['batched_s']:.2f} s,"
-              f" naive {nb['naive_s']:.2f} s ({nb['naive_s'] / nb['batched_s']:.1f}x), max "
-              f"relative difference {nb['max_rel_diff']:.1e}; one epoch {res['epoch_s']:.1f} s")]
+    lines += ["", ("| output perturbation, no blocking | vectors | batched s | naive s | speed-up "
+                   "| batched x one epoch | max rel. diff |"), "|---|---|---|---|---|---|---|"]
+    tot_b, tot_n = sum(v["batched_s"] for v in nb.values()), sum(v["naive_s"] for v in nb.values())
+    for layer, v in [*nb.items(), ("all", {"vectors": sum(v["vectors"] for v in nb.values()),
+                                            "batched_s": tot_b, "naive_s": tot_n,
+                                            "max_rel_diff": max(v["max_rel_diff"]
+                                                                for v in nb.values())})]:
+        lines.append(f"| {layer} | {v['vectors']} | {v['batched_s']:.2f} | {v['naive_s']:.2f} | "
+                     f"{v['naive_s'] / v['batched_s']:.1f}x | {v['batched_s'] / res['epoch_s']:.3f}"
+                     f" | {v['max_rel_diff']:.1e} |")
+    lines.append(f"one training epoch: {res['epoch_s']:.1f} s")
     lat = res["latency"]
     lines += [(f"latency (batch 256, median of 25): dense {lat['dense_ms']:.2f} ms, factored "
               f"(ratio 0.1) {lat['factored_ms']:.2f} ms ({lat['dense_ms'] / lat['factored_ms']:.2f}x"
@@ -174,17 +188,56 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict[str, Any]], args: argparse.Namespace, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for res in results for r in res["rows"]]
+    dense = statistics.mean(r["dense_accuracy"] for r in results)
+    fig, axes = plt.subplots(1, len(args.blockings), figsize=(4.2 * len(args.blockings), 3.6),
+                             sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], args.blockings):
+        for i, s in enumerate(args.scores):
+            for key, style in (("accuracy_cut", "--"), ("accuracy_finetuned", "-")):
+                ys = [100 * statistics.mean(r[key] for r in rows if r["blocking"] == b
+                                            and r["score"] == s and r["ratio"] == ratio)
+                      for ratio in args.ratios]
+                ax.plot(args.ratios, ys, style, marker="o", color=f"C{i}",
+                        label=s if key == "accuracy_finetuned" else None)
+        ax.axhline(100 * dense, color="grey", lw=0.8, ls=":", label="dense")
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("parameter ratio")
+        ax.set_title(f"blocking: {b}")
+    axes[0][0].set_ylabel("test accuracy % (dashed: after cut; solid: fine-tuned)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{args.model}, Fashion-MNIST, {len(results)} seed(s)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    out = Path(args.out or f"benchmarks/out/lowrank_{args.model}.json")
+    figure = args.plot or f"docs/figures/lowrank_{args.model}.png"
+    if args.summarize_only:
+        results = json.loads(out.read_text())["runs"]
+        print(table(results, args))
+        plot(results, args, figure)
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     train_set, test_set = data.fashion_mnist(args.data_dir)
     results = [run_seed(s, args, train_set, test_set) for s in range(args.seeds)]
     text = table(results, args)
     print(text)
-    out = Path(args.out or f"benchmarks/out/lowrank_{args.model}.json")
     dump_results(out, run_meta(args, complete=True, runtime=time.perf_counter() - started),
                  None, results, text)
+    plot(results, args, figure)
     print(f"runtime {time.perf_counter() - started:.0f} s")
 
 
