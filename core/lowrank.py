@@ -421,23 +421,51 @@ def layer_scores(model: nn.Module, layers: list[str], blocking: str, score: str,
     return out
 
 
-def select_ranks(scores: dict[str, list[torch.Tensor]],
-                 shapes: dict[str, list[tuple[int, int]]], param_ratio: float
-                 ) -> dict[str, list[int]]:
-    """Greedy global selection of per-block ranks to a parameter budget.
+def layer_positions(model: nn.Module, layers: list[str], input_shape: Iterable[int]
+                    ) -> dict[str, int]:
+    """Output positions per sample of each layer (H'*W' for a Conv2d, the leading dims' product
+    for a Linear: 1 on flat inputs), from one forward of a zero sample. A block's MACs per
+    sample are then `positions * (its weight params)`, dense or factored alike."""
+    from core.models import get_layer
 
-    Cost counted as `sum_b r_b (p_b + q_b)` over all blocks of all layers; target
-    `param_ratio * sum_b p_b q_b`. Truncation keeps the top singular vectors, so only a block's
-    current last kept vector can be removed: repeatedly remove, over all blocks, the removable
-    vector with the lowest score (ties: first layer, block, in order) until the cost meets the
-    target or every block is at rank 1 (ranks never drop below 1).
+    seen: dict[str, int] = {}
+    handles = [get_layer(model, n).register_forward_hook(
+        lambda m, _i, out, n=n: seen.__setitem__(n, out[0].numel() // int(m.weight.shape[0])))
+        for n in layers]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: seen[n] for n in layers}
+
+
+def select_ranks(scores: dict[str, list[torch.Tensor]],
+                 shapes: dict[str, list[tuple[int, int]]], ratio: float,
+                 weights: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Greedy global selection of per-block ranks to a cost budget.
+
+    Cost counted as `sum_b w_l r_b (p_b + q_b)` over all blocks of all layers l; target
+    `ratio * sum_b w_l p_b q_b`. With `weights=None` (w = 1) the cost is the parameter count;
+    with `weights = layer_positions(...)` it is the MACs per sample. Truncation keeps the top
+    singular vectors, so only a block's current last kept vector can be removed: repeatedly
+    remove, over all blocks, the removable vector with the lowest score (ties: first layer,
+    block, in order) until the cost meets the target or every block is at rank 1 (ranks never
+    drop below 1).
     """
-    if not 0 < param_ratio <= 1:
-        raise SpecError(f"param_ratio must be in (0, 1], got {param_ratio}")
+    if not 0 < ratio <= 1:
+        raise SpecError(f"the target ratio must be in (0, 1], got {ratio}")
+    w = weights or {}
     keys = [(name, b) for name in scores for b in range(len(scores[name]))]
     ranks = {key: int(scores[key[0]][key[1]].numel()) for key in keys}
-    width = {(name, b): p + q for name in shapes for b, (p, q) in enumerate(shapes[name])}
-    target = param_ratio * sum(p * q for name in shapes for p, q in shapes[name])
+    width = {(name, b): w.get(name, 1) * (p + q)
+             for name in shapes for b, (p, q) in enumerate(shapes[name])}
+    target = ratio * sum(w.get(name, 1) * p * q for name in shapes for p, q in shapes[name])
     cost = sum(ranks[key] * width[key] for key in keys)
     heap = [(float(scores[key[0]][key[1]][ranks[key] - 1]), i, key)
             for i, key in enumerate(keys) if ranks[key] > 1]
@@ -453,5 +481,5 @@ def select_ranks(scores: dict[str, list[torch.Tensor]],
 
 __all__ = ["BLOCKINGS", "SCORES", "LowRankLayer", "block_layout", "block_matrices",
            "block_params", "block_shapes", "block_svds", "factorize_layer", "full_ranks",
-           "is_factored", "layer_matrix", "layer_scores", "lowrank_transform", "output_scores",
+           "is_factored", "layer_matrix", "layer_positions", "layer_scores", "lowrank_transform", "output_scores",
            "output_scores_naive", "replay_lowrank", "select_ranks"]

@@ -215,19 +215,23 @@ class PruneStep(Strict):
 
 
 class LowRankTarget(Strict):
-    """Exactly one: a global parameter ratio (the chosen layers' weights after / before), or
-    explicit ranks per layer (one int for every block, or a list with one rank per block)."""
+    """Exactly one: a global parameter ratio (the chosen layers' weights after / before), a MAC
+    ratio (the chosen layers' multiply-accumulates per sample after / before: spends the budget
+    where the compute is, i.e. on the convs), or explicit ranks per layer (one int for every
+    block, or a list with one rank per block)."""
 
     param_ratio: float | None = Field(default=None, gt=0, le=1)
+    mac_ratio: float | None = Field(default=None, gt=0, le=1)
     ranks: dict[LayerName, Annotated[int, Field(ge=1)]
                 | Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]] | None = \
         Field(default=None, min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> LowRankTarget:
-        given = [k for k in ("param_ratio", "ranks") if getattr(self, k) is not None]
+        given = [k for k in ("param_ratio", "mac_ratio", "ranks") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of param_ratio, ranks; got {given or 'none'}")
+            raise ValueError("give exactly one of param_ratio, mac_ratio, ranks; got "
+                             f"{given or 'none'}")
         return self
 
 

@@ -1,7 +1,8 @@
 """The `lowrank` step (seed 003): every chosen Linear/Conv2d viewed as a matrix (conv:
 `(C_out, C_in*kh*kw)`), optionally blocked, SVD'd per block; the singular vectors are scored on
-one global scale, the lowest-scoring ones dropped greedily until the parameter target is met
-(or the given ranks are used), and each layer is materialised as a real factor pair
+one global scale, the lowest-scoring ones dropped greedily until the parameter target
+(`param_ratio`) or the MAC target (`mac_ratio`: the chosen layers' MACs per sample) is met (or
+the given ranks are used), and each layer is materialised as a real factor pair
 (`core.lowrank`). Fine-tuning is a normal `train` step after it.
 """
 from __future__ import annotations
@@ -12,7 +13,14 @@ from typing import Any
 from torch import nn
 
 from core.errors import SpecError
-from core.lowrank import block_shapes, full_ranks, layer_scores, lowrank_transform, select_ranks
+from core.lowrank import (
+    block_shapes,
+    full_ranks,
+    layer_positions,
+    layer_scores,
+    lowrank_transform,
+    select_ranks,
+)
 from core.models import get_layer
 from core.train import evaluate
 from jobs.spec import LowRankStep
@@ -62,6 +70,7 @@ def _given_ranks(ctx: StepContext, step: LowRankStep, layers: list[str]
 
 def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
     layers = _layers(ctx, step)
+    positions = layer_positions(ctx.model, layers, ctx.input_shape)
     start = time.perf_counter()
     if step.target.ranks is not None:
         ranks = _given_ranks(ctx, step, layers)
@@ -72,8 +81,11 @@ def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
             inputs = calibration_set(ctx, step.samples).x.to(ctx.device)
         scores = layer_scores(ctx.model, layers, step.blocking, step.score, inputs)
         shapes = {n: block_shapes(get_layer(ctx.model, n), step.blocking) for n in layers}
-        assert step.target.param_ratio is not None
-        ranks = select_ranks(scores, shapes, step.target.param_ratio)
+        if step.target.mac_ratio is not None:
+            ranks = select_ranks(scores, shapes, step.target.mac_ratio, positions)
+        else:
+            assert step.target.param_ratio is not None
+            ranks = select_ranks(scores, shapes, step.target.param_ratio)
     scoring_wall_s = time.perf_counter() - start
     ctx.check_cancel()
     ctx.reporter.progress(0.5, "lowrank: factoring layers")
@@ -83,18 +95,27 @@ def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
     dropped_masks = keep_valid_masks(ctx)
     before = sum(r["weight_params_before"] for r in report.values())
     after = sum(r["weight_params_after"] for r in report.values())
+    macs_before = sum(positions[n] * r["weight_params_before"] for n, r in report.items())
+    macs_after = sum(positions[n] * r["weight_params_after"] for n, r in report.items())
     val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
     details: dict[str, Any] = {
         "score": step.score, "blocking": step.blocking,
         "target": step.target.model_dump(exclude_none=True),
         "layers": report, "weight_params_before": before, "weight_params_after": after,
         "weight_ratio": after / before if before else 1.0,
+        "layer_macs_before": macs_before, "layer_macs_after": macs_after,
+        "mac_ratio": macs_after / macs_before if macs_before else 1.0,
         "scoring_wall_s": scoring_wall_s,
         "after_cut": model_metrics(ctx.model, ctx.input_shape, ctx.splits.test, ctx.device)
         | {"val_accuracy": val},
         "val_accuracy": val}
+    met = None
     if step.target.param_ratio is not None:
-        details["target_met"] = after <= step.target.param_ratio * before + 1e-9
+        met = after <= step.target.param_ratio * before + 1e-9
+    elif step.target.mac_ratio is not None:
+        met = macs_after <= step.target.mac_ratio * macs_before + 1e-9
+    if met is not None:
+        details["target_met"] = met
         if not details["target_met"]:
             details["target_note"] = ("every block is at rank 1: the chosen layers cannot get "
                                       "smaller by truncation alone")

@@ -57,7 +57,7 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     ({"steps": [{"op": "snip", "sparsity": 1}]}, "steps[0].sparsity"),
     ({"steps": [{"op": "snip"}]}, "steps[0].sparsity"),
     ({"steps": [{"op": "random", "sparsity": 0.9, "labels": "uniform"}]}, "only used by op"),
-    ({"steps": [{"op": "lowrank", "target": {}}]}, "exactly one of param_ratio, ranks"),
+    ({"steps": [{"op": "lowrank", "target": {}}]}, "exactly one of param_ratio, mac_ratio, ranks"),
     ({"steps": [{"op": "lowrank", "target": {"param_ratio": 1.5}}]},
      "steps[0].target.param_ratio"),
     ({"steps": [{"op": "lowrank", "target": {"param_ratio": 0.1}, "blocking": "diag"}]},

@@ -226,3 +226,19 @@ def test_score_select_factor_pipeline_shrinks_model():
     assert counted <= 0.5 * sum(p * q for n in layers for p, q in shapes[n])
     assert sum(report[n]["weight_params_after"] for n in layers) <= counted
     assert new(x).shape == model(x).shape
+
+
+def test_layer_positions_and_mac_weighted_selection():
+    from core.lowrank import layer_positions
+
+    model = double_model(TINY_CONV4)
+    layers = ["conv1", "conv3", "fc1"]
+    pos = layer_positions(model, layers, TINY_CONV4["input_shape"])
+    assert pos == {"conv1": 64, "conv3": 16, "fc1": 1}  # 8x8, after one 2x2 pool, flat
+    shapes = {n: block_shapes(get_layer(model, n), "none") for n in layers}
+    scores = layer_scores(model, layers, "none", "relative_error")
+    by_macs = select_ranks(scores, shapes, 0.5, pos)
+    macs = sum(pos[n] * min(r * (p + q), p * q) for n in layers
+               for r, (p, q) in zip(by_macs[n], shapes[n]))
+    assert macs <= 0.5 * sum(pos[n] * p * q for n in layers for p, q in shapes[n])
+    assert by_macs != select_ranks(scores, shapes, 0.5)
