@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--train-subset", type=int, default=20_000)
+    p.add_argument("--test-subset", type=int, default=10_000,
+                   help="test images used (first N of the 10k test split)")
     p.add_argument("--samples", type=int, default=256, help="calibration images for scores")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
@@ -79,7 +81,8 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 30) -> fl
 def run_seed(seed: int, args: argparse.Namespace, train_set, test_set) -> dict[str, Any]:
     splits = data.split(train_set, test_set, seed)
     splits = data.Splits(splits.train.subset(torch.arange(args.train_subset)),
-                         splits.val.subset(torch.arange(1000)), splits.test)
+                         splits.val.subset(torch.arange(1000)),
+                         splits.test.subset(torch.arange(min(args.test_subset, len(splits.test)))))
     model = models.build({"name": args.model}, generator=torch.Generator().manual_seed(seed))
     init_variance_scaling(model, torch.Generator().manual_seed(seed))
     cfg = TrainConfig(epochs=args.epochs, optimizer="adam", lr=1e-3, batch_size=100)
