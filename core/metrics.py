@@ -3,7 +3,12 @@
 MACs count multiply-accumulates of Linear, Conv2d and PCN layers for ONE sample:
 Linear `in*out`; Conv2d `H_out*W_out*C_out*(C_in/groups)*kh*kw`; PCNLinear `m*k + k*n`
 (projection + layer); PCNConv2d `H_in*W_in*m*k` (1x1 projection at input resolution) plus the
-k-channel conv. Biases, mean subtraction, BatchNorm, activations and pooling are not counted.
+k-channel conv. A DCTpS layer (`core.dctps`) computes a dense `alpha * D + S` weight and is
+counted as the Linear/Conv2d it computes. Biases, mean subtraction, BatchNorm, activations and
+pooling are not counted.
+
+Parameters: a DCTpS layer's fixed D is a non-persistent buffer rebuilt from the shape (never
+stored or trained): it is not counted (`fixed_dct_params` gives its size separately).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from core.dctps import DCTpSConv2d, DCTpSLayer, DCTpSLinear
 from core.pcn import PCNConv2d, PCNLinear
 
 _PCN = (PCNLinear, PCNConv2d)
@@ -35,6 +41,12 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
+def fixed_dct_params(model: nn.Module) -> int:
+    """Entries of the fixed DCT matrices D of the model's DCTpS layers (not in `param_counts`:
+    D is rebuilt from the layer shape, never stored nor trained)."""
+    return sum(m.D.numel() for m in model.modules() if isinstance(m, DCTpSLayer))
+
+
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     """MACs of one forward pass of one sample of shape `input_shape` (see module docstring)."""
     total = 0
@@ -42,9 +54,9 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
         h = inputs[0]
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, DCTpSLinear)):
             total += output.numel() // module.out_features * module.in_features * module.out_features
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, (nn.Conv2d, DCTpSConv2d)):
             kh, kw = module.kernel_size
             total += output.numel() * (module.in_channels // module.groups) * kh * kw
         elif isinstance(module, PCNLinear):
@@ -56,7 +68,7 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
             total += spatial_in * module.in_channels * module.dims
             total += output.numel() * module.dims * kh * kw
 
-    kinds = (nn.Linear, nn.Conv2d, *_PCN)
+    kinds = (nn.Linear, nn.Conv2d, *_PCN, DCTpSLinear, DCTpSConv2d)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32

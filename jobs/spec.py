@@ -3,6 +3,7 @@
 validation context: `JobSpec.model_validate(data, context={"max_epochs": settings.max_epochs})`."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -19,7 +20,11 @@ MAX_EPOCHS = 200
 MAX_STEPS = 32
 BUILTIN_DATASETS = ("fashion-mnist", "synthetic-blobs", "synthetic-tiny")
 # Named in DESIGN.md but not implemented by the worker yet: refused with a clear 422.
-PLANNED_OPS = ("dctps", "analyze", "export")
+PLANNED_OPS = ("export",)
+# Ops that need plain (dense) Linear/Conv2d weights: refused after a dctps step, whose layers
+# are `alpha * D + S` with a fixed sparse support (see DCTpSStep).
+DENSE_WEIGHT_OPS = ("snip", "random", "magnitude", "synflow", "lowrank", "pcn")
+ANALYSIS_KINDS = ("unit_pruning", "spectrum", "elbow", "angles")
 
 
 class Strict(BaseModel):
@@ -250,10 +255,119 @@ class LowRankStep(Strict):
     layers: Literal["all"] | LayerList = "all"
 
 
-Step = Annotated[TrainStep | EvaluateStep | PCNStep | PruneStep | LowRankStep,
-                 Field(discriminator="op")]
+class DCTpSStep(Strict):
+    """DCT plus Sparse (seed 002): every chosen Linear/Conv2d becomes `alpha * D + S`, D the
+    fixed DCT of the layer's shape (a buffer, never stored or trained), S sparse on a fixed
+    random support of `density` of the chosen layers' weights, split by `allocation`.
+    A following train step trains only S's values, alpha and biases (the paper: Adam 1e-3,
+    weight decay 5e-4)."""
+
+    op: Literal["dctps"]
+    density: float = 0.01
+    allocation: Literal["epl", "epf", "uniform", "erk"] = "epl"
+    alpha: Literal["trainable"] | float = "trainable"
+    # "all" = every plain Linear/Conv2d of the model; or a list of names
+    layers: Literal["all"] | LayerList = "all"
+
+    @field_validator("density", mode="before")
+    @classmethod
+    def _density(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 < value <= 1:
+            raise ValueError(f"density must be a number in (0, 1] (the fraction of the chosen "
+                             f"layers' weights kept trainable in S, e.g. 0.01 for 1%), got "
+                             f"{value!r}")
+        return float(value)
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha(cls, value: Any) -> Any:
+        if value == "trainable":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ValueError(f'alpha must be "trainable" (a learned scalar per layer, the '
+                             f'default) or a finite number that fixes it (e.g. 1.0), got '
+                             f'{value!r}')
+        return float(value)
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError("layers names a layer twice")
+        return value
+
+
+class AnalyzeStep(Strict):
+    """Redundancy analyses of seed 001 on the current model; the model is not changed.
+    `unit_pruning`: validation accuracy vs units removed physically (magnitude, frame
+    potential, random over `seeds` orders); `spectrum`: eigenvalues of W W^T against
+    Marchenko–Pastur for the init variance; `elbow`: residual energy vs rank, its knee, and
+    validation accuracy of rank-k projections; `angles`: principal angles between the top-`k`
+    row spaces of each layer and the same layer of `other_model`."""
+
+    op: Literal["analyze"]
+    kinds: Annotated[list[Literal["unit_pruning", "spectrum", "elbow", "angles"]],
+                     Field(min_length=1, max_length=4)] = \
+        Field(default_factory=lambda: ["unit_pruning", "spectrum", "elbow"])
+    # "auto" = the widest layers (core.pcn_select.auto_layers), or a list of layer names
+    layers: Literal["auto"] | LayerList = "auto"
+    other_model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    k: int = Field(default=10, ge=1, le=100_000)  # angles: subspace dim; elbow: an extra rank
+    seeds: int = Field(default=5, ge=1, le=100)  # random unit-pruning orders
+    counts: Annotated[list[Annotated[int, Field(ge=0)]],
+                      Field(min_length=1, max_length=256)] | None = None
+    # init the spectrum's Marchenko–Pastur law assumes; "auto": the zoo's `init` for models
+    # built by the service, PyTorch's default for a lineage starting at an upload
+    init: Literal["auto", "glorot", "kaiming", "torch"] = "auto"
+
+    @field_validator("kinds", "layers")
+    @classmethod
+    def _distinct(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"{info.field_name} names an entry twice")
+        return value
+
+    @field_validator("counts")
+    @classmethod
+    def _ascending(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and value != sorted(set(value)):
+            raise ValueError("counts must be strictly increasing numbers of units removed, "
+                             "e.g. [0, 8, 16, 32]")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_of_the_kinds(self) -> AnalyzeStep:
+        if "angles" in self.kinds and self.other_model is None:
+            raise ValueError('kinds has "angles": give other_model, the id of a second model '
+                             "of yours with the same layer shapes (e.g. the same architecture "
+                             "trained from another seed), or drop \"angles\"")
+        if "angles" not in self.kinds and self.other_model is not None:
+            raise ValueError('other_model: only used with kinds containing "angles"')
+        if "unit_pruning" not in self.kinds:
+            fields = type(self).model_fields
+            changed = [k for k in ("seeds", "counts") if getattr(self, k) != fields[k].default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: only used with kinds containing "
+                                 '"unit_pruning"')
+        if "spectrum" not in self.kinds and self.init != "auto":
+            raise ValueError('init: only used with kinds containing "spectrum"')
+        return self
+
+
+Step = Annotated[TrainStep | EvaluateStep | PCNStep | PruneStep | LowRankStep | DCTpSStep
+                 | AnalyzeStep, Field(discriminator="op")]
 AVAILABLE_OPS = ("train", "evaluate", "pcn", "snip", "random", "magnitude", "synflow",
-                 "lowrank")
+                 "lowrank", "dctps", "analyze")
+
+
+def after_dctps_message(op: str, where: str, source: str) -> str:
+    """Why a step needing dense weights cannot follow a DCTpS transform, and what to do."""
+    return (f"{where}: op '{op}' cannot run after {source}: DCTpS layers are alpha * D + S "
+            "with a fixed sparse support and no dense weight to prune, factor or project; run "
+            f"'{op}' before dctps (dctps then replaces those weights anyway) or in a job on a "
+            "model without dctps")
 
 
 class ModelArch(Strict):
@@ -301,6 +415,16 @@ class JobSpec(Strict):
                                  "before it")
         return self
 
+    @model_validator(mode="after")
+    def _dense_ops_before_dctps(self) -> JobSpec:
+        first = next((i for i, s in enumerate(self.steps) if isinstance(s, DCTpSStep)), None)
+        if first is not None:
+            for i, step in enumerate(self.steps[first + 1:], start=first + 1):
+                if step.op in DENSE_WEIGHT_OPS:
+                    raise ValueError(after_dctps_message(step.op, f"steps[{i}]",
+                                                         f"the dctps step steps[{first}]"))
+        return self
+
     @field_validator("dataset")
     @classmethod
     def _dataset_name(cls, value: str) -> str:
@@ -317,6 +441,12 @@ class JobSpec(Strict):
     @property
     def model_id(self) -> str | None:
         return self.model if isinstance(self.model, str) else None
+
+    @property
+    def other_model_ids(self) -> list[str]:
+        """Model ids named by steps (analyze's `other_model`), in step order."""
+        return [s.other_model for s in self.steps
+                if isinstance(s, AnalyzeStep) and s.other_model is not None]
 
     @property
     def builtin_dataset(self) -> bool:

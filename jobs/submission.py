@@ -12,11 +12,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from jobs.datasets import check_dataset_ref
-from jobs.errors import BadRequest, IdempotencyConflict, NotFound, Unprocessable
+from jobs.errors import BadRequest, IdempotencyConflict, InvalidSpec, NotFound, Unprocessable
 from jobs.events import record_event
 from jobs.model_registry import get_model
-from jobs.orm import Job
-from jobs.spec import JobSpec
+from jobs.orm import Job, Model
+from jobs.spec import DENSE_WEIGHT_OPS, JobSpec, after_dctps_message
 from jobs.states import STATUSES, mark_failed, request_cancel
 
 
@@ -30,7 +30,14 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
     """Insert a queued job; returns (job, created). Same key + same spec → the existing job;
     same key + another spec → 409."""
     if spec.model_id is not None:
-        get_model(session, tenant_id, spec.model_id)
+        check_model_fits_steps(get_model(session, tenant_id, spec.model_id), spec)
+    for other in spec.other_model_ids:
+        try:
+            get_model(session, tenant_id, other)
+        except NotFound:
+            raise NotFound(f"other_model {other!r} (analyze angles) not found: give the id of "
+                           "one of your models (POST /v1/models, or a job's result.model_id)") \
+                from None
     check_dataset_ref(session, tenant_id, spec.dataset)
     document = spec_document(spec)
     if idempotency_key is not None:
@@ -56,6 +63,18 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
         return _replay(existing, document), False
     record_event(session, job.id, "status", {"status": "queued"})
     return job, True
+
+
+def check_model_fits_steps(model: Model, spec: JobSpec) -> None:
+    """A model whose arch has a dctps edit has no dense weights: ops that need them are a 422
+    before anything is queued (the worker checks the same for models it builds)."""
+    edits = (model.arch or {}).get("edits") or []
+    if not any(isinstance(e, dict) and e.get("op") == "dctps" for e in edits):
+        return
+    for i, step in enumerate(spec.steps):
+        if step.op in DENSE_WEIGHT_OPS:
+            raise InvalidSpec(after_dctps_message(step.op, f"steps[{i}]",
+                                                  f"the DCTpS transform of model {model.id}"))
 
 
 def _by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:

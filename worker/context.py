@@ -3,6 +3,7 @@ metrics recorded around steps. Handlers live in worker.step_train / worker.step_
 registry in worker.steps."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from core.data import ArrayDataset, Splits
+from core.dctps import DCTpSLayer
 from core.errors import Cancelled, SpecError
 from core.metrics import count_macs, param_counts
 from core.models import prunable_layers
@@ -36,7 +38,7 @@ class Reporter(Protocol):
 
 def empty_curves() -> dict[str, Any]:
     return {"training": [], "effective_dim": {}, "spectra": {}, "transforms": [], "pruning": [],
-            "lowrank": []}
+            "lowrank": [], "dctps": [], "analysis": {}}
 
 
 @dataclass
@@ -59,6 +61,11 @@ class StepContext:
     # pruning masks {layer: BoolTensor} kept through every later train step (a pruning step, or
     # a sparse input checkpoint); None = dense
     masks: dict[str, torch.Tensor] | None = None
+    # tenant-scoped loader of another of the job's models by id (analyze's other_model)
+    fetch_model: Callable[[str], nn.Module] | None = None
+    # where the input model's weights come from: "zoo" (built by the service: its arch's `init`
+    # applies) or "upload" (its lineage starts at an uploaded checkpoint)
+    input_origin: str = "zoo"
 
     def check_cancel(self) -> None:
         if self.reporter.should_cancel():
@@ -70,6 +77,11 @@ def model_metrics(model: nn.Module, input_shape: list[int], test: ArrayDataset,
     """The metrics recorded before, after and between steps: params, MACs, test accuracy."""
     return {"params": param_counts(model), "macs": count_macs(model, input_shape),
             "accuracy": evaluate(model, test, device=device)["accuracy"]}
+
+
+def dctps_layers(model: nn.Module) -> list[str]:
+    """Names of the model's DCTpS layers (`alpha * D + S`, no dense weight)."""
+    return [n for n, m in model.named_modules() if isinstance(m, DCTpSLayer)]
 
 
 def dense_layers(model: nn.Module) -> list[str]:

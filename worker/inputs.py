@@ -13,7 +13,7 @@ from core import data as datasets
 from core import models as zoo
 from core.errors import CheckpointError, DatasetError, SpecError
 from jobs.db import session_scope
-from jobs.orm import Dataset, Model
+from jobs.orm import Dataset, Job, Model
 from jobs.settings import Settings
 from jobs.spec import JobSpec
 from jobs.store import ObjectStore
@@ -33,19 +33,48 @@ def load_input_model(spec: JobSpec, tenant_id: str, settings: Settings, store: O
         arch = spec.model.arch  # type: ignore[union-attr]
         model = zoo.build(arch, generator=torch.Generator().manual_seed(spec.seed))
         return InputModel(model, str(arch["name"]), None)
+    model, name = fetch_model(spec.model_id, tenant_id, settings, store,
+                              workdir / "input.safetensors")
+    return InputModel(model, name, spec.model_id)
+
+
+def fetch_model(model_id: str, tenant_id: str, settings: Settings, store: ObjectStore,
+                path: Path) -> tuple[nn.Module, str]:
+    """(model, name) of the tenant's Model `model_id`, fetched to `path`; a missing or foreign
+    id is a SpecError (the API checked it at submission; it may have gone since)."""
     with session_scope(settings) as session:
-        row = session.get(Model, spec.model_id)
+        row = session.get(Model, model_id)
         if row is None or row.tenant_id != tenant_id:
-            raise SpecError(f"model {spec.model_id} does not exist (or belongs to another tenant)")
+            raise SpecError(f"model {model_id} does not exist (or belongs to another tenant)")
         name, key = row.name, row.storage_key
-    path = workdir / "input.safetensors"
     store.get_to_file(key, path)
     try:
         model = zoo.load(path)
     except CheckpointError as exc:
-        raise CheckpointError(f"stored checkpoint of model {spec.model_id} is unreadable: {exc}") \
+        raise CheckpointError(f"stored checkpoint of model {model_id} is unreadable: {exc}") \
             from None
-    return InputModel(model.float() if _is_half(model) else model, name, spec.model_id)
+    return (model.float() if _is_half(model) else model), name
+
+
+def model_origin(spec: JobSpec, tenant_id: str, settings: Settings) -> str:
+    """"zoo" when the job's input model was built by the service (a fresh arch, or a chain of
+    job outputs starting from one: the arch's `init` is how its weights began), "upload" when
+    its lineage starts at an uploaded checkpoint (trained elsewhere; the arch's `init` is only
+    the filled-in default)."""
+    model_id = spec.model_id
+    with session_scope(settings) as session:
+        for _ in range(1000):  # a lineage is a chain of jobs; never a cycle, but be safe
+            if model_id is None:
+                return "zoo"
+            row = session.get(Model, model_id)
+            if row is None or row.tenant_id != tenant_id or row.source_job_id is None:
+                return "upload"
+            job = session.get(Job, row.source_job_id)
+            source = (job.spec or {}).get("model") if job is not None else None
+            if not isinstance(source, (str, dict)):
+                return "upload"
+            model_id = source if isinstance(source, str) else None
+    return "upload"
 
 
 def _is_half(model: nn.Module) -> bool:

@@ -37,7 +37,13 @@ from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from jobs.store import ObjectStore, store_from_settings
 from worker.context import StepContext, model_metrics
-from worker.inputs import check_compatible, load_dataset, load_input_model
+from worker.inputs import (
+    check_compatible,
+    fetch_model,
+    load_dataset,
+    load_input_model,
+    model_origin,
+)
 from worker.plots import render_plots
 from worker.steps import run_step
 
@@ -233,7 +239,14 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
                       device=device, generator=torch.Generator().manual_seed(spec.seed),
                       settings=settings, job_id=job_id, reporter=reporter,
                       step_count=len(spec.steps), steps=list(spec.steps),
-                      masks=getattr(source.model, "slimline_masks", None))
+                      masks=getattr(source.model, "slimline_masks", None),
+                      input_origin=model_origin(spec, tenant_id, settings))
+
+    def fetch_other(model_id: str) -> torch.nn.Module:
+        path = workdir / f"other-{len(list(workdir.glob('other-*')))}.safetensors"
+        return fetch_model(model_id, tenant_id, settings, store, path)[0].to(device)
+
+    ctx.fetch_model = fetch_other
     reporter.progress(0.0, "measuring the input model")
     before = model_metrics(ctx.model, input_shape, splits.test, device)
     steps = []

@@ -14,7 +14,12 @@ Curves (`ctx.curves`, stored as `curves.json`, and rebuilt from the job's events
   `effective_dim` (tracking, top 256 eigenvalues) or `pcn` (the transform's PCA, top 1024).
 * `transforms`: one record per pcn step (event `pcn`): where it was applied and what it kept.
 * `pruning`: one record per pruning step (event `pruning`); `lowrank`: one per lowrank step
-  (event `lowrank`: ranks and weight params per layer).
+  (event `lowrank`: ranks and weight params per layer); `dctps`: one per dctps step (event
+  `dctps`: the per-layer allocation `{shape, weights, nnz, density}` and totals).
+* `analysis`: `{kind: {layer: [{step, global_epoch, ...kind-specific}]}}` for the analyze
+  kinds `unit_pruning`, `spectrum`, `elbow`, `angles` (event `analysis`, one per kind and
+  step: `{step, global_epoch, kind, layers: {layer: data}}`); worker.step_analyze has the
+  shapes.
 
 `when: "plateau"` (a pcn step right after a train step): the train handler applies that pcn
 step after the first epoch k >= plateau_min_epochs (default 1) whose validation-accuracy gain
@@ -33,8 +38,10 @@ from typing import Any
 
 from core.errors import SpecError
 from core.train import evaluate
-from jobs.spec import EvaluateStep
-from worker.context import StepContext, model_metrics
+from jobs.spec import DENSE_WEIGHT_OPS, EvaluateStep, after_dctps_message
+from worker.context import StepContext, dctps_layers, model_metrics
+from worker.step_analyze import run_analyze
+from worker.step_dctps import run_dctps
 from worker.step_lowrank import run_lowrank
 from worker.step_pcn import run_pcn
 from worker.step_prune import run_prune
@@ -61,6 +68,8 @@ HANDLERS: dict[str, Handler] = {
     "magnitude": run_prune,
     "synflow": run_prune,
     "lowrank": run_lowrank,
+    "dctps": run_dctps,
+    "analyze": run_analyze,
 }
 
 
@@ -76,6 +85,12 @@ def run_step(ctx: StepContext, step: Any) -> dict[str, Any]:
     """Run one step and return `{op, wall_s, params, macs, accuracy, ...op-specific}`."""
     ctx.check_cancel()
     handler = handler_for(step.op)
+    if step.op in DENSE_WEIGHT_OPS and dctps_layers(ctx.model):
+        # JobSpec refuses these after a dctps step and the API after a model with a dctps edit;
+        # this catches whatever gets here anyway (e.g. an arch with a hand-written edit)
+        raise SpecError(after_dctps_message(
+            step.op, f"steps[{ctx.step_index}]",
+            f"the DCTpS transform of layers {', '.join(dctps_layers(ctx.model))}"))
     start = time.perf_counter()
     details = handler(ctx, step)
     wall_s = time.perf_counter() - start

@@ -126,8 +126,8 @@ WHERE_KEYS = ("step", "epoch", "global_epoch")
 @router.get("/{job_id}/curves")
 def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
     """Curves from the job's events: training per epoch, effective dimensionality and spectra
-    per layer, pcn transforms, pruning masks and low-rank cuts (the worker's curves.json has
-    the same shape)."""
+    per layer, pcn transforms, pruning masks, low-rank cuts, DCTpS allocations and the analyze
+    step's analyses per kind and layer (the worker's curves.json has the same shape)."""
     get_job(session, tenant_id, job_id)
     training: list[dict[str, Any]] = []
     effective_dim: dict[str, list[dict[str, Any]]] = {}
@@ -135,6 +135,8 @@ def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
     transforms: list[dict[str, Any]] = []
     pruning: list[dict[str, Any]] = []
     lowrank: list[dict[str, Any]] = []
+    dctps: list[dict[str, Any]] = []
+    analysis: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for event in list_events(session, job_id, 0, 100_000):
         data = event.data or {}
         if event.kind == "epoch":
@@ -157,5 +159,13 @@ def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
             pruning.append(data)
         elif event.kind == "lowrank":
             lowrank.append(data)
+        elif event.kind == "dctps":
+            dctps.append(data)
+        elif event.kind == "analysis":
+            where = {"step": data.get("step"), "global_epoch": data.get("global_epoch")}
+            kind = analysis.setdefault(str(data.get("kind")), {})
+            for name, layer in (data.get("layers") or {}).items():
+                kind.setdefault(name, []).append(where | layer)
     return {"training": training, "effective_dim": effective_dim, "spectra": spectra,
-            "transforms": transforms, "pruning": pruning, "lowrank": lowrank}
+            "transforms": transforms, "pruning": pruning, "lowrank": lowrank, "dctps": dctps,
+            "analysis": analysis}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jobs import queue
@@ -32,6 +34,45 @@ def test_a_pruning_job_is_accepted_with_defaults_filled_in(client, enqueued):
                     "batches": 1, "batch_size": 100, "rounds": 100, "allow_collapse": False}
 
 
+def test_dctps_and_analyze_jobs_are_accepted_with_defaults_filled_in(client, bob, enqueued):
+    r = client.post("/v1/jobs", json=SPEC | {"steps": [
+        {"op": "analyze"}, {"op": "dctps"}, {"op": "train", "weight_decay": 5e-4},
+        {"op": "evaluate"}]})
+    assert r.status_code == 202, r.text
+    analyze, dctps = r.json()["spec"]["steps"][:2]
+    assert dctps == {"op": "dctps", "density": 0.01, "allocation": "epl", "alpha": "trainable",
+                     "layers": "all"}
+    assert analyze == {"op": "analyze", "kinds": ["unit_pruning", "spectrum", "elbow"],
+                       "layers": "auto", "k": 10, "seeds": 5, "init": "auto"}
+    other = client.post("/v1/models", files={"file": ("o.safetensors", safetensors_bytes())},
+                        data={"name": "other"}).json()
+    angles = {"op": "analyze", "kinds": ["angles"], "other_model": other["id"], "k": 4}
+    r = client.post("/v1/jobs", json=SPEC | {"steps": [angles]})
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["steps"][0]["other_model"] == other["id"]
+    # another tenant's model, or none at all: 404 naming the field
+    for bad in (other["id"], "01nosuchmodel"):
+        r = (bob if bad == other["id"] else client).post(
+            "/v1/jobs", json=SPEC | {"steps": [angles | {"other_model": bad}]})
+        assert r.status_code == 404 and "other_model" in r.json()["detail"], r.text
+    assert len(enqueued) == 2
+
+
+def test_dense_ops_on_a_dctps_model_are_422_at_submission(client, enqueued):
+    arch = {"name": "lenet300", "edits": [{"op": "dctps", "allocation": "epl", "density": 0.01,
+                                           "layers": {"fc1": {"nnz": 100}}}]}
+    model = client.post("/v1/models", files={"file": ("d.safetensors", safetensors_bytes())},
+                        data={"name": "d", "arch": json.dumps(arch)}).json()
+    r = client.post("/v1/jobs", json=SPEC | {"model": model["id"], "steps": [
+        {"op": "train"}, {"op": "pcn", "select": {"dims": 8}}]})
+    assert r.status_code == 422 and r.json()["error"] == "InvalidSpec", r.text
+    assert "steps[1]: op 'pcn' cannot run after the DCTpS transform" in r.json()["detail"]
+    r = client.post("/v1/jobs", json=SPEC | {"model": model["id"], "steps": [
+        {"op": "train"}, {"op": "analyze", "kinds": ["spectrum"]}, {"op": "evaluate"}]})
+    assert r.status_code == 202, r.text
+    assert len(enqueued) == 1
+
+
 def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     client.post("/v1/jobs", json=SPEC | {"device": "cuda"})
     assert enqueued[-1][1] == "gpu"
@@ -42,7 +83,7 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     ({"steps": [{"op": "train", "epochs": 1, "lr": -1}]}, "steps[0].lr"),
     ({"steps": [{"op": "train", "epochs": 1, "momentum": 1}]}, "momentum"),
     ({"steps": [{"op": "frobnicate"}]}, "frobnicate"),
-    ({"steps": [{"op": "dctps", "density": 0.01}]}, "not available yet"),
+    ({"steps": [{"op": "export"}]}, "not available yet"),
     ({"steps": [{"op": "evaluate", "bogus": 1}]}, "steps[0].bogus"),
     ({"surprise": 1}, "surprise"),
     ({"steps": []}, "steps"),
@@ -62,6 +103,22 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
      "steps[0].target.param_ratio"),
     ({"steps": [{"op": "lowrank", "target": {"param_ratio": 0.1}, "blocking": "diag"}]},
      "steps[0].blocking"),
+    ({"steps": [{"op": "dctps", "density": 0}]}, ("steps[0].density: density must be a number "
+                                                 "in (0, 1]")),
+    ({"steps": [{"op": "dctps", "density": 2}]}, "e.g. 0.01 for 1%"),
+    ({"steps": [{"op": "dctps", "allocation": "equal"}]},
+     "steps[0].allocation: Input should be 'epl', 'epf', 'uniform' or 'erk'"),
+    ({"steps": [{"op": "dctps", "alpha": "yes"}]}, "steps[0].alpha"),
+    ({"steps": [{"op": "dctps", "sparsity": 0.9}]}, "steps[0].sparsity: unknown field"),
+    ({"steps": [{"op": "dctps"}, {"op": "train"}, {"op": "snip", "sparsity": 0.5}]},
+     "steps[2]: op 'snip' cannot run after the dctps step steps[0]"),
+    ({"steps": [{"op": "dctps"}, {"op": "lowrank", "target": {"param_ratio": 0.5}}]},
+     "run 'lowrank' before dctps"),
+    ({"steps": [{"op": "analyze", "kinds": ["angles"]}]}, "give other_model"),
+    ({"steps": [{"op": "analyze", "density": 0.1}]}, "steps[0].density: unknown field"),
+    ({"steps": [{"op": "analyze", "kinds": ["spectrum"], "seeds": 2}]},
+     "seeds: only used with kinds containing \"unit_pruning\""),
+    ({"steps": [{"op": "analyze", "kinds": ["entropy"]}]}, "steps[0].kinds[0]"),
 ])
 def test_invalid_specs_are_422_naming_the_field(client, enqueued, patch, needle):
     r = client.post("/v1/jobs", json=SPEC | patch)
@@ -230,7 +287,7 @@ def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
                                         "output": {}})
     curves = client.get(f"/v1/jobs/{job_id}/curves").json()
     assert set(curves) == {"training", "effective_dim", "spectra", "transforms", "pruning",
-                           "lowrank"}
+                           "lowrank", "dctps", "analysis"}
     assert curves["effective_dim"] == {"fc2": [
         {"step": 0, "epoch": e, "global_epoch": e, "in_dim": 300,
          "effective_dim": {"0.1": 40 + e}, "accuracy": 0.5 + e / 10,
@@ -241,3 +298,31 @@ def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
     assert curves["transforms"] == [{"step": 1, "global_epoch": 2, "when": "now",
                                      "fired_at_epoch": None, "layers": {"fc2": 42},
                                      "output": {}}]
+
+
+def test_curves_of_dctps_and_analysis_events(client, settings):
+    from jobs.db import session_scope
+    from jobs.events import record_event
+
+    job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+    dctps = {"step": 0, "global_epoch": 0, "density": 0.01, "allocation": "epl",
+             "alpha": "trainable", "total_weights": 1000, "total_nnz": 10,
+             "layers": {"fc1": {"shape": [10, 100], "weights": 1000, "nnz": 10,
+                                "density": 0.01}}}
+    with session_scope(settings) as s:
+        record_event(s, job_id, "dctps", dctps)
+        for step in (1, 3):
+            record_event(s, job_id, "analysis", {
+                "step": step, "global_epoch": step, "kind": "elbow",
+                "layers": {"fc1": {"knee": 3 + step, "residual": [1.0, 0.5, 0.0]},
+                           "fc2": {"knee": 1, "residual": [1.0, 0.0]}}})
+        record_event(s, job_id, "analysis", {"step": 3, "global_epoch": 3, "kind": "angles",
+                                             "layers": {"fc1": {"k": 2, "angles": [1.0, 2.0]}}})
+    curves = client.get(f"/v1/jobs/{job_id}/curves").json()
+    assert curves["dctps"] == [dctps]
+    assert curves["analysis"] == {
+        "elbow": {"fc1": [{"step": s, "global_epoch": s, "knee": 3 + s,
+                           "residual": [1.0, 0.5, 0.0]} for s in (1, 3)],
+                  "fc2": [{"step": s, "global_epoch": s, "knee": 1, "residual": [1.0, 0.0]}
+                          for s in (1, 3)]},
+        "angles": {"fc1": [{"step": 3, "global_epoch": 3, "k": 2, "angles": [1.0, 2.0]}]}}

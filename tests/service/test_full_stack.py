@@ -211,3 +211,57 @@ def test_pruning_job_stores_a_sparse_model_that_chains_and_reuploads(full_stack,
         again = upload_model(client, blob, name="sparse-lenet")
         assert again.status_code == 201, again.text
         assert again.json()["params"]["nonzero"] <= after["params"]["nonzero"]
+
+
+def test_dctps_job_and_principal_angles_between_two_models(full_stack, keys, tmp_path):
+    """dctps → train → evaluate through the real stack stores a small checkpoint without D that
+    reloads; an analyze job compares two of the tenant's models (principal angles)."""
+    from safetensors import safe_open
+
+    from core import models as zoo
+
+    spec = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs", "seed": 4,
+            "steps": [{"op": "dctps", "density": 0.01},
+                      {"op": "train", "epochs": 1, "weight_decay": 5e-4},
+                      {"op": "evaluate"}]}
+    with full_stack.client(keys["a"]) as client:
+        r = client.post("/v1/jobs", json=spec)
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["id"])
+        assert job["status"] == "succeeded", job
+        cut, after = job["result"]["steps"][0], job["result"]["after"]
+        assert cut["total_nnz"] == round(0.01 * 266_200) and cut["fixed_dct_params"] == 266_200
+        assert after["params"]["trainable"] == cut["total_nnz"] + 3 + 410  # S, alphas, biases
+        blob = client.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors").content
+        assert len(blob) == after["checkpoint_bytes"] < 0.05 * 266_610 * 4  # no dense D
+        path = tmp_path / "dctps.safetensors"
+        path.write_bytes(blob)
+        with safe_open(str(path), framework="pt") as f:
+            assert not any(k.endswith((".D", ".weight")) for k in f.keys())  # noqa: SIM118
+        assert zoo.load(path).fc1.nnz == cut["layers"]["fc1"]["nnz"]
+        names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
+        assert {"dctps.png", "training.png"} <= names
+        curves = client.get(f"/v1/jobs/{job['id']}/curves").json()
+        assert curves["dctps"][0]["total_nnz"] == cut["total_nnz"]
+
+        ids = []
+        for seed in (0, 1):
+            up = upload_model(client, checkpoint_bytes({"name": "lenet300"}, tmp_path, seed),
+                              name=f"lenet-{seed}")
+            assert up.status_code == 201, up.text
+            ids.append(up.json()["id"])
+        r = client.post("/v1/jobs", json={
+            "model": ids[0], "dataset": "synthetic-blobs",
+            "steps": [{"op": "analyze", "kinds": ["angles", "spectrum"], "layers": ["fc2"],
+                       "other_model": ids[1], "k": 10}]})
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["id"])
+        assert job["status"] == "succeeded", job
+        analysis = job["result"]["steps"][0]
+        assert analysis["angles"]["fc2"]["mean"] > 30  # independent initialisations
+        assert analysis["spectrum"]["fc2"]["init_source"] == "upload"
+        names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["items"]}
+        assert {"angles.png", "spectrum.png"} <= names
+        curves = client.get(f"/v1/jobs/{job['id']}/curves").json()["analysis"]
+        assert curves["angles"]["fc2"][0]["other_model"] == ids[1]
+        assert len(curves["spectrum"]["fc2"][0]["eigenvalues"]) == 100

@@ -1,0 +1,88 @@
+"""The `dctps` step (seed 002, ALGORITHMS.md §5): every chosen Linear/Conv2d becomes
+`alpha * D + S` (`core.dctps.dctps_transform`): D the fixed DCT of the layer's shape (a
+non-persistent buffer: never stored in a checkpoint, never trained), S zero-initialised sparse
+values on a fixed random support of `round(density * weights)` entries split over the layers by
+`allocation`, alpha a trainable (or fixed) scalar per layer. The original weights are discarded,
+biases kept. A following `train` step trains only S's values, alpha and the biases (the support
+never changes); the paper trains with Adam, lr 1e-3, weight decay 5e-4.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.dctps import dctps_transform
+from core.errors import SpecError
+from core.metrics import fixed_dct_params
+from core.models import get_layer, save
+from core.train import evaluate
+from jobs.spec import DCTpSStep
+from worker.context import (
+    StepContext,
+    chosen_layers,
+    dense_layers,
+    keep_valid_masks,
+)
+
+
+def _layers(ctx: StepContext, step: DCTpSStep) -> list[str] | None:
+    """None = every plain Linear/Conv2d (the core's default); else the checked names."""
+    if step.layers == "all":
+        if not dense_layers(ctx.model):
+            raise SpecError("dctps found no plain Linear/Conv2d layer to transform (are they "
+                            "all DCTpS, PCN or low-rank layers already?)")
+        return None
+    return chosen_layers(ctx.model, step.layers, "dctps layers")
+
+
+def checkpoint_size(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> int:
+    """Bytes of the safetensors file `core.models.save` writes for `model` (with `masks`)."""
+    clone = copy.deepcopy(model).cpu()
+    clone.slimline_masks = masks
+    with tempfile.TemporaryDirectory(prefix="slimline-dctps-") as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save(clone, path)
+        return path.stat().st_size
+
+
+def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
+    ctx.reporter.progress(0.0, f"dctps: {step.allocation} allocation, density {step.density:g}")
+    layers = _layers(ctx, step)
+    dense_bytes = sum(get_layer(ctx.model, n).weight.numel()
+                      * get_layer(ctx.model, n).weight.element_size()
+                      for n in (layers or dense_layers(ctx.model)))
+    report = dctps_transform(ctx.model, step.density, step.allocation, step.alpha, layers,
+                             generator=ctx.generator)
+    ctx.model.to(ctx.device)
+    dropped_masks = keep_valid_masks(ctx)
+    ctx.reporter.progress(0.5, "dctps: measuring the transformed model")
+    val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
+    fixed = fixed_dct_params(ctx.model)
+    details: dict[str, Any] = {
+        "density": step.density, "allocation": step.allocation, "alpha": step.alpha,
+        "layers": report["layers"], "total_weights": report["total_weights"],
+        "total_nnz": report["total_nnz"], "actual_density": report["density"],
+        "fixed_dct_params": fixed,
+        "params_note": ("params count S's values, alpha and biases (and every other layer); "
+                        "the fixed DCT matrices D (fixed_dct_params entries) are buffers "
+                        "rebuilt from the layer shapes, never stored nor trained, and are not "
+                        "counted. S starts at zero, so nonzero grows only with training."),
+        "val_accuracy": val,
+        "checkpoint_bytes": checkpoint_size(ctx.model, ctx.masks),
+        "dense_weight_bytes": dense_bytes}
+    if dropped_masks:
+        details["masks_dropped"] = dropped_masks
+    record = {"step": ctx.step_index, "global_epoch": ctx.global_epoch,
+              "density": step.density, "allocation": step.allocation,
+              "alpha": step.alpha,
+              "total_weights": report["total_weights"], "total_nnz": report["total_nnz"],
+              "layers": {n: {k: r[k] for k in ("shape", "weights", "nnz", "density")}
+                         for n, r in report["layers"].items()}}
+    ctx.curves.setdefault("dctps", []).append(record)
+    ctx.reporter.event("dctps", record)
+    return details
