@@ -112,7 +112,7 @@ def frame_potential_greedy(w: torch.Tensor | nn.Module, largest_first: bool = Fa
         g2 = (wh @ wh.T).square()  # (m, m) squared cosines
         c = g2.sum(dim=1)  # (m,)
         fp = float(c.sum())
-        live = torch.ones(c.numel(), dtype=torch.bool)
+        live = torch.ones(c.numel(), dtype=torch.bool, device=c.device)
         order: list[int] = []
         potentials = [fp]
         for _ in range(c.numel()):
@@ -136,7 +136,7 @@ def frame_potential_order_naive(w: torch.Tensor | nn.Module,
     with torch.no_grad():
         wh = _normalised_rows(w)
         g2 = (wh @ wh.T).square()
-        live = torch.ones(wh.shape[0], dtype=torch.bool)
+        live = torch.ones(wh.shape[0], dtype=torch.bool, device=wh.device)
         order: list[int] = []
         while bool(live.any()):
             c = (g2 * live[None, :]).sum(dim=1)  # (m,) over the remaining units only

@@ -140,7 +140,7 @@ def elbow(w: torch.Tensor | nn.Module) -> dict:
         return {"singular_values": s, "residual": torch.zeros_like(tail), "knee": 0}
     residual = tail / total
     r = s.numel()
-    x = torch.arange(r + 1, dtype=torch.float64) / r
+    x = torch.arange(r + 1, dtype=torch.float64, device=residual.device) / r
     distance = 1.0 - x - residual  # ∝ distance below the chord x + y = 1
     return {"singular_values": s, "residual": residual, "knee": int(torch.argmax(distance))}
 
