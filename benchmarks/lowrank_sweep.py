@@ -167,6 +167,14 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 cells.append(f"{100 * statistics.mean(r['accuracy_cut'] for r in rs):.1f} → "
                              f"{100 * statistics.mean(r['accuracy_finetuned'] for r in rs):.1f}")
             lines.append(f"| {b} | {s} | " + " | ".join(cells) + " |")
+    if len(results) > 1:
+        spread = {key: max(statistics.stdev(100 * r[key] for r in rows if r["blocking"] == b
+                                            and r["score"] == s and r["ratio"] == ratio)
+                           for b in args.blockings for s in args.scores for ratio in args.ratios)
+                  for key in ("accuracy_cut", "accuracy_finetuned")}
+        lines += ["", (f"means over {len(results)} seeds; the largest std of a cell: "
+                  f"{spread['accuracy_cut']:.1f} pt after the cut, "
+                  f"{spread['accuracy_finetuned']:.1f} pt fine-tuned")]
     res = results[0]
     lines += ["", "| scoring (seed 0) | seconds | x one epoch |", "|---|---|---|"]
     for key, v in res["scoring_s"].items():
@@ -211,12 +219,15 @@ def plot(results: list[dict[str, Any]], args: argparse.Namespace, path: str) -> 
                         label=s if key == "accuracy_finetuned" else None)
         ax.axhline(100 * dense, color="grey", lw=0.8, ls=":", label="dense")
         ax.set_xscale("log")
+        ax.set_xticks(args.ratios, [f"{r:g}" for r in args.ratios])
+        ax.minorticks_off()
         ax.invert_xaxis()
         ax.set_xlabel("parameter ratio")
         ax.set_title(f"blocking: {b}")
-    axes[0][0].set_ylabel("test accuracy % (dashed: after cut; solid: fine-tuned)")
+    axes[0][0].set_ylabel("test accuracy %")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{args.model}, Fashion-MNIST, {len(results)} seed(s)")
+    fig.suptitle(f"{args.model}, Fashion-MNIST, {len(results)} seed(s); dashed: right after "
+                 "the cut, solid: after one fine-tuning epoch")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
