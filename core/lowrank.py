@@ -186,15 +186,38 @@ class LowRankLayer(nn.Module):
         self.bias = (nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None
                      else None)
 
+    def _row_groups(self) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+        """Row ranges in order, each with its blocks `(chan0, chan1, index into blocks)`."""
+        groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        for i, (r0, r1, c0, c1) in enumerate(self.layout):
+            groups.setdefault((r0, r1), []).append((c0, c1, i))
+        return [(r0, r1, members) for (r0, r1), members in sorted(groups.items())]
+
+    def _last(self, block: nn.Module, h: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        """Apply the block's last layer with `bias` fused into it (no separate add)."""
+        if self.conv:
+            return block._conv_forward(h, block.weight, bias)
+        return nn.functional.linear(h, block.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows: dict[tuple[int, int], torch.Tensor] = {}
-        for (r0, r1, c0, c1), block in zip(self.layout, self.blocks):
-            y = block(x[:, c0:c1] if (c0, c1) != (0, self.in_channels) else x)
-            rows[(r0, r1)] = rows[(r0, r1)] + y if (r0, r1) in rows else y
-        out = torch.cat([rows[key] for key in sorted(rows)], dim=1)
-        if self.bias is not None:
-            out = out + (self.bias[:, None, None] if self.conv else self.bias)
-        return out
+        # one output per row range (the sum of its blocks), the bias fused into the first
+        # block's last layer; no concatenation when the rows are not split (every blocking
+        # but "square" on a tall matrix)
+        outs = []
+        for r0, r1, members in self._row_groups():
+            y: torch.Tensor | None = None
+            for j, (c0, c1, i) in enumerate(members):
+                block = self.blocks[i]
+                h = x if (c0, c1) == (0, self.in_channels) else x[:, c0:c1]
+                if isinstance(block, nn.Sequential):
+                    h, block = block[0](h), block[1]
+                bias = self.bias[r0:r1] if self.bias is not None and j == 0 else None
+                part = self._last(block, h, bias)
+                y = part if y is None else y + part
+            assert y is not None
+            outs.append(y)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_channels}, out={self.out_channels}, blocking={self.blocking!r}, "
