@@ -64,3 +64,13 @@ def grouped_stats(rows: list[dict[str, Any]], by: tuple[str, ...], keys: tuple[s
         s["delta_vs_dense_pt"] = 100 * (s["test_accuracy"]["mean"] - dense_acc)
         out.append((s, rs))
     return out
+
+
+def save_figure(fig: Any, path: str | Path) -> None:
+    """tight_layout, write `path` (parents created) at 120 dpi, close the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

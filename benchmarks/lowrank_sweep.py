@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import dump_results, run_meta
+from benchmarks.common import dump_results, run_meta, save_figure
 from core import data, metrics, models
 from core.lowrank import (
     block_shapes,
@@ -228,10 +228,7 @@ def plot(results: list[dict[str, Any]], args: argparse.Namespace, path: str) -> 
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{args.model}, Fashion-MNIST, {len(results)} seed(s); dashed: right after "
                  "the cut, solid: after one fine-tuning epoch")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
