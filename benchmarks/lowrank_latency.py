@@ -9,11 +9,13 @@ Per model: trained `--epochs` epochs (Adam 1e-3, batch 100, Glorot init) on the 
 `--train-subset` images; output-perturbation scores (no blocking) on `--samples` calibration
 images; for each target the model is cut (`select_ranks`, `lowrank_transform`), tested on the
 first `--test-subset` test images, fine-tuned one epoch and tested again; latency is the median
-of `--repeats` forwards of a batch of 256 test images (first 5 dropped) with `--threads` threads.
+of `--repeats` forwards of a batch of 256 test images with `--threads` threads, all models timed
+in turns (dense, cut 1, cut 2, ..., dense, ...) after 3 warm-up turns.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,6 @@ from typing import Any
 import torch
 
 from benchmarks.common import dump_results, run_meta
-from benchmarks.lowrank_sweep import latency_ms
 from core import data, metrics, models
 from core.lowrank import (
     block_shapes,
@@ -51,6 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def round_robin_ms(nets: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median ms per forward of each net, timed in turns (net 0, 1, ..., 0, 1, ...) so drift
+    and neighbours' load hit every net alike; the first 3 turns are warm-up."""
+    times: list[list[float]] = [[] for _ in nets]
+    with torch.no_grad():
+        for net in nets:
+            net.eval()
+        for turn in range(repeats + 3):
+            for net, ts in zip(nets, times):
+                t = time.perf_counter()
+                net(x)
+                if turn >= 3:
+                    ts.append(1000 * (time.perf_counter() - t))
+    return [statistics.median(ts) for ts in times]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -76,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = [{
         "target": "dense", "accuracy_cut": evaluate(model, splits.test)["accuracy"],
         "accuracy_finetuned": None, "params": metrics.param_counts(model)["total"],
-        "macs": metrics.count_macs(model, shape), "latency_ms": latency_ms(model, x, args.repeats)}]
+        "macs": metrics.count_macs(model, shape)}]
+    nets = [model]
     for kind, ratio in TARGETS:
         ranks = select_ranks(scores, shapes, ratio, positions if kind == "mac_ratio" else None)
         cut, _ = lowrank_transform(model, {n: {"blocking": "none", "ranks": r}
@@ -84,13 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         row = {"target": f"{kind} {ratio:g}", "ranks": ranks,
                "params": metrics.param_counts(cut)["total"],
                "macs": metrics.count_macs(cut, shape),
-               "latency_ms": latency_ms(cut, x, args.repeats),
                "accuracy_cut": evaluate(cut, splits.test)["accuracy"]}
         train(cut, splits, TrainConfig(epochs=1, optimizer="adam", lr=1e-3, batch_size=100),
               generator=torch.Generator().manual_seed(0))
         row["accuracy_finetuned"] = evaluate(cut, splits.test)["accuracy"]
         rows.append(row)
+        nets.append(cut)
         print({k: v for k, v in row.items() if k != "ranks"}, flush=True)
+    for row, ms in zip(rows, round_robin_ms(nets, x, args.repeats)):
+        row["latency_ms"] = ms
     dense = rows[0]
     lines = [("| target | params | MACs | MACs ratio | latency ms (batch 256) | speed-up "
               "| accuracy cut → fine-tuned | ranks |"), "|---|---|---|---|---|---|---|---|"]
