@@ -95,14 +95,15 @@ def test_lowrank_after_pruning_drops_the_masks_of_factored_layers(settings, subm
     assert result["steps"][1]["masks_dropped"] == ["fc1"]
 
 
-def test_mac_ratio_spends_the_budget_on_the_convs(settings, submit):
+def test_mac_ratio_target_is_met_in_real_macs(settings, submit):
     steps = [{"op": "train", "epochs": 1, "batch_size": 32},
              {"op": "lowrank", "target": {"mac_ratio": 0.5}, "score": "relative_error"}]
-    _, by_macs = run_ok(settings, submit, spec(TINY_CONV4, steps))
-    steps[1]["target"] = {"param_ratio": 0.5}
-    _, by_params = run_ok(settings, submit, spec(TINY_CONV4, steps))
-    cut, ref = by_macs["steps"][1], by_params["steps"][1]
+    _, result = run_ok(settings, submit, spec(TINY_CONV4, steps))
+    dense, cut = result["steps"][0], result["steps"][1]
+    assert cut["target"] == {"mac_ratio": 0.5}
     assert cut["target_met"] and cut["mac_ratio"] <= 0.5
-    assert cut["layer_macs_after"] <= 0.5 * cut["layer_macs_before"]
-    # a MAC budget cuts the model's MACs further than a parameter budget of the same ratio
-    assert cut["macs"] < ref["macs"] and cut["mac_ratio"] < ref["mac_ratio"]
+    assert cut["mac_ratio"] == pytest.approx(cut["layer_macs_after"] / cut["layer_macs_before"])
+    # every Linear/Conv2d is factored, and the measured MACs (core.metrics, counting the
+    # factor pairs actually built) are within the budget the selection counted
+    assert cut["layer_macs_before"] == dense["macs"]
+    assert cut["macs"] <= 0.5 * dense["macs"]
