@@ -14,33 +14,15 @@ from jobs.db import session_scope
 from jobs.errors import NotFound
 from jobs.events import list_events
 from jobs.model_registry import register_model
-from jobs.orm import Artifact, Model
-from tests.worker.conftest import TINY_MLP, get_job
+from jobs.orm import Artifact
+from tests.worker.conftest import PNG_MAGIC, TINY_MLP, get_job, run_ok, spec, stored_model_path
 from worker import runner
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN = {"op": "train", "epochs": 2, "batch_size": 32, "lr": 0.003}
 
 
-def spec(arch_or_id, steps, seed=1):
-    model = arch_or_id if isinstance(arch_or_id, str) else {"arch": arch_or_id}
-    return {"model": model, "dataset": "synthetic-tiny", "steps": steps, "seed": seed}
-
-
-def run_ok(settings, submit, spec_):
-    job_id = submit(spec_)
-    status = runner.run_job(job_id, settings)
-    job = get_job(settings, job_id)
-    assert status == "succeeded", (job.error_code, job.error_message)
-    return job_id, job.result
-
-
 def load(settings, store, tmp_path, model_id):
-    with session_scope(settings) as session:
-        key = session.get(Model, model_id).storage_key
-    path = tmp_path / f"{model_id}.safetensors"
-    store.get_to_file(key, path)
-    return zoo.load(path)
+    return zoo.load(stored_model_path(settings, store, tmp_path, model_id))
 
 
 def artifacts(settings, store, job_id):

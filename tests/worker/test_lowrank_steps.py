@@ -13,24 +13,8 @@ from core.data import synthetic
 from core.train import evaluate
 from jobs.db import session_scope
 from jobs.orm import Artifact, Model
-from tests.worker.conftest import TINY_MLP, get_job
+from tests.worker.conftest import PNG_MAGIC, TINY_CONV4, TINY_MLP, get_job, run_ok, spec
 from worker import runner
-
-TINY_CONV4 = {"name": "conv4", "input_shape": [1, 8, 8], "channels": [4, 4, 8, 8],
-              "fc": [16, 16]}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def spec(arch, steps, seed=1):
-    return {"model": {"arch": arch}, "dataset": "synthetic-tiny", "steps": steps, "seed": seed}
-
-
-def run_ok(settings, submit, spec_):
-    job_id = submit(spec_)
-    status = runner.run_job(job_id, settings)
-    job = get_job(settings, job_id)
-    assert status == "succeeded", (job.error_code, job.error_message)
-    return job_id, job.result
 
 
 @pytest.mark.parametrize(("arch", "blocking", "score"), [

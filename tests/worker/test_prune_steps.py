@@ -13,34 +13,17 @@ from core import models as zoo
 from core.data import synthetic
 from core.train import evaluate
 from jobs.db import session_scope
-from jobs.orm import Artifact, Model
-from tests.worker.conftest import TINY_MLP, get_job
+from jobs.orm import Artifact
+from tests.worker.conftest import (
+    PNG_MAGIC,
+    TINY_CONV4,
+    TINY_MLP,
+    get_job,
+    run_ok,
+    spec,
+    stored_model_path,
+)
 from worker import runner
-
-TINY_CONV4 = {"name": "conv4", "input_shape": [1, 8, 8], "channels": [4, 4, 8, 8],
-              "fc": [16, 16]}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def spec(arch_or_id, steps, seed=1):
-    model = arch_or_id if isinstance(arch_or_id, str) else {"arch": arch_or_id}
-    return {"model": model, "dataset": "synthetic-tiny", "steps": steps, "seed": seed}
-
-
-def run_ok(settings, submit, spec_) -> tuple[str, dict]:
-    job_id = submit(spec_)
-    status = runner.run_job(job_id, settings)
-    job = get_job(settings, job_id)
-    assert status == "succeeded", (job.error_code, job.error_message)
-    return job_id, job.result
-
-
-def stored(settings, store, tmp_path, result):
-    with session_scope(settings) as session:
-        key = session.get(Model, result["model_id"]).storage_key
-    path = tmp_path / f"{result['model_id']}.safetensors"
-    store.get_to_file(key, path)
-    return path
 
 
 def artifacts(settings, store, job_id) -> dict[str, bytes]:
@@ -97,6 +80,10 @@ def test_snip_masks_survive_training_and_the_checkpoint_is_sparse(settings, stor
     side = arch["input_shape"][1] if arch["name"] == "mlp" else 3
     assert len(record["heatmap"]) == side and len(record["heatmap"][0]) == side
     assert record["heatmap_of"] == ("inputs" if arch["name"] == "mlp" else "kernel taps")
+
+
+def stored(settings, store, tmp_path, result):
+    return stored_model_path(settings, store, tmp_path, result["model_id"])
 
 
 def test_a_chained_job_keeps_the_input_models_masks(settings, store, submit, tmp_path):
