@@ -473,8 +473,10 @@ def select_ranks(scores: dict[str, list[torch.Tensor]],
                  weights: dict[str, int] | None = None) -> dict[str, list[int]]:
     """Greedy global selection of per-block ranks to a cost budget.
 
-    Cost counted as `sum_b w_l r_b (p_b + q_b)` over all blocks of all layers l; target
-    `ratio * sum_b w_l p_b q_b`. With `weights=None` (w = 1) the cost is the parameter count;
+    Cost counted as `sum_b w_l min(r_b (p_b + q_b), p_b q_b)` over all blocks of all layers l
+    (the real cost: a block stays dense where factoring would not save parameters, see
+    `block_params`); target `ratio * sum_b w_l p_b q_b`. Removing a vector from a block still
+    above the break-even rank saves nothing yet, so the budget is not over-shot. With `weights=None` (w = 1) the cost is the parameter count;
     with `weights = layer_positions(...)` it is the MACs per sample. Truncation keeps the top
     singular vectors, so only a block's current last kept vector can be removed: repeatedly
     remove, over all blocks, the removable vector with the lowest score (ties: first layer,
@@ -486,17 +488,21 @@ def select_ranks(scores: dict[str, list[torch.Tensor]],
     w = weights or {}
     keys = [(name, b) for name in scores for b in range(len(scores[name]))]
     ranks = {key: int(scores[key[0]][key[1]].numel()) for key in keys}
-    width = {(name, b): w.get(name, 1) * (p + q)
-             for name in shapes for b, (p, q) in enumerate(shapes[name])}
+    dims = {(name, b): pq for name in shapes for b, pq in enumerate(shapes[name])}
+
+    def cost(key: tuple[str, int], rank: int) -> float:
+        p, q = dims[key]
+        return w.get(key[0], 1) * block_params(p, q, rank)
+
     target = ratio * sum(w.get(name, 1) * p * q for name in shapes for p, q in shapes[name])
-    cost = sum(ranks[key] * width[key] for key in keys)
+    total = sum(cost(key, ranks[key]) for key in keys)
     heap = [(float(scores[key[0]][key[1]][ranks[key] - 1]), i, key)
             for i, key in enumerate(keys) if ranks[key] > 1]
     heapq.heapify(heap)
-    while cost > target and heap:
+    while total > target and heap:
         _, i, key = heapq.heappop(heap)
+        total -= cost(key, ranks[key]) - cost(key, ranks[key] - 1)
         ranks[key] -= 1
-        cost -= width[key]
         if ranks[key] > 1:
             heapq.heappush(heap, (float(scores[key[0]][key[1]][ranks[key] - 1]), i, key))
     return {name: [ranks[(name, b)] for b in range(len(scores[name]))] for name in scores}

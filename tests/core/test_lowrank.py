@@ -203,12 +203,12 @@ def test_select_ranks_greedy_to_budget():
     scores = {"a": [torch.tensor([5.0, 1.0, 0.5])], "b": [torch.tensor([4.0, 3.0]),
                                                          torch.tensor([2.0, 0.1])]}
     shapes = {"a": [(3, 3)], "b": [(2, 2), (2, 2)]}
-    # total p*q = 9 + 4 + 4 = 17; full cost = 3*6 + 2*4 + 2*4 = 34
-    ranks = select_ranks(scores, shapes, 1.0)  # remove 0.1 (b1), 0.5, 1.0 (a) -> 4+8+6 = 18 > 17
-    assert ranks == {"a": [1], "b": [1, 1]}  # then 3.0 (b0): 6 + 4 + 4 = 14
+    # real cost min(r(p+q), pq): a (3x3) costs 9 at rank 3 or 2 and 6 at rank 1; a 2x2 block
+    # never saves (r*4 >= 4), so it costs 4 at any rank. Total p*q = 17.
+    assert select_ranks(scores, shapes, 1.0) == {"a": [3], "b": [2, 2]}  # nothing to remove
+    # target 15.3: remove 0.1 (b1, saves 0), 0.5 (a 3->2, saves 0), 1.0 (a 2->1, saves 3): 14
+    assert select_ranks(scores, shapes, 0.9) == {"a": [1], "b": [2, 1]}
     assert select_ranks(scores, shapes, 0.01) == {"a": [1], "b": [1, 1]}  # floor at rank 1
-    ranks = select_ranks({"a": [torch.tensor([5.0, 1.0, 0.5])]}, {"a": [(3, 3)]}, 1.0)
-    assert ranks == {"a": [1]}  # 18 -> 12 -> 6 <= 9
     with pytest.raises(SpecError):
         select_ranks(scores, shapes, 0.0)
 
@@ -242,3 +242,26 @@ def test_layer_positions_and_mac_weighted_selection():
                for r, (p, q) in zip(by_macs[n], shapes[n]))
     assert macs <= 0.5 * sum(pos[n] * p * q for n in layers for p, q in shapes[n])
     assert by_macs != select_ranks(scores, shapes, 0.5)
+
+
+@pytest.mark.parametrize("blocking", ["none", "alds", "square"])
+@pytest.mark.parametrize("ratio", [0.8, 0.5, 0.2])
+def test_select_ranks_counts_the_real_cost_and_stops_at_the_target(blocking, ratio):
+    from core.lowrank import block_params
+
+    model = double_model(TINY_CONV4)
+    layers = ["conv2", "conv3", "fc1", "fc2"]
+    shapes = {n: block_shapes(get_layer(model, n), blocking) for n in layers}
+    scores = layer_scores(model, layers, blocking, "relative_error")
+    ranks = select_ranks(scores, shapes, ratio)
+    real = sum(block_params(p, q, r) for n in layers for r, (p, q) in zip(ranks[n], shapes[n]))
+    dense = sum(p * q for n in layers for p, q in shapes[n])
+    # within budget, and no further below it than one vector's saving (<= p + q): blocks above
+    # the break-even rank cost p*q, so trimming them saves nothing and must not over-shoot
+    if real > ratio * dense:  # unreachable target: every block at rank 1
+        assert all(r == 1 for n in layers for r in ranks[n])
+    else:
+        assert real > ratio * dense - max(p + q for n in layers for p, q in shapes[n])
+    _, report = lowrank_transform(model, {n: {"blocking": blocking, "ranks": r}
+                                          for n, r in ranks.items()})
+    assert sum(r["weight_params_after"] for r in report.values()) == real
