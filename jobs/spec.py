@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -33,6 +34,15 @@ class Strict(BaseModel):
 
 LayerName = Annotated[str, Field(min_length=1, max_length=200)]
 LayerList = Annotated[list[LayerName], Field(min_length=1, max_length=256)]
+
+
+def _distinct(noun: str) -> Callable[[Any, ValidationInfo], Any]:
+    """A field validator refusing a list that names the same entry twice (`noun`: "a layer")."""
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"{info.field_name} names {noun} twice")
+        return value
+    return check
 
 
 class TrainStep(Strict):
@@ -70,12 +80,7 @@ class TrainStep(Strict):
             raise ValueError("lr_steps must be strictly increasing epoch numbers")
         return value
 
-    @field_validator("track_layers")
-    @classmethod
-    def _distinct_layers(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError("track_layers names a layer twice")
-        return value
+    _distinct_layers = field_validator("track_layers")(_distinct("a layer"))
 
     @model_validator(mode="after")
     def _tracking_options_need_tracking(self) -> TrainStep:
@@ -159,12 +164,7 @@ class PCNStep(Strict):
     plateau_delta: float | None = Field(default=None, gt=0, le=1)
     plateau_min_epochs: int | None = Field(default=None, ge=1)
 
-    @field_validator("layers")
-    @classmethod
-    def _distinct_layers(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError("layers names a layer twice")
-        return value
+    _distinct_layers = field_validator("layers")(_distinct("a layer"))
 
     @model_validator(mode="after")
     def _consistent(self) -> PCNStep:
@@ -291,12 +291,7 @@ class DCTpSStep(Strict):
                              f'{value!r}')
         return float(value)
 
-    @field_validator("layers")
-    @classmethod
-    def _distinct_layers(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError("layers names a layer twice")
-        return value
+    _distinct_layers = field_validator("layers")(_distinct("a layer"))
 
 
 class AnalyzeStep(Strict):
@@ -322,12 +317,7 @@ class AnalyzeStep(Strict):
     # built by the service, PyTorch's default for a lineage starting at an upload
     init: Literal["auto", "glorot", "kaiming", "torch"] = "auto"
 
-    @field_validator("kinds", "layers")
-    @classmethod
-    def _distinct(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError(f"{info.field_name} names an entry twice")
-        return value
+    _distinct_entries = field_validator("kinds", "layers")(_distinct("an entry"))
 
     @field_validator("counts")
     @classmethod
