@@ -61,6 +61,15 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300.0) -> dict:
     raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}")
 
 
+def run_job_ok(client: httpx.Client, spec: dict) -> dict:
+    """POST a job (202), wait for it, assert it succeeded; the job's JSON."""
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    return job
+
+
 def run_compression_flow(client: httpx.Client, tmp_path: Path) -> dict:
     """Upload LeNet-300-100, run train → pcn → train → evaluate, download and check the result."""
     r = upload_model(client, checkpoint_bytes({"name": "lenet300"}, tmp_path))

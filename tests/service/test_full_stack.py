@@ -12,6 +12,7 @@ import torch
 from tests.service.flows import (
     checkpoint_bytes,
     run_compression_flow,
+    run_job_ok,
     upload_model,
     wait_job,
 )
@@ -177,10 +178,7 @@ def test_pruning_job_stores_a_sparse_model_that_chains_and_reuploads(full_stack,
             "steps": [{"op": "snip", "sparsity": 0.95, "init": "variance_scaling"},
                       {"op": "train", "epochs": 1}]}
     with full_stack.client(keys["a"]) as client:
-        r = client.post("/v1/jobs", json=spec)
-        assert r.status_code == 202, r.text
-        job = wait_job(client, r.json()["id"])
-        assert job["status"] == "succeeded", job
+        job = run_job_ok(client, spec)
         snip, after = job["result"]["steps"][0], job["result"]["after"]
         assert snip["kept"] == round(0.05 * snip["prunable"]) and snip["collapsed"] == []
         blob = client.get(f"/v1/jobs/{job['id']}/artifacts/model.safetensors").content
@@ -193,13 +191,10 @@ def test_pruning_job_stores_a_sparse_model_that_chains_and_reuploads(full_stack,
         masks = zoo.load(path).slimline_masks
         assert sum(int(m.sum()) for m in masks.values()) == snip["kept"]
 
-        chained = client.post("/v1/jobs", json={
+        second = run_job_ok(client, {
             "model": job["result"]["model_id"], "dataset": "synthetic-blobs",
             "steps": [{"op": "train", "epochs": 1, "optimizer": "sgd", "lr": 0.05,
                        "weight_decay": 0.01}]})
-        assert chained.status_code == 202, chained.text
-        second = wait_job(client, chained.json()["id"])
-        assert second["status"] == "succeeded", second
         out = tmp_path / "chained.safetensors"
         out.write_bytes(client.get(
             f"/v1/jobs/{second['id']}/artifacts/model.safetensors").content)
@@ -225,10 +220,7 @@ def test_dctps_job_and_principal_angles_between_two_models(full_stack, keys, tmp
                       {"op": "train", "epochs": 1, "weight_decay": 5e-4},
                       {"op": "evaluate"}]}
     with full_stack.client(keys["a"]) as client:
-        r = client.post("/v1/jobs", json=spec)
-        assert r.status_code == 202, r.text
-        job = wait_job(client, r.json()["id"])
-        assert job["status"] == "succeeded", job
+        job = run_job_ok(client, spec)
         cut, after = job["result"]["steps"][0], job["result"]["after"]
         assert cut["total_nnz"] == round(0.01 * 266_200) and cut["fixed_dct_params"] == 266_200
         assert after["params"]["trainable"] == cut["total_nnz"] + 3 + 410  # S, alphas, biases
@@ -250,13 +242,10 @@ def test_dctps_job_and_principal_angles_between_two_models(full_stack, keys, tmp
                               name=f"lenet-{seed}")
             assert up.status_code == 201, up.text
             ids.append(up.json()["id"])
-        r = client.post("/v1/jobs", json={
+        job = run_job_ok(client, {
             "model": ids[0], "dataset": "synthetic-blobs",
             "steps": [{"op": "analyze", "kinds": ["angles", "spectrum"], "layers": ["fc2"],
                        "other_model": ids[1], "k": 10}]})
-        assert r.status_code == 202, r.text
-        job = wait_job(client, r.json()["id"])
-        assert job["status"] == "succeeded", job
         analysis = job["result"]["steps"][0]
         assert analysis["angles"]["fc2"]["mean"] > 30  # independent initialisations
         assert analysis["spectrum"]["fc2"]["init_source"] == "upload"
