@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -47,7 +48,10 @@ def validation_detail(errors: list[dict[str, Any]]) -> str:
 
 
 async def slimline_error(_: Request, exc: SlimlineError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.detail)
+    response = error_response(exc.status, exc.code, exc.detail)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return response
 
 
 async def request_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

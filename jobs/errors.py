@@ -7,9 +7,11 @@ class SlimlineError(Exception):
     status: int = 500
     code: str = "InternalError"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        # seconds; rendered as a `Retry-After` header (429 and 503 answers)
+        self.retry_after = retry_after
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -90,4 +92,16 @@ class BrokerUnavailable(Unavailable):
 
 
 class NotReady(Unavailable):
+    pass
+
+
+class DatabaseUnavailable(Unavailable):
+    pass
+
+
+class Overloaded(Unavailable):
+    pass
+
+
+class QuotaExceeded(TooManyRequests):
     pass
