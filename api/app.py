@@ -12,30 +12,23 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, health, jobs, models
-from jobs.db import session_scope
 from jobs.settings import Settings, get_settings
-from jobs.states import reap_stale_jobs
+from jobs.reconcile import reconcile_once
 from jobs.store import store_from_settings
 
 log = logging.getLogger(__name__)
 
 
-def _reap(settings: Settings) -> None:
-    with session_scope(settings) as session:
-        reaped = reap_stale_jobs(session, settings.job_heartbeat_timeout_s)
-    if reaped:
-        log.warning("marked %d stale running jobs failed (WorkerLost): %s", len(reaped), reaped)
-
-
-async def _reaper_loop(settings: Settings) -> None:
-    """A safety net for workers that died mid-job (the worker may run its own reaper too)."""
-    interval = min(60.0, settings.job_heartbeat_timeout_s / 2)
+async def _reconciler_loop(settings: Settings) -> None:
+    """Re-queue jobs of lost workers and re-send queued jobs whose message may be lost
+    (`jobs.reconcile`; every worker runs the same pass, so this is a safety net when no worker
+    is up)."""
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(settings.reconcile_interval_s)
         try:
-            await run_in_threadpool(_reap, settings)
-        except Exception:  # keep reaping; the next round may succeed
-            log.warning("stale-job reaper failed", exc_info=True)
+            await run_in_threadpool(reconcile_once, settings)
+        except Exception as exc:  # the database or broker may be down; next round may succeed
+            log.warning("reconciler pass failed: %s", type(exc).__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -43,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_reaper_loop(settings))
+        task = asyncio.create_task(_reconciler_loop(settings))
         try:
             yield
         finally:

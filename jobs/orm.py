@@ -138,10 +138,18 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # when the job's message was last sent to the broker, and how often: the reconciler re-sends
+    # a queued job whose message may be lost (jobs.reconcile)
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the latest complete checkpoint of a running job (worker.checkpoint): object keys, the
+    # step and epoch it resumes at, the last event it covers
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_status_dispatched", "status", "dispatched_at"),
     )
 
     @property

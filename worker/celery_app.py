@@ -30,7 +30,9 @@ logging.getLogger("worker").setLevel(logging.INFO)
 
 
 @worker_ready.connect
-def _start_reaper(**_kwargs: object) -> None:
-    from worker.reaper import start_reaper
+def _start_reconciler(**_kwargs: object) -> None:
+    """Every worker re-queues jobs of lost workers and re-sends queued jobs whose message may be
+    lost (jobs.reconcile)."""
+    from jobs.reconcile import start_reconciler
 
-    start_reaper(get_settings())
+    start_reconciler(get_settings())

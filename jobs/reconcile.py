@@ -1,0 +1,107 @@
+"""The reconciler: PostgreSQL is the source of truth for what must run.
+
+One pass (`reconcile_once`), run every `reconcile_interval_s` by every worker and API process
+(passes are idempotent and cheap; rows are locked with SKIP LOCKED where the database can):
+
+1. **Lost workers.** A running job whose heartbeat is older than `job_heartbeat_timeout_s` is
+   re-queued (attempts left: it resumes from its last checkpoint) or failed (`WorkerLost`,
+   after `job_max_attempts` runs).
+2. **Lost messages.** A queued job is (re-)sent to the broker when it was never sent
+   (`dispatched_at` NULL: just re-queued, or the API could not reach the broker) or when its
+   last send is older than `dispatch_grace_s * 2**(dispatch_count - 1)` (capped at 64x): the
+   broker may have lost it (Redis restarted without persistence, a message acked by a worker
+   that then could not claim it). A duplicate message is harmless — the worker's claim is a
+   compare-and-set on (status, attempts), so a second delivery finds the job running or done
+   and drops it — and the doubling bounds how many duplicates a long queue accumulates.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from jobs import queue
+from jobs.db import session_scope
+from jobs.errors import BrokerUnavailable
+from jobs.orm import Job, utcnow
+from jobs.settings import Settings
+from jobs.states import QUEUED, recover_stale_jobs
+
+log = logging.getLogger(__name__)
+MAX_BACKOFF_EXPONENT = 6
+BATCH = 200
+
+
+@dataclass
+class Pass:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+
+
+def _due(settings: Settings) -> list[tuple[str, str, int]]:
+    """(id, queue, dispatch_count) of queued jobs whose message should be (re-)sent now."""
+    now = utcnow()
+    grace = settings.dispatch_grace_s
+    with session_scope(settings) as session:
+        rows = session.execute(
+            select(Job.id, Job.queue, Job.dispatch_count, Job.dispatched_at)
+            .where(Job.status == QUEUED,
+                   or_(Job.dispatched_at.is_(None),
+                       Job.dispatched_at < now - timedelta(seconds=grace)))
+            .order_by(Job.created_at).limit(BATCH)).all()
+    due = []
+    for job_id, job_queue, count, sent_at in rows:
+        wait = grace * 2 ** min(max((count or 0) - 1, 0), MAX_BACKOFF_EXPONENT)
+        if sent_at is None or sent_at < now - timedelta(seconds=wait):
+            due.append((job_id, job_queue, count or 0))
+    return due
+
+
+def reconcile_once(settings: Settings) -> Pass:
+    """One reconciler pass (see the module docstring)."""
+    result = Pass()
+    with session_scope(settings) as session:
+        result.requeued, result.failed = recover_stale_jobs(
+            session, settings.job_heartbeat_timeout_s, settings.job_max_attempts)
+    for job_id in result.requeued:
+        log.warning("job %s: its worker was lost; re-queued to resume from its checkpoint",
+                    job_id)
+    for job_id in result.failed:
+        log.warning("job %s: its worker was lost in every attempt; marked failed", job_id)
+    for job_id, job_queue, count in _due(settings):
+        try:
+            queue.enqueue_job(job_id, job_queue, settings)
+        except BrokerUnavailable as exc:
+            log.warning("reconciler: %s; retrying next pass", exc.detail)
+            break
+        with session_scope(settings) as session:
+            # only while still queued; a worker may have claimed it meanwhile
+            session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED)
+                            .values(dispatched_at=utcnow(), dispatch_count=count + 1)
+                            .execution_options(synchronize_session=False))
+        result.sent.append(job_id)
+    if result.sent:
+        log.info("reconciler: sent %d queued job(s) whose message may be lost: %s",
+                 len(result.sent), result.sent[:10])
+    return result
+
+
+def start_reconciler(settings: Settings, name: str = "slimline-reconciler") -> threading.Event:
+    """Run `reconcile_once` every `reconcile_interval_s` in a daemon thread; set the returned
+    event to stop it. Errors (database or broker down) are logged and retried next period."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(settings.reconcile_interval_s):
+            try:
+                reconcile_once(settings)
+            except Exception as exc:  # the database may be briefly unreachable
+                log.warning("reconciler pass failed: %s: %s", type(exc).__name__,
+                            str(exc).splitlines()[0][:200] if str(exc) else "")
+
+    threading.Thread(target=loop, name=name, daemon=True).start()
+    return stop
