@@ -32,6 +32,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def control_character(value: str) -> str | None:
+    """The first control character (C0 incl. NUL, DEL, C1) in `value`, or None. Ids, names and
+    every other string of a spec are printable text (PostgreSQL cannot even store a NUL)."""
+    return next((ch for ch in value if ch < " " or "\x7f" <= ch <= "\x9f"), None)
+
+
+def _find_control(value: Any, path: str, depth: int = 0) -> tuple[str, str] | None:
+    """(path, character) of the first string or key holding a control character, in a raw
+    JSON-like document; `path` in the `steps[0].layers[1]` style."""
+    if isinstance(value, str):
+        ch = control_character(value)
+        return (path, ch) if ch is not None else None
+    if depth > 64:
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            bad = control_character(key) if isinstance(key, str) else None
+            if bad is not None:
+                return f"{path}[{key!r}]", bad
+            where = f"{path}.{key}" if path else str(key)
+            found = _find_control(item, where, depth + 1)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find_control(item, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+    return None
+
+
 LayerName = Annotated[str, Field(min_length=1, max_length=200)]
 LayerList = Annotated[list[LayerName], Field(min_length=1, max_length=256)]
 
@@ -379,6 +410,16 @@ class JobSpec(Strict):
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _printable_strings(cls, data: Any) -> Any:
+        found = _find_control(data, "")
+        if found is not None:
+            where, ch = found
+            raise ValueError(f"{where or 'spec'}: contains the control character {ch!r}; ids, "
+                             "names and other values of a spec are printable text (remove it)")
+        return data
 
     @field_validator("steps", mode="before")
     @classmethod
