@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, health, jobs, models
+from api.uploads import sweep_temp_loop, sweep_temp_once
 from jobs.settings import Settings, get_settings
 from jobs.reconcile import reconcile_once
 from jobs.store import store_from_settings
@@ -36,11 +37,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await sweep_temp_once(settings)  # temp files of killed processes (api/uploads.py)
+        sweeper = asyncio.create_task(sweep_temp_loop(settings))
         task = asyncio.create_task(_reconciler_loop(settings))
         try:
             yield
         finally:
             task.cancel()
+            sweeper.cancel()
 
     app = FastAPI(title="slimline", version="1", lifespan=lifespan,
                   description="Compress PyTorch models: upload, submit a job, download.")

@@ -1,21 +1,51 @@
 """Streaming multipart uploads: the request body is parsed as it arrives and the `file` part is
-written to a temporary file, so the size limit is enforced while bytes arrive (python-multipart's
-form parsing in FastAPI would spool the whole part first)."""
+written to a temporary file, so every limit holds while bytes arrive, with or without a
+Content-Length (chunked bodies): the bytes read from the stream (max_upload_bytes + OVERHEAD), the
+file part (max_upload_bytes), the number of parts (max_form_fields), each part's headers and each
+text field (FIELD_LIMIT). Text fields and the file name must be UTF-8 without control characters
+(422 naming the field). Uploads live in a `jobs.tmpfiles.temp_dir` under `<home>/tmp`, which the
+API sweeps at start-up and periodically (`sweep_temp_loop`) for what killed processes left."""
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from jobs.errors import BadRequest, UnsupportedMediaType, UploadTooLarge
+from jobs.errors import (
+    BadRequest,
+    SlimlineError,
+    Unprocessable,
+    UnsupportedMediaType,
+    UploadTooLarge,
+)
+from jobs.settings import Settings
+from jobs.tmpfiles import sweep
+
+log = logging.getLogger(__name__)
 
 FIELD_LIMIT = 64 * 1024  # per non-file form field
+HEADER_LIMIT = 16 * 1024  # the headers of one part
 OVERHEAD = 256 * 1024  # multipart boundaries, part headers and small fields
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) at most this much of a refused body
+SWEEP_INTERVAL_S = 300.0
+# C0 controls but tab/newline/carriage return, DEL and C1 controls; `name` and the file name may
+# hold none at all
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SINGLE_LINE = {"name"}
+
+
+def temp_root(settings: Settings) -> Path:
+    """Where uploads are received (and swept)."""
+    return settings.home / "tmp"
 
 
 @dataclass
@@ -26,16 +56,31 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-class _PartCollector:
-    """Callbacks for python-multipart's push parser."""
+def _text(what: str, raw: bytes, single_line: bool) -> str:
+    """`raw` as text, or a 422 naming `what` (not UTF-8, or control characters such as NUL)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Unprocessable(f"{what} is not valid UTF-8; send text fields as UTF-8") from None
+    bad = (_ANY_CONTROL if single_line else _CONTROL).search(text)
+    if bad:
+        raise Unprocessable(f"{what} contains the control character U+{ord(bad.group()):04X}"
+                            f"{' (NUL)' if bad.group() == chr(0) else ''}; remove it")
+    return text
 
-    def __init__(self, dest: Path, max_bytes: int, file_field: str) -> None:
+
+class _PartCollector:
+    """Callbacks for python-multipart's push parser; the first refusal is kept in `failure`."""
+
+    def __init__(self, dest: Path, max_bytes: int, file_field: str, max_parts: int) -> None:
         self.dest, self.max_bytes, self.file_field = dest, max_bytes, file_field
+        self.max_parts = max_parts
         self.upload = Upload(path=dest)
-        self.too_large = False
-        self.error: str | None = None
-        self._header_name = b""
-        self._header_value = b""
+        self.failure: SlimlineError | None = None
+        self.parts = 0
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._header_bytes = 0
         self._headers: dict[bytes, bytes] = {}
         self._name: str | None = None
         self._sink: IO[bytes] | None = None
@@ -48,54 +93,84 @@ class _PartCollector:
                 "on_headers_finished": self.headers_finished, "on_part_data": self.part_data,
                 "on_part_end": self.part_end}
 
+    def fail(self, exc: SlimlineError) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self.close()
+
     def part_begin(self) -> None:
-        self._headers, self._name, self._field = {}, None, None
+        self._headers, self._name, self._field, self._header_bytes = {}, None, None, 0
+        self.parts += 1
+        if self.parts > self.max_parts:
+            self.fail(UploadTooLarge(f"the form has more than {self.max_parts} parts "
+                                     "(SLIMLINE_MAX_FORM_FIELDS); send the file and a few fields"))
+
+    def _count_header(self, n: int) -> bool:
+        self._header_bytes += n
+        if self._header_bytes > HEADER_LIMIT and self.failure is None:
+            self.fail(BadRequest(f"malformed upload: a part's headers are over {HEADER_LIMIT} "
+                                 "bytes"))
+        return self.failure is None
 
     def header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
+        if self._count_header(end - start):
+            self._header_name += data[start:end]
 
     def header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
+        if self._count_header(end - start):
+            self._header_value += data[start:end]
 
     def header_end(self) -> None:
-        self._headers[self._header_name.lower()] = self._header_value
-        self._header_name, self._header_value = b"", b""
+        self._headers[bytes(self._header_name).lower()] = bytes(self._header_value)
+        self._header_name, self._header_value = bytearray(), bytearray()
 
     def headers_finished(self) -> None:
+        if self.failure:
+            return
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._name = params.get(b"name", b"").decode("utf-8", "replace")
-        if self._name == self.file_field:
-            if self.saw_file:
-                self.error = f"more than one '{self.file_field}' part"
-                return
-            self.saw_file = True
-            self.upload.filename = params.get(b"filename", b"").decode("utf-8", "replace")
-            self._sink = open(self.dest, "wb")  # noqa: SIM115 - closed in part_end / close()
-        else:
-            self._field = bytearray()
+        try:
+            self._name = _text("a form part's name", params.get(b"name", b""), True)
+            if self._name == self.file_field:
+                if self.saw_file:
+                    raise BadRequest(f"malformed upload: more than one '{self.file_field}' part")
+                self.saw_file = True
+                self.upload.filename = _text("the file name", params.get(b"filename", b""),
+                                             True)
+                self._sink = open(self.dest, "wb")  # noqa: SIM115 - closed in part_end / close()
+            else:
+                self._field = bytearray()
+        except SlimlineError as exc:
+            self.fail(exc)
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.too_large or self.error:
+        if self.failure:
             return
         chunk = data[start:end]
         if self._sink is not None:
             self.upload.size += len(chunk)
             if self.upload.size > self.max_bytes:
-                self.too_large = True
-                self.close()
+                self.fail(too_large(self.max_bytes))
                 return
             self._sink.write(chunk)
         elif self._field is not None:
             self._field += chunk
             if len(self._field) > FIELD_LIMIT:
-                self.error = f"form field '{self._name}' is over {FIELD_LIMIT} bytes"
+                self.fail(UploadTooLarge(f"form field '{self._name}' is over {FIELD_LIMIT} "
+                                         "bytes; only the file part may be large"))
 
     def part_end(self) -> None:
+        if self.failure:
+            return
         if self._sink is not None:
             self._sink.close()
             self._sink = None
         elif self._field is not None and self._name:
-            self.upload.fields[self._name] = self._field.decode("utf-8", "replace")
+            try:
+                self.upload.fields[self._name] = _text(
+                    f"form field '{self._name}'", bytes(self._field),
+                    self._name in _SINGLE_LINE)
+            except SlimlineError as exc:
+                self.fail(exc)
             self._field = None
 
     def close(self) -> None:
@@ -122,40 +197,68 @@ def too_large(max_bytes: int) -> UploadTooLarge:
 
 
 async def receive_upload(request: Request, dest: Path, max_bytes: int,
-                         file_field: str = "file") -> Upload:
+                         file_field: str = "file", max_parts: int = 16) -> Upload:
     """Parse a multipart/form-data body; the `file_field` part goes to `dest`, other parts become
-    `Upload.fields`. UploadTooLarge (413) as soon as the file exceeds `max_bytes`."""
+    `Upload.fields`. UploadTooLarge (413) as soon as the file exceeds `max_bytes` or the body
+    exceeds `max_bytes + OVERHEAD` (whatever Content-Length says), or past `max_parts` parts.
+    On any refusal `dest` may exist half-written: the caller's temp dir removes it."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
         raise UnsupportedMediaType(f"send multipart/form-data with a '{file_field}' part, got "
                                    f"{request.headers.get('content-type') or 'no content type'}")
+    body_limit = max_bytes + OVERHEAD
     length = request.headers.get("content-length")
     stream = request.stream()
-    if length and length.isdigit() and int(length) > max_bytes + OVERHEAD:
+    if length and length.isdigit() and int(length) > body_limit:
         if int(length) <= max_bytes + DRAIN_LIMIT:
             await _drain(stream, DRAIN_LIMIT + max_bytes)
         raise too_large(max_bytes)
-    collector = _PartCollector(dest, max_bytes, file_field)
+    collector = _PartCollector(dest, max_bytes, file_field, max_parts)
     parser = MultipartParser(boundary, collector.callbacks())
+    received = 0
     try:
         async for chunk in stream:
-            parser.write(chunk)
-            if collector.too_large:
+            received += len(chunk)
+            if received > body_limit:
+                collector.fail(too_large(max_bytes))
+            else:
+                parser.write(chunk)
+            if collector.failure:
                 await _drain(stream, DRAIN_LIMIT)
-                raise too_large(max_bytes)
-            if collector.error:
-                raise BadRequest(f"malformed upload: {collector.error}")
+                raise collector.failure
         parser.finalize()
     except ClientDisconnect as exc:
         raise BadRequest("the client disconnected before the upload finished") from exc
-    except (BadRequest, UploadTooLarge):
+    except SlimlineError:
         raise
     except Exception as exc:  # python-multipart raises on malformed bodies
         raise BadRequest(f"malformed multipart body: {exc}") from exc
     finally:
         collector.close()
+    if collector.failure:
+        raise collector.failure
     if not collector.saw_file:
         raise BadRequest(f"the form has no '{file_field}' part; send the file as "
                          f"-F {file_field}=@path")
     return collector.upload
+
+
+def sweep_temp(settings: Settings) -> list[Path]:
+    """Remove what dead processes left under `<home>/tmp` (interrupted uploads, killed jobs)."""
+    return sweep(temp_root(settings), settings.temp_max_age_s)
+
+
+async def sweep_temp_once(settings: Settings) -> None:
+    """One sweep off the event loop; a failure is logged, never raised."""
+    try:
+        await run_in_threadpool(sweep_temp, settings)
+    except Exception:  # keep serving; the next round may succeed
+        log.warning("temp sweep failed", exc_info=True)
+
+
+async def sweep_temp_loop(settings: Settings, interval_s: float = SWEEP_INTERVAL_S) -> None:
+    """Sweep every `interval_s` for the API's whole life (the start-up sweep is separate)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await sweep_temp_once(settings)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs.errors import NotFound, UnsupportedFormat
+from jobs.errors import NotFound, Unprocessable, UnsupportedFormat
+from jobs.filecheck import (  # noqa: F401 - re-exported for callers of the model registry
+    check_safetensors_header_size,
+    looks_like_safetensors,
+    looks_like_zip,
+    read_safetensors_layout,
+)
 from jobs.orm import Model, new_id
 from jobs.store import ObjectStore
 
@@ -28,28 +33,14 @@ def file_digest(path: str | Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def looks_like_safetensors(path: str | Path) -> bool:
-    """8-byte little-endian header length, then a JSON object."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return False
-        (length,) = struct.unpack("<Q", head)
-        if length < 2 or length > 100 * 1024 * 1024:
-            return False
-        first = f.read(1)
-    return first == b"{"
-
-
-def looks_like_zip(path: str | Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def checkpoint_format(path: str | Path, filename: str) -> str:
-    """'safetensors' or 'pt' from the file name and its magic bytes; anything else is a 415."""
+def checkpoint_format(path: str | Path, filename: str,
+                      max_header_bytes: int | None = None) -> str:
+    """'safetensors' or 'pt' from the file name and its magic bytes; anything else is a 415. A
+    safetensors header over `max_header_bytes` is a 413 (from its 8-byte length only)."""
     suffix = Path(filename or "").suffix.lower()
     if suffix == ".safetensors" and looks_like_safetensors(path):
+        if max_header_bytes is not None:
+            check_safetensors_header_size(path, max_header_bytes)
         return "safetensors"
     if suffix in (".pt", ".pth") and looks_like_zip(path):
         return "pt"
@@ -109,8 +100,6 @@ def list_models(session: Session, tenant_id: str, limit: int = 100) -> list[Mode
 
 def parse_arch(text: str | None) -> dict[str, Any] | None:
     """The `arch` form field: a JSON object with a "name", or empty."""
-    from jobs.errors import Unprocessable
-
     if text is None or not text.strip():
         return None
     try:

@@ -1,13 +1,22 @@
-"""Validate an uploaded checkpoint and write it back as one normalized safetensors file.
+"""Validate an uploaded checkpoint or dataset out of the API process.
 
-    python -m worker.inspect --input PATH --format safetensors|pt --arch JSON|'' --output PATH
+    python -m worker.inspect [--kind model] --input PATH --format safetensors|pt --arch JSON|''
+        --output PATH [--max-header-bytes N]
+    python -m worker.inspect --kind dataset --input PATH --format npz|safetensors
+        [--max-header-bytes N] [--max-dataset-bytes N] [--max-ratio R]
 
-The API runs this in a subprocess so torch stays out of its process. It prints exactly ONE JSON
-line on stdout and exits 0 either way:
-`{"ok": true, "arch": {...normalized...}, "params": {"total", "trainable", "nonzero"}}` or
-`{"ok": false, "status": 422|415, "error": "<code>", "detail": "<what is wrong, how to fix it>"}`.
+The API runs this in a subprocess (api/inspect_client.py, under RLIMIT_AS / RLIMIT_CPU) so torch,
+numpy and the uploaded arrays stay out of its process. It prints exactly ONE JSON line on stdout
+and exits 0 either way:
+`{"ok": true, "arch": {...normalized...}, "params": {"total", "trainable", "nonzero"}}` (a model,
+after writing it as one normalized safetensors file to --output), `{"ok": true, "meta": {...}}`
+(a dataset), or `{"ok": false, "status": 413|415|422, "error": "<code>", "detail": "<what is
+wrong, how to fix it>"}` with `"limit": "memory"` when an allocation failed (the address-space
+cap).
 
-No pickle is ever executed: `.pt` files are read with `torch.load(weights_only=True)` only.
+No pickle is ever executed: `.pt` files are read with `torch.load(weights_only=True)` only. A
+safetensors header over --max-header-bytes is refused from its 8-byte length before it is read,
+and its declared tensor sizes must tile the file exactly before any tensor is loaded.
 """
 from __future__ import annotations
 
@@ -20,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("safetensors", "pt")
+KINDS = ("model", "dataset")
+MiB = 1024 * 1024
+DEFAULT_MAX_HEADER = 16 * MiB
+DEFAULT_MAX_DATASET = 2048 * MiB
+DEFAULT_MAX_RATIO = 100.0
 
 
 class Rejected(Exception):
@@ -34,14 +48,21 @@ def _invalid(detail: str) -> Rejected:
     return Rejected(422, "InvalidCheckpoint", detail)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file."""
-    from safetensors import safe_open
+def read_safetensors(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file whose header size and layout were checked
+    first (so a huge or lying header is refused before safetensors parses it)."""
     from safetensors.torch import load_file
 
+    from jobs.errors import SlimlineError
+    from jobs.filecheck import read_safetensors_layout
+
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
+        _, metadata = read_safetensors_layout(path, max_header_bytes, "checkpoint")
+    except SlimlineError as exc:
+        raise Rejected(exc.status, "UploadTooLarge" if exc.status == 413 else "InvalidCheckpoint",
+                       exc.detail) from None
+    try:
         return load_file(str(path)), metadata
     except Exception:  # noqa: BLE001 - safetensors raises several error types for garbled input
         raise _invalid("the file is truncated or not a valid safetensors file; re-save it with "
@@ -94,7 +115,8 @@ def resolve_arch(arch_arg: str, metadata: Mapping[str, str]) -> dict[str, Any]:
     return arch
 
 
-def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path) -> dict[str, Any]:
+def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path,
+                       max_header_bytes: int = DEFAULT_MAX_HEADER) -> dict[str, Any]:
     """Validate `path` and write the normalized checkpoint to `output`; returns the reply."""
     if fmt not in FORMATS:
         raise Rejected(415, "UnsupportedFormat",
@@ -103,7 +125,7 @@ def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path) -> dic
     if not path.is_file():
         raise _invalid(f"input file {path} does not exist")
     if fmt == "safetensors":
-        tensors, metadata = read_safetensors(path)
+        tensors, metadata = read_safetensors(path, max_header_bytes)
     else:
         tensors, metadata = read_pt(path), {}
     arch = resolve_arch(arch_arg, metadata)
@@ -120,26 +142,76 @@ def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path) -> dic
     return {"ok": True, "arch": model.slimline_arch, "params": param_counts(model)}
 
 
+def inspect_dataset(path: Path, fmt: str, *, max_bytes: int = DEFAULT_MAX_DATASET,
+                    max_ratio: float = DEFAULT_MAX_RATIO,
+                    max_header_bytes: int = DEFAULT_MAX_HEADER) -> dict[str, Any]:
+    """Validate an uploaded dataset file (numpy only, memory-mapped where it can be); returns the
+    reply with its meta."""
+    from jobs.errors import SlimlineError
+    from jobs.filecheck import inspect_dataset_file
+
+    if not path.is_file():
+        raise Rejected(422, "InvalidDataset", f"input file {path} does not exist")
+    try:
+        meta = inspect_dataset_file(path, fmt, max_bytes=max_bytes, max_ratio=max_ratio,
+                                    max_header_bytes=max_header_bytes)
+    except SlimlineError as exc:
+        raise Rejected(exc.status, exc.code, exc.detail) from None
+    return {"ok": True, "meta": meta}
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation refused by the address-space cap (Python's or torch's allocator)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("can't allocate memory", "cannot allocate memory", "out of memory",
+                            "not enough memory"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.inspect", description=__doc__)
+    parser.add_argument("--kind", choices=KINDS, default="model")
     parser.add_argument("--input", required=True, type=Path)
     parser.add_argument("--format", required=True)
     parser.add_argument("--arch", default="")
-    parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--output", default="")
+    parser.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER)
+    parser.add_argument("--max-dataset-bytes", type=int, default=DEFAULT_MAX_DATASET)
+    parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO)
     args = parser.parse_args(argv)
+    output = Path(args.output) if args.output else None
+    error = "InvalidDataset" if args.kind == "dataset" else "InvalidCheckpoint"
     # Whatever a library prints must not corrupt the one JSON line on stdout.
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            reply = inspect_checkpoint(args.input, args.format, args.arch, args.output)
+            if args.kind == "dataset":
+                reply = inspect_dataset(args.input, args.format,
+                                        max_bytes=args.max_dataset_bytes,
+                                        max_ratio=args.max_ratio,
+                                        max_header_bytes=args.max_header_bytes)
+            elif output is None:
+                raise Rejected(422, error, "--output is required for a model")
+            else:
+                reply = inspect_checkpoint(args.input, args.format, args.arch, output,
+                                           args.max_header_bytes)
         except Rejected as exc:
             reply = {"ok": False, "status": exc.status, "error": exc.error, "detail": exc.detail}
         except Exception as exc:  # noqa: BLE001 - never a traceback on stdout; the API shows `detail`
             print(f"worker.inspect: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
-            reply = {"ok": False, "status": 422, "error": "InvalidCheckpoint",
-                     "detail": f"the checkpoint could not be read ({type(exc).__name__}); "
-                               "upload a safetensors file or a .pt state_dict"}
-    if not reply["ok"]:
-        args.output.unlink(missing_ok=True)
+            if _out_of_memory(exc):
+                reply = {"ok": False, "status": 413, "error": "UploadTooLarge", "limit": "memory",
+                         "detail": f"the {args.kind} is too large to validate within the "
+                                   "inspector's memory limit"}
+            else:
+                reply = {"ok": False, "status": 422, "error": error,
+                         "detail": f"the {args.kind} could not be read ({type(exc).__name__}); "
+                                   + ("upload a .npz or .safetensors file of arrays"
+                                      if args.kind == "dataset" else
+                                      "upload a safetensors file or a .pt state_dict")}
+    if not reply["ok"] and output is not None:
+        output.unlink(missing_ok=True)
     print(json.dumps(reply), flush=True)
     return 0
 

@@ -1,7 +1,6 @@
 """/v1/datasets: upload validated arrays; list uploaded and built-in datasets."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -9,15 +8,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.inspect_client import inspector_for
 from api.schemas import builtin_documents, dataset_document
-from api.uploads import receive_upload
-from jobs.datasets import (
-    dataset_format,
-    get_dataset,
-    list_datasets,
-    register_dataset,
-    validate_dataset_file,
-)
+from api.uploads import receive_upload, temp_root
+from jobs.datasets import dataset_format, get_dataset, list_datasets, register_dataset
+from jobs.quotas import check_upload_quota
+from jobs.tmpfiles import temp_dir
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -25,12 +21,14 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 @router.post("", status_code=201)
 async def upload_dataset(request: Request, settings: SettingsDep, session: SessionDep,
                          store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
-    """Upload `.npz`/`.safetensors` arrays x_train, y_train[, x_test, y_test]."""
-    (settings.home / "tmp").mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.home / "tmp") as tmp:
-        upload = await receive_upload(request, Path(tmp) / "upload", settings.max_upload_bytes)
-        fmt = dataset_format(upload.path, upload.filename)
-        meta = await run_in_threadpool(validate_dataset_file, upload.path, fmt)
+    """Upload `.npz`/`.safetensors` arrays x_train, y_train[, x_test, y_test]; validated out of
+    process (the API never decodes the arrays)."""
+    await run_in_threadpool(check_upload_quota, session, tenant_id, settings)
+    with temp_dir(temp_root(settings), "upload") as tmp:
+        upload = await receive_upload(request, tmp / "upload", settings.max_upload_bytes,
+                                      max_parts=settings.max_form_fields)
+        fmt = dataset_format(upload.path, upload.filename, settings.max_safetensors_header_bytes)
+        meta = await inspector_for(request.app).dataset(upload.path, fmt)
         name = upload.fields.get("name") or Path(upload.filename).stem or "dataset"
         dataset = await run_in_threadpool(
             register_dataset, session, store, tenant_id=tenant_id, name=name[:200], fmt=fmt,

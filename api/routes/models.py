@@ -1,7 +1,6 @@
 """/v1/models: upload a checkpoint, read its metadata, download it."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -9,9 +8,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from api.inspect_client import inspect_checkpoint
+from api.inspect_client import inspector_for
 from api.schemas import model_document
-from api.uploads import receive_upload
+from api.uploads import receive_upload, temp_root
 from jobs.model_registry import (
     checkpoint_format,
     get_model,
@@ -19,6 +18,8 @@ from jobs.model_registry import (
     parse_arch,
     register_model,
 )
+from jobs.quotas import check_upload_quota
+from jobs.tmpfiles import temp_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -27,14 +28,15 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 async def upload_model(request: Request, settings: SettingsDep, session: SessionDep,
                        store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
     """Upload a checkpoint (multipart `file`, `arch`, `name`); validated out of process."""
-    (settings.home / "tmp").mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.home / "tmp") as tmp:
-        upload = await receive_upload(request, Path(tmp) / "upload", settings.max_upload_bytes)
-        fmt = checkpoint_format(upload.path, upload.filename)
+    await run_in_threadpool(check_upload_quota, session, tenant_id, settings)
+    with temp_dir(temp_root(settings), "upload") as tmp:
+        upload = await receive_upload(request, tmp / "upload", settings.max_upload_bytes,
+                                      max_parts=settings.max_form_fields)
+        fmt = checkpoint_format(upload.path, upload.filename,
+                                settings.max_safetensors_header_bytes)
         arch = parse_arch(upload.fields.get("arch"))
-        normalized = Path(tmp) / "normalized.safetensors"
-        result = await run_in_threadpool(inspect_checkpoint, settings, upload.path, fmt, arch,
-                                         normalized)
+        normalized = tmp / "normalized.safetensors"
+        result = await inspector_for(request.app).checkpoint(upload.path, fmt, arch, normalized)
         name = upload.fields.get("name") or Path(upload.filename).stem or result.arch["name"]
         model = await run_in_threadpool(
             register_model, session, store, tenant_id=tenant_id, name=name[:200],

@@ -1,20 +1,38 @@
 """A stand-in for `python -m worker.inspect` (no torch): same command line and reply protocol.
-Inputs containing b"INVALID" are refused with a 422; others are copied to --output."""
+
+Models: inputs containing b"INVALID" are refused with a 422, b"CRASH" exits 1 with a traceback,
+b"SLOW" sleeps FAKE_INSPECT_SLOW_S seconds (default 3) first, b"HOG" allocates 1 GiB (a
+MemoryError under a smaller address-space cap); others are copied to --output.
+Datasets: validated by the real inspector code (numpy only, no torch)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import time
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    for flag in ("--input", "--format", "--arch", "--output"):
+    parser.add_argument("--kind", default="model")
+    for flag in ("--input", "--format"):
         parser.add_argument(flag, required=True)
-    args = parser.parse_args()
+    parser.add_argument("--arch", default="")
+    parser.add_argument("--output", default="")
+    args, _ = parser.parse_known_args()
+    if args.kind == "dataset":
+        from worker.inspect import main as real_main
+
+        return real_main(sys.argv[1:])
     with open(args.input, "rb") as f:
         data = f.read()
+    if b"SLOW" in data:
+        time.sleep(float(os.environ.get("FAKE_INSPECT_SLOW_S", "3")))
+    if b"HOG" in data:
+        hog = bytearray(1024 * 1024 * 1024)
+        hog[::4096] = b"x" * len(hog[::4096])
     if b"INVALID" in data:
         print(json.dumps({"ok": False, "status": 422, "error": "InvalidCheckpoint",
                           "detail": "fc1.weight has shape (10, 784) but lenet300 expects "
