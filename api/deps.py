@@ -10,9 +10,15 @@ from sqlalchemy.orm import Session
 
 from jobs.auth import get_or_create_tenant, resolve_key
 from jobs.db import session_scope
-from jobs.errors import Unauthorized
+from jobs.errors import NotFound, Unauthorized, Unprocessable
 from jobs.settings import Settings
+from jobs.spec import control_character
 from jobs.store import ObjectStore
+
+MAX_ID_CHARS = 32  # the id columns are String(32); a longer id cannot exist
+MAX_NAME_CHARS = 200  # artifact names
+MAX_QUERY_VALUE_CHARS = 4096
+_PATH_NOUNS = {"job_id": "job", "model_id": "model", "dataset_id": "dataset", "name": "artifact"}
 
 
 def get_settings(request: Request) -> Settings:
@@ -49,9 +55,36 @@ def default_tenant_id(request: Request, settings: Settings) -> str:
     return cached
 
 
+def check_request_values(request: Request) -> None:
+    """Path and query values that no row can match or no column can hold, refused before any
+    database work: a path id with a control character (a NUL byte, `%00`) or longer than its
+    column is a 404; a query value with a control character or over 4096 characters a 422."""
+    for key, value in request.path_params.items():
+        if not isinstance(value, str):
+            continue
+        limit = MAX_ID_CHARS if key.endswith("_id") else MAX_NAME_CHARS
+        if control_character(value) is not None or len(value) > limit:
+            noun = _PATH_NOUNS.get(key, key)
+            shown = repr(value) if len(value) <= 80 else repr(value[:77] + "...")
+            raise NotFound(f"{noun} {shown} not found ({noun} ids are at most {limit} printable "
+                           "characters, as the API returns them)" if key.endswith("_id") else
+                           f"{noun} {shown} not found (names are at most {limit} printable "
+                           "characters)")
+    for key, value in request.query_params.multi_items():
+        bad = control_character(key) or control_character(value)
+        if bad is not None:
+            raise Unprocessable(f"{key!r}: contains the control character {bad!r}; query "
+                                "values are printable text")
+        if len(value) > MAX_QUERY_VALUE_CHARS:
+            raise Unprocessable(f"{key}: at most {MAX_QUERY_VALUE_CHARS} characters, got "
+                                f"{len(value)}")
+
+
 def get_tenant_id(request: Request, settings: SettingsDep, session: SessionDep) -> str:
     """The tenant of the `Authorization: Bearer <key>` header (or the default tenant when auth
-    is off)."""
+    is off). Every tenant route depends on it, so it first refuses path and query values that
+    cannot match anything (`check_request_values`)."""
+    check_request_values(request)
     if settings.auth == "off":
         return default_tenant_id(request, settings)
     header = request.headers.get("authorization", "")

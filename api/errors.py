@@ -10,12 +10,40 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 
-from jobs.errors import SlimlineError
+from jobs.dbretry import UNAVAILABLE, is_unavailable
+from jobs.errors import DatabaseUnavailable, SlimlineError, Unprocessable
 from jobs.spec import AVAILABLE_OPS
 
 log = logging.getLogger(__name__)
+
+DB_RETRY_AFTER_S = 2.0
+DB_DOWN_DETAIL = "the database is unreachable; retry shortly"
+
+# errors that mean "the database cannot be reached now" (and not "this request is wrong"):
+# SQLAlchemy's wrappers of the driver's connection errors, the pool's checkout timeout
+# (jobs.dbretry), and the driver's own classes where one escapes unwrapped
+_DB_DOWN: tuple[type[BaseException], ...] = UNAVAILABLE
+# a value the database refuses (PostgreSQL: a NUL byte in text, a number out of range)
+_DB_BAD_VALUE: tuple[type[BaseException], ...] = (sa_exc.DataError,)
+try:
+    import psycopg
+
+    _DB_DOWN += (psycopg.OperationalError, psycopg.InterfaceError)
+    _DB_BAD_VALUE += (psycopg.DataError,)
+except ImportError:  # pragma: no cover - SQLite-only installs
+    pass
+
+
+def is_database_down(exc: BaseException) -> bool:
+    """True for an error that says the database is unreachable (503, retry), not a bad query."""
+    return is_unavailable(exc) or isinstance(exc, _DB_DOWN)
+
+
+def database_unavailable() -> DatabaseUnavailable:
+    return DatabaseUnavailable(DB_DOWN_DETAIL, retry_after=DB_RETRY_AFTER_S)
 
 
 def error_response(status: int, code: str, detail: str, **extra: Any) -> JSONResponse:
@@ -43,7 +71,9 @@ def validation_detail(errors: list[dict[str, Any]]) -> str:
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field (not allowed here)"
-        messages.append(f"{_path(tuple(err.get('loc', ())))}: {msg}")
+        loc = tuple(err.get("loc", ()))
+        # a spec-wide check names the field in its message (`model: contains ...`)
+        messages.append(f"{_path(loc)}: {msg}" if loc and loc != ("body",) else msg)
     return "; ".join(messages)
 
 
@@ -73,6 +103,22 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
                         headers=getattr(exc, "headers", None))
 
 
+async def database_error(request: Request, exc: Exception) -> JSONResponse:
+    """Database errors: unreachable → 503 + Retry-After; a value the database refuses (a NUL
+    byte in a PostgreSQL text column, a number out of range) → 422; anything else is a bug."""
+    if is_database_down(exc):
+        log.warning("database unreachable on %s %s: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        return await slimline_error(request, database_unavailable())
+    if isinstance(exc, _DB_BAD_VALUE):
+        log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        return await slimline_error(request, Unprocessable(
+            "a value in this request cannot be stored or compared (e.g. a NUL or other control "
+            "character, or a number out of range); remove it and retry"))
+    return await unhandled_error(request, exc)
+
+
 async def unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "InternalError",
@@ -84,4 +130,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, request_validation_error)
     app.add_exception_handler(ValidationError, pydantic_validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    for cls in (sa_exc.DBAPIError, *_DB_DOWN, *_DB_BAD_VALUE):
+        app.add_exception_handler(cls, database_error)
     app.add_exception_handler(Exception, unhandled_error)

@@ -1,4 +1,5 @@
-"""Prometheus metrics: request count and latency, and jobs by status (read at scrape time)."""
+"""Prometheus metrics: request count and latency, and jobs by status (read at scrape time).
+The operator token scrapes everything; a tenant's API key only its own jobs by status."""
 from __future__ import annotations
 
 import logging
@@ -22,16 +23,21 @@ log = logging.getLogger(__name__)
 
 
 class JobsByStatus:
-    def __init__(self, settings: Settings) -> None:
+    """`slimline_jobs{status}`: every tenant's jobs, or only `tenant_id`'s."""
+
+    def __init__(self, settings: Settings, tenant_id: str | None = None) -> None:
         self.settings = settings
+        self.tenant_id = tenant_id
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         gauge = GaugeMetricFamily("slimline_jobs", "Jobs by status", labels=["status"])
         counts = dict.fromkeys(STATUSES, 0)
+        query = select(Job.status, func.count()).group_by(Job.status)
+        if self.tenant_id is not None:
+            query = query.where(Job.tenant_id == self.tenant_id)
         try:
             with session_scope(self.settings) as session:
-                counts |= dict(session.execute(
-                    select(Job.status, func.count()).group_by(Job.status)).all())
+                counts |= dict(session.execute(query).all())
         except Exception:  # a scrape must not fail because the DB is down
             log.warning("could not count jobs for /metrics", exc_info=True)
         for status, count in counts.items():
@@ -48,6 +54,13 @@ class Metrics:
                                  "HTTP request latency", ["method", "route"],
                                  registry=self.registry)
         self.registry.register(JobsByStatus(settings))
+
+
+def tenant_registry(settings: Settings, tenant_id: str) -> CollectorRegistry:
+    """What a tenant's API key may scrape: its own jobs by status, nothing else."""
+    registry = CollectorRegistry()
+    registry.register(JobsByStatus(settings, tenant_id))
+    return registry
 
 
 class MetricsMiddleware(BaseHTTPMiddleware):

@@ -11,12 +11,15 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from jobs.archcheck import check_arch
 from jobs.datasets import check_dataset_ref
 from jobs.errors import BadRequest, IdempotencyConflict, InvalidSpec, NotFound, Unprocessable
 from jobs.events import record_event
 from jobs.model_registry import get_model
 from jobs.orm import Job, Model
-from jobs.spec import DENSE_WEIGHT_OPS, JobSpec, after_dctps_message
+from jobs.quotas import check_job_quota
+from jobs.settings import Settings
+from jobs.spec import DENSE_WEIGHT_OPS, JobSpec, after_dctps_message, control_character
 from jobs.states import STATUSES, mark_failed, request_cancel
 
 
@@ -26,10 +29,20 @@ def spec_document(spec: JobSpec) -> dict[str, Any]:
 
 
 def create_job(session: Session, tenant_id: str, spec: JobSpec,
-               idempotency_key: str | None = None) -> tuple[Job, bool]:
+               idempotency_key: str | None = None, settings: Settings | None = None
+               ) -> tuple[Job, bool]:
     """Insert a queued job; returns (job, created). Same key + same spec → the existing job;
-    same key + another spec → 409."""
-    if spec.model_id is not None:
+    same key + another spec → 409. A fresh `{"arch"}` model is checked torch-free (name,
+    kwargs, size within `settings`' limits); with `settings`, the tenant's quotas are checked
+    before the insert (an idempotent replay of an existing key is never refused)."""
+    if idempotency_key is not None and (not 1 <= len(idempotency_key) <= 200
+                                        or control_character(idempotency_key) is not None):
+        raise BadRequest("Idempotency-Key must be 1..200 printable characters")
+    if spec.model_id is None:
+        limits = settings or Settings.model_construct()
+        check_arch(spec.model.arch, max_params=limits.max_model_params,  # type: ignore[union-attr]
+                   max_macs=limits.max_model_macs)
+    else:
         check_model_fits_steps(get_model(session, tenant_id, spec.model_id), spec)
     for other in spec.other_model_ids:
         try:
@@ -41,11 +54,11 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
     check_dataset_ref(session, tenant_id, spec.dataset)
     document = spec_document(spec)
     if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= 200:
-            raise BadRequest("Idempotency-Key must be 1..200 characters")
         existing = _by_idempotency_key(session, tenant_id, idempotency_key)
         if existing is not None:
             return _replay(existing, document), False
+    if settings is not None:
+        check_job_quota(session, tenant_id, spec, settings)
     job = Job(tenant_id=tenant_id, status="queued", progress=0.0, stage="queued", spec=document,
               queue=spec.queue, idempotency_key=idempotency_key, cancel_requested=False,
               attempts=0)

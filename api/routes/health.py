@@ -1,6 +1,7 @@
 """Liveness, readiness (DB, broker, store) and Prometheus metrics."""
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
@@ -10,8 +11,12 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep
-from jobs.db import engine_from_settings
+from api.metrics import tenant_registry
+from jobs.auth import resolve_key
+from jobs.db import engine_from_settings, session_scope
+from jobs.errors import Unauthorized
 from jobs.queue import broker_ping
+from jobs.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -26,13 +31,29 @@ def _check(fn: Callable[[], object]) -> str:
     try:
         fn()
         return "ok"
-    except Exception as exc:  # noqa: BLE001 - readiness reports every failure as text
+    except Exception as exc:  # noqa: BLE001 - readiness reports every failure
         return f"error: {type(exc).__name__}: {exc}"[:300]
 
 
+def bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def is_operator(request: Request, settings: Settings) -> bool:
+    """The caller sent the operator token (SLIMLINE_METRICS_TOKEN), or auth is off (then every
+    caller is the operator)."""
+    if settings.auth == "off":
+        return True
+    token = bearer_token(request)
+    secret = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    return bool(token and secret) and hmac.compare_digest(token.encode(), secret.encode())
+
+
 @router.get("/readyz")
-async def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
-    """The database, the broker and the object store are reachable."""
+async def readyz(request: Request, settings: SettingsDep, store: StoreDep) -> JSONResponse:
+    """The database, the broker and the object store are reachable (200, else 503 naming the
+    failing ones). The errors' text is shown to the operator token only."""
     def db() -> None:
         with engine_from_settings(settings).connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -41,14 +62,30 @@ async def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
               "broker": await run_in_threadpool(_check, lambda: broker_ping(settings)),
               "store": await run_in_threadpool(_check, store.ping)}
     failing = [name for name, state in checks.items() if state != "ok"]
+    if not is_operator(request, settings):
+        checks = {name: "ok" if state == "ok" else "error" for name, state in checks.items()}
     if failing:
         return JSONResponse({"error": "NotReady", "detail": f"not reachable: {', '.join(failing)}",
                              "checks": checks}, status_code=503)
     return JSONResponse({"status": "ok", "checks": checks})
 
 
+def _tenant_of(settings: Settings, key: str) -> str:
+    with session_scope(settings) as session:
+        return resolve_key(session, key)
+
+
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
-    """Prometheus metrics."""
-    return Response(generate_latest(request.app.state.metrics.registry),
-                    media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Prometheus metrics: everything for the operator token (`Authorization: Bearer
+    <SLIMLINE_METRICS_TOKEN>`), only its own `slimline_jobs` for a tenant's API key."""
+    if is_operator(request, settings):
+        registry = request.app.state.metrics.registry
+    else:
+        key = bearer_token(request)
+        if key is None:
+            raise Unauthorized("/metrics needs `Authorization: Bearer <token>`: an API key (your "
+                               "own jobs by status) or the operator token "
+                               "(SLIMLINE_METRICS_TOKEN, everything)")
+        registry = tenant_registry(settings, _tenant_of(settings, key))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
