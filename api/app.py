@@ -10,11 +10,12 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import install_error_handlers
+from api.limits import install_limits, size_thread_pool
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, health, jobs, models
 from api.uploads import sweep_temp_loop, sweep_temp_once
+from jobs.reconcile import Reconciler
 from jobs.settings import Settings, get_settings
-from jobs.reconcile import reconcile_once
 from jobs.store import store_from_settings
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,12 @@ async def _reconciler_loop(settings: Settings) -> None:
     """Re-queue jobs of lost workers and re-send queued jobs whose message may be lost
     (`jobs.reconcile`; every worker runs the same pass, so this is a safety net when no worker
     is up)."""
+    reconciler = Reconciler(settings)
     while True:
         await asyncio.sleep(settings.reconcile_interval_s)
         try:
-            await run_in_threadpool(reconcile_once, settings)
-        except Exception as exc:  # the database or broker may be down; next round may succeed
+            await run_in_threadpool(reconciler.run_pass)
+        except Exception as exc:  # noqa: BLE001 - the database or broker may be down; retried
             log.warning("reconciler pass failed: %s", type(exc).__name__)
 
 
@@ -37,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        size_thread_pool(settings)  # before any request: see api/limits.py
         await sweep_temp_once(settings)  # temp files of killed processes (api/uploads.py)
         sweeper = asyncio.create_task(sweep_temp_loop(settings))
         task = asyncio.create_task(_reconciler_loop(settings))
@@ -51,7 +54,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
     app.state.metrics = Metrics(settings)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_limits(app, settings)  # load shedding, the JSON body limit
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost
     install_error_handlers(app)
     for module in (health, models, datasets, jobs, artifacts):
         app.include_router(module.router)

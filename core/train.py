@@ -58,6 +58,11 @@ class TrainConfig:
         return cls(**d)
 
 
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters the optimizer holds, in its order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
@@ -100,7 +105,10 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
           device: str | torch.device = "cpu", generator: torch.Generator,
           on_epoch: Callable[[dict[str, Any]], None] | None = None,
           should_cancel: Callable[[], bool] | None = None,
-          masks: Mapping[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+          masks: Mapping[str, torch.Tensor] | None = None,
+          resume: Mapping[str, Any] | None = None,
+          on_state: Callable[[int, dict[str, Any]], None] | None = None
+          ) -> list[dict[str, Any]]:
     """Train `model` in place; return one record per epoch.
 
     Record: `{"epoch", "loss", "accuracy" (running train averages over the epoch), "val_loss",
@@ -113,6 +121,13 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
     stay zero; weight decay acts on zero weights) and the masks are re-applied after every step,
     so a pruned weight is exactly zero whatever the optimizer does. Unknown layers or shape
     mismatches raise `SpecError` before anything is trained.
+
+    Resumable: after every epoch (and its `on_epoch`), `on_state(epoch, state)` gets the
+    optimizer and LR-schedule state (`{"epoch", "optimizer", "scheduler", "params"}`; tensors
+    only, loadable with `torch.load(weights_only=True)`). `train(..., resume=state)` continues
+    after `state["epoch"]`: with the generator's state restored as it was then, the resumed run
+    computes exactly what the uninterrupted one would have. Optimizer state is matched to the
+    parameters by name, so a model rebuilt from its checkpoint may order them differently.
     """
     device = torch.device(device)
     model.to(device)
@@ -121,10 +136,14 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
     optimizer = _make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.lr_steps),
                                                      gamma=config.lr_gamma)
+    first = 1
+    if resume is not None:
+        _load_state(model, optimizer, scheduler, resume)
+        first = int(resume["epoch"]) + 1
     data: ArrayDataset = splits.train
     n = len(data)
     history: list[dict[str, Any]] = []
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(first, config.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
@@ -163,8 +182,35 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        if on_state is not None:
+            on_state(epoch, {"epoch": epoch, "optimizer": optimizer.state_dict(),
+                             "scheduler": {"last_epoch": scheduler.last_epoch,
+                                           "last_lr": scheduler.get_last_lr()},
+                             "params": trainable_names(model)})
     model.eval()
     return history
+
+
+def _load_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, state: Mapping[str, Any]
+                ) -> None:
+    """Load a `train(on_state=...)` state, matching optimizer entries by parameter name."""
+    names = trainable_names(model)
+    saved_names = list(state.get("params") or names)
+    if sorted(saved_names) != sorted(names):
+        raise ValueError("the resume state's parameters do not match the model's: "
+                         f"{sorted(set(saved_names) ^ set(names))[:5]}")
+    where = {name: i for i, name in enumerate(names)}
+    saved = state["optimizer"]
+    remap = {saved_i: where[name] for saved_i, name in enumerate(saved_names)}
+    optimizer.load_state_dict({
+        "state": {remap[int(i)]: v for i, v in saved["state"].items()},
+        "param_groups": [dict(g, params=sorted(remap[int(i)] for i in g["params"]))
+                         for g in saved["param_groups"]]})
+    # milestones and gamma come from the config; only the position in the schedule is state
+    scheduler.load_state_dict(scheduler.state_dict() | {
+        "last_epoch": int(state["scheduler"]["last_epoch"]),
+        "_last_lr": [float(v) for v in state["scheduler"]["last_lr"]]})
 
 
 def evaluate(model: nn.Module, dataset: ArrayDataset, *, device: str | torch.device = "cpu",

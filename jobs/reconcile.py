@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -25,6 +26,7 @@ from sqlalchemy import or_, select, update
 
 from jobs import queue
 from jobs.db import session_scope
+from jobs.dbretry import is_unavailable
 from jobs.errors import BrokerUnavailable
 from jobs.orm import Job, utcnow
 from jobs.settings import Settings
@@ -61,12 +63,13 @@ def _due(settings: Settings) -> list[tuple[str, str, int]]:
     return due
 
 
-def reconcile_once(settings: Settings) -> Pass:
-    """One reconciler pass (see the module docstring)."""
+def reconcile_once(settings: Settings, *, recover: bool = True) -> Pass:
+    """One reconciler pass (see the module docstring); `recover=False` skips step 1."""
     result = Pass()
-    with session_scope(settings) as session:
-        result.requeued, result.failed = recover_stale_jobs(
-            session, settings.job_heartbeat_timeout_s, settings.job_max_attempts)
+    if recover:
+        with session_scope(settings) as session:
+            result.requeued, result.failed = recover_stale_jobs(
+                session, settings.job_heartbeat_timeout_s, settings.job_max_attempts)
     for job_id in result.requeued:
         log.warning("job %s: its worker was lost; re-queued to resume from its checkpoint",
                     job_id)
@@ -90,18 +93,41 @@ def reconcile_once(settings: Settings) -> Pass:
     return result
 
 
+class Reconciler:
+    """`reconcile_once` with memory of database outages: while the database was unreachable no
+    worker could heartbeat, so stale heartbeats only mean a lost worker once this process has
+    reached the database continuously for a whole heartbeat timeout again."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.reachable_since: float | None = time.monotonic()
+
+    def run_pass(self) -> Pass:
+        now = time.monotonic()
+        if self.reachable_since is None:
+            self.reachable_since = now
+        recover = now - self.reachable_since >= self.settings.job_heartbeat_timeout_s
+        try:
+            return reconcile_once(self.settings, recover=recover)
+        except Exception as exc:
+            if is_unavailable(exc):
+                self.reachable_since = None
+            raise
+
+
 def start_reconciler(settings: Settings, name: str = "slimline-reconciler") -> threading.Event:
-    """Run `reconcile_once` every `reconcile_interval_s` in a daemon thread; set the returned
-    event to stop it. Errors (database or broker down) are logged and retried next period."""
+    """Run `Reconciler.run_pass` every `reconcile_interval_s` in a daemon thread; set the
+    returned event to stop it. Errors (database or broker down) are logged and retried."""
     stop = threading.Event()
+    reconciler = Reconciler(settings)
 
     def loop() -> None:
         while not stop.wait(settings.reconcile_interval_s):
             try:
-                reconcile_once(settings)
-            except Exception as exc:  # the database may be briefly unreachable
+                reconciler.run_pass()
+            except Exception as exc:  # noqa: BLE001 - the database may be briefly unreachable
                 log.warning("reconciler pass failed: %s: %s", type(exc).__name__,
-                            str(exc).splitlines()[0][:200] if str(exc) else "")
+                            (str(exc).splitlines() or [""])[0][:200])
 
     threading.Thread(target=loop, name=name, daemon=True).start()
     return stop

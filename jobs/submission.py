@@ -7,20 +7,27 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from jobs.archcheck import check_arch
 from jobs.datasets import check_dataset_ref
-from jobs.errors import BadRequest, IdempotencyConflict, InvalidSpec, NotFound, Unprocessable
+from jobs.errors import (
+    BadRequest,
+    IdempotencyConflict,
+    InvalidSpec,
+    JobNotCancelable,
+    NotFound,
+    Unprocessable,
+)
 from jobs.events import record_event
 from jobs.model_registry import get_model
 from jobs.orm import Job, Model
 from jobs.quotas import check_job_quota
 from jobs.settings import Settings
 from jobs.spec import DENSE_WEIGHT_OPS, JobSpec, after_dctps_message, control_character
-from jobs.states import STATUSES, mark_failed, request_cancel
+from jobs.states import QUEUED, RUNNING, STATUSES, TERMINAL, mark_failed, request_cancel
 
 
 def spec_document(spec: JobSpec) -> dict[str, Any]:
@@ -143,8 +150,24 @@ def list_jobs(session: Session, tenant_id: str, *, status: str | None = None, li
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> tuple[Job, bool]:
-    """Returns (job, revoke): a queued job is canceled now and should be revoked after commit."""
+    """Returns (job, revoke): a queued job is canceled now and should be revoked after commit.
+
+    One true answer under races: `cancel_requested` is set by a compare-and-set on the status
+    (queued or running), which waits for the worker's final transaction when one holds the row
+    (PostgreSQL row lock, SQLite write lock); that transaction in turn only marks the job
+    succeeded while no cancel was requested. So a 202 for a running job means it ends
+    `canceled`, and a job that finished first gets 409."""
     job = get_job(session, tenant_id, job_id)
+    if job.status in TERMINAL:
+        raise JobNotCancelable(f"job {job.id} is already {job.status}; only queued or running "
+                               "jobs can be canceled")
+    won = session.execute(
+        update(Job).where(Job.id == job.id, Job.status.in_((QUEUED, RUNNING)))
+        .values(cancel_requested=True).execution_options(synchronize_session=False)).rowcount
+    session.refresh(job)
+    if not won:
+        raise JobNotCancelable(f"job {job.id} is already {job.status}; only queued or running "
+                               "jobs can be canceled")
     revoke = request_cancel(job)
     record_event(session, job.id, "cancel_requested", {"status": job.status})
     session.flush()
@@ -170,4 +193,4 @@ def job_document(job: Job) -> dict[str, Any]:
     return {"id": job.id, "status": job.status, "progress": job.progress, "stage": job.stage,
             "spec": job.spec, "error": error, "result": job.result,
             "created_at": iso(job.created_at), "started_at": iso(job.started_at),
-            "finished_at": iso(job.finished_at)}
+            "finished_at": iso(job.finished_at), "attempts": job.attempts or 0}

@@ -66,6 +66,10 @@ class StepContext:
     # where the input model's weights come from: "zoo" (built by the service: its arch's `init`
     # applies) or "upload" (its lineage starts at an uploaded checkpoint)
     input_origin: str = "zoo"
+    # resumable train steps: store a checkpoint of the job now (with the train step's progress;
+    # set by the runner), and the progress of the train step a resumed run continues
+    save_checkpoint: Callable[[Any], None] | None = None
+    resume_train: Any = None  # worker.checkpoint.TrainProgress
 
     def check_cancel(self) -> None:
         if self.reporter.should_cancel():

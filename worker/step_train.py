@@ -14,6 +14,7 @@ from core.models import get_layer
 from core.pcn import PCNConv2d, PCNLinear
 from core.train import TrainConfig, evaluate, train
 from jobs.spec import PCNStep, TrainStep
+from worker.checkpoint import TrainProgress
 from worker.context import (
     PLATEAU_DELTA,
     PLATEAU_MIN_EPOCHS,
@@ -38,10 +39,13 @@ class Tracking:
     dataset: ArrayDataset
 
     @classmethod
-    def for_step(cls, ctx: StepContext, step: TrainStep) -> Tracking | None:
+    def for_step(cls, ctx: StepContext, step: TrainStep,
+                 layers: list[str] | None = None) -> Tracking | None:
+        """`layers`: the ones chosen when the step started (a resumed step keeps them)."""
         if "effective_dim" not in step.track:
             return None
-        layers = chosen_layers(ctx.model, step.track_layers, "track_layers")
+        if layers is None:
+            layers = chosen_layers(ctx.model, step.track_layers, "track_layers")
         samples = step.track_samples or TRACK_SAMPLES
         return cls(layers, list(step.track_thresholds or TRACK_THRESHOLDS), samples,
                    tracking_set(ctx, samples))
@@ -140,18 +144,28 @@ def _remaining(config: TrainConfig, done: int) -> TrainConfig:
 
 
 def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
+    """Train `step.epochs` epochs (with tracking and a plateau pcn transform where asked); a
+    checkpoint after every epoch (`ctx.save_checkpoint`), and a resumed run continues from
+    `ctx.resume_train` exactly where the checkpoint was taken."""
     config = _train_config(step)
-    tracking = Tracking.for_step(ctx, step)
+    resume: TrainProgress | None = ctx.resume_train
+    ctx.resume_train = None
     plateau = _plateau_pcn(ctx)
     watch = None
-    if plateau is not None:
-        pcn_step = plateau[1]
-        watch = PlateauWatch(pcn_step.plateau_delta or PLATEAU_DELTA,
-                             pcn_step.plateau_min_epochs or PLATEAU_MIN_EPOCHS,
-                             evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"])
-    history: list[dict[str, Any]] = []
-    offset = 0  # epochs of this step before the running core.train.train call
-    ctx.reporter.progress(0.0, f"train 0/{step.epochs}")
+    if resume is not None:
+        tracking = Tracking.for_step(ctx, step, resume.tracking_layers)
+        watch = PlateauWatch(**resume.watch) if resume.watch else None
+        history, offset = resume.history, resume.offset
+    else:
+        tracking = Tracking.for_step(ctx, step)
+        if plateau is not None:
+            pcn_step = plateau[1]
+            watch = PlateauWatch(pcn_step.plateau_delta or PLATEAU_DELTA,
+                                 pcn_step.plateau_min_epochs or PLATEAU_MIN_EPOCHS,
+                                 evaluate(ctx.model, ctx.splits.val,
+                                          device=ctx.device)["accuracy"])
+        history, offset = [], 0  # offset: epochs of this step before the running train call
+        ctx.reporter.progress(0.0, f"train 0/{step.epochs}")
 
     def on_epoch(record: dict[str, Any]) -> None:
         ctx.global_epoch += 1
@@ -169,39 +183,55 @@ def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
                 record["epoch"] < step.epochs:
             raise _PlateauReached
 
+    def on_state(epoch: int, state: dict[str, Any]) -> None:
+        if ctx.save_checkpoint is not None:
+            ctx.save_checkpoint(TrainProgress(
+                epochs_done=offset + epoch, offset=offset, history=history,
+                watch=dataclasses.asdict(watch) if watch else None,
+                tracking_layers=tracking.layers if tracking else None, train_state=state))
+
+    def fit(cfg: TrainConfig, done: int) -> None:
+        """core.train.train for `cfg`, continuing after epoch `done` of it when resuming."""
+        state = resume.train_state if resume is not None and resume.train_state else None
+        if state is not None and int(state["epoch"]) != done:
+            state = None  # the checkpoint was taken in another train call of this step
+        train(ctx.model, ctx.splits, cfg, device=ctx.device, generator=ctx.generator,
+              on_epoch=on_epoch, should_cancel=ctx.reporter.should_cancel, masks=ctx.masks,
+              resume=state, on_state=on_state)
+
     details: dict[str, Any] = {}
-    try:
-        train(ctx.model, ctx.splits, config, device=ctx.device, generator=ctx.generator,
-              on_epoch=on_epoch, should_cancel=ctx.reporter.should_cancel, masks=ctx.masks)
-    except _PlateauReached:
-        pass
+    applied_before = plateau is not None and plateau[0] in ctx.applied  # resumed after it
+    if not applied_before:
+        try:
+            fit(config, resume.epochs_done if resume is not None else 0)
+        except _PlateauReached:
+            pass
     if plateau is not None and watch is not None:
         index, pcn_step = plateau
-        offset = watch.fired_at or step.epochs
-        applied = apply_pcn(ctx, pcn_step, index)
-        plateau_info = {"delta": watch.delta, "min_epochs": watch.min_epochs,
-                        "fired": watch.fired_at is not None}
-        if watch.fired_at is None:
-            plateau_info["note"] = (f"validation accuracy never rose by less than {watch.delta} "
-                                    f"in an epoch >= {watch.min_epochs} after rising above its "
-                                    f"start; applied after the last epoch ({step.epochs})")
-        applied |= {"when": "plateau", "fired_at_epoch": watch.fired_at,
-                    "applied_after_epoch": offset, "applied_in_step": ctx.step_index,
-                    "plateau": plateau_info}
-        ctx.applied[index] = applied
-        record_transform(ctx, index, applied)
+        if not applied_before:
+            offset = watch.fired_at or step.epochs
+            applied = apply_pcn(ctx, pcn_step, index)
+            plateau_info = {"delta": watch.delta, "min_epochs": watch.min_epochs,
+                            "fired": watch.fired_at is not None}
+            if watch.fired_at is None:
+                plateau_info["note"] = (
+                    f"validation accuracy never rose by less than {watch.delta} in an epoch "
+                    f">= {watch.min_epochs} after rising above its start; applied after the "
+                    f"last epoch ({step.epochs})")
+            applied |= {"when": "plateau", "fired_at_epoch": watch.fired_at,
+                        "applied_after_epoch": offset, "applied_in_step": ctx.step_index,
+                        "plateau": plateau_info}
+            ctx.applied[index] = applied
+            record_transform(ctx, index, applied)
         details["pcn"] = {"step": index, "fired_at_epoch": watch.fired_at,
                           "applied_after_epoch": offset}
         if offset < step.epochs:
             ctx.reporter.progress(offset / step.epochs, f"train {offset}/{step.epochs}")
-            train(ctx.model, ctx.splits, _remaining(config, offset), device=ctx.device,
-                  generator=ctx.generator, on_epoch=on_epoch,
-                  should_cancel=ctx.reporter.should_cancel, masks=ctx.masks)
+            done = resume.epochs_done - offset if applied_before and resume else 0
+            fit(_remaining(config, offset), done)
     ctx.model.eval()
     last = history[-1]
     return {"epochs": step.epochs, "config": config.to_dict(),
             "train_loss": last["loss"], "train_accuracy": last["accuracy"],
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "history": history, **details}
-
-

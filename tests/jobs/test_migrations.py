@@ -54,7 +54,7 @@ def test_upgrade_on_postgresql_and_basic_use(pg_url, tmp_path):
     from jobs.auth import create_api_key, resolve_key
     from jobs.db import session_scope
     from jobs.orm import Job
-    from jobs.states import mark_running, reap_stale_jobs
+    from jobs.states import mark_running, recover_stale_jobs
 
     s = Settings(home=tmp_path, database_url=pg_url)
     upgrade_db(s)
@@ -66,6 +66,6 @@ def test_upgrade_on_postgresql_and_basic_use(pg_url, tmp_path):
         session.add(job)
         session.flush()
         mark_running(job)
-        assert reap_stale_jobs(session, 3600) == []
+        assert recover_stale_jobs(session, 3600, 3) == ([], [])
     with session_scope(s) as session:
         assert session.get(Job, job.id).started_at.tzinfo is not None

@@ -14,7 +14,7 @@ from jobs.states import (
     mark_failed,
     mark_running,
     mark_succeeded,
-    reap_stale_jobs,
+    recover_stale_jobs,
     request_cancel,
 )
 
@@ -64,23 +64,49 @@ def test_cancel_queued_and_running(settings):
         assert running.status == "running" and running.cancel_requested
 
 
-def test_reaper_fails_jobs_without_heartbeat(settings):
+def test_stale_jobs_are_requeued_then_failed_after_max_attempts(settings):
     with session_scope(settings) as session:
         stale, fresh = new_job(session), Job(tenant_id=None, spec={})
         fresh.tenant_id = stale.tenant_id
-        session.add(fresh)
+        last = Job(tenant_id=stale.tenant_id, spec={})
+        session.add_all([fresh, last])
         session.flush()
-        mark_running(stale)
-        mark_running(fresh)
-        stale.heartbeat_at = utcnow() - timedelta(seconds=600)
-        ids = (stale.id, fresh.id)
+        for job in (stale, fresh, last):
+            mark_running(job)
+        last.attempts = 3
+        stale.heartbeat_at = last.heartbeat_at = utcnow() - timedelta(seconds=600)
+        ids = (stale.id, fresh.id, last.id)
     with session_scope(settings) as session:
-        assert reap_stale_jobs(session, 300) == [ids[0]]
+        assert recover_stale_jobs(session, 300, max_attempts=3) == ([ids[0]], [ids[2]])
     with session_scope(settings) as session:
-        stale, fresh = session.get(Job, ids[0]), session.get(Job, ids[1])
-        assert stale.status == "failed" and stale.error_code == "WorkerLost"
-        assert "stopped reporting" in stale.error_message and stale.finished_at
+        stale, fresh, last = (session.get(Job, i) for i in ids)
+        assert stale.status == "queued" and stale.dispatched_at is None
+        assert "stopped reporting" in stale.stage
+        assert last.status == "failed" and last.error_code == "WorkerLost"
+        assert "SLIMLINE_JOB_MAX_ATTEMPTS=3" in last.error_message and last.finished_at
         assert fresh.status == "running"
+        statuses = [e.data for e in list_events(session, stale.id) if e.kind == "status"]
+        assert [d["status"] for d in statuses] == ["running", "queued"]
+        assert statuses[-1]["attempts"] == 1 and "checkpoint" in statuses[-1]["reason"]
+        assert [e.data["status"] for e in list_events(session, last.id)] == ["running", "failed"]
+
+
+def test_every_transition_records_a_status_event(settings):
+    with session_scope(settings) as session:
+        a, b = new_job(session), None
+        b = Job(tenant_id=a.tenant_id, spec={})
+        session.add(b)
+        session.flush()
+        mark_running(a)
+        mark_succeeded(a, {})
+        mark_running(b)
+        request_cancel(b)
+        mark_canceled(b)
+        ids = (a.id, b.id)
+    with session_scope(settings) as session:
+        kinds = [[e.data["status"] for e in list_events(session, i) if e.kind == "status"]
+                 for i in ids]
+    assert kinds == [["running", "succeeded"], ["running", "canceled"]]
 
 
 def test_events_and_progress(settings):
