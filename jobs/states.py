@@ -3,7 +3,6 @@ queued → failed when the broker is down, running → queued when a lost job is
 from __future__ import annotations
 
 from datetime import timedelta
-
 from typing import Any
 
 from sqlalchemy import select
