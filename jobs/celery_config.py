@@ -17,9 +17,11 @@ def filesystem_folders(settings: Settings) -> dict[str, str]:
     control = settings.broker_folder / "control"
     for folder in (queue, processed, control):
         folder.mkdir(parents=True, exist_ok=True)
+    # the transport polls its folder; its default (1 s) was 0.97 s of a trivial job's 1.06 s
     return {"data_folder_in": str(queue), "data_folder_out": str(queue),
             "data_folder_processed": str(processed), "processed_folder": str(processed),
-            "store_processed": False, "control_folder": str(control)}
+            "store_processed": False, "control_folder": str(control),
+            "polling_interval": settings.filesystem_poll_s}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

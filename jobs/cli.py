@@ -94,27 +94,50 @@ def up(host: Host = "127.0.0.1", port: Port = 8000,
                f"broker {settings.broker_url}, auth {settings.auth}")
     worker = subprocess.Popen(worker_command("cpu,gpu", pool="solo"), env=os.environ.copy(),
                               stdin=subprocess.DEVNULL)
+    # uvicorn re-raises the SIGTERM it handled after its graceful shutdown; with the default
+    # handler that would kill this process before `finally` stops the worker (an orphan). A
+    # Python handler turns it into SystemExit, so SIGTERM stops both, like Ctrl-C.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         import uvicorn
 
         from api.app import create_app
 
         typer.echo(f"slimline: API on http://{host}:{port} (Ctrl-C stops the API and the worker)")
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+                    timeout_graceful_shutdown=API_GRACEFUL_SHUTDOWN_S,
+                    timeout_keep_alive=API_KEEP_ALIVE_S)
     finally:
         stop_process(worker)
     if worker.returncode not in (0, -signal.SIGTERM, None):
         typer.echo(f"slimline: the worker exited with {worker.returncode}", err=True)
 
 
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+API_GRACEFUL_SHUTDOWN_S = 10  # on SIGTERM: finish in-flight requests this long, then close
+API_KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
+
+
 @app.command()
 def api(host: Host = "127.0.0.1", port: Port = 8000,
-        workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1) -> None:
-    """Run the API against the configured database, broker and store."""
+        workers: Annotated[int, typer.Option(
+            min=1, help="API processes (each has its own DB pool and request slots).")] = 1,
+        access_log: Annotated[bool, typer.Option(
+            help="Log every request (uvicorn's access log).")] = True) -> None:
+    """Run the API against the configured database, broker and store. SIGTERM stops it within
+    about 10 s: no new connections, in-flight requests finish, open streams are closed."""
     import uvicorn
 
+    # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done; exit 0 then
+    # (a stop that was asked for is a clean exit). With --workers, its supervisor exits 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="info", proxy_headers=True)
+                log_level="info", access_log=access_log, proxy_headers=True,
+                timeout_graceful_shutdown=API_GRACEFUL_SHUTDOWN_S,
+                timeout_keep_alive=API_KEEP_ALIVE_S)
 
 
 @app.command()
