@@ -2,7 +2,8 @@
 
 Models: inputs containing b"INVALID" are refused with a 422, b"CRASH" exits 1 with a traceback,
 b"SLOW" sleeps FAKE_INSPECT_SLOW_S seconds (default 3) first, b"HOG" allocates 1 GiB (a
-MemoryError under a smaller address-space cap); others are copied to --output.
+MemoryError under a smaller address-space cap), b"SPIN" burns CPU until a limit stops it; others
+are copied to --output.
 Datasets: validated by the real inspector code (numpy only, no torch)."""
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main() -> int:
     if b"HOG" in data:
         hog = bytearray(1024 * 1024 * 1024)
         hog[::4096] = b"x" * len(hog[::4096])
+    if b"SPIN" in data:
+        while True:
+            sum(range(100_000))
     if b"INVALID" in data:
         print(json.dumps({"ok": False, "status": 422, "error": "InvalidCheckpoint",
                           "detail": "fc1.weight has shape (10, 784) but lenet300 expects "
