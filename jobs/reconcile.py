@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -115,9 +116,11 @@ class Reconciler:
             raise
 
 
-def start_reconciler(settings: Settings, name: str = "slimline-reconciler") -> threading.Event:
-    """Run `Reconciler.run_pass` every `reconcile_interval_s` in a daemon thread; set the
-    returned event to stop it. Errors (database or broker down) are logged and retried."""
+def start_reconciler(settings: Settings, name: str = "slimline-reconciler",
+                     also: Callable[[], object] | None = None) -> threading.Event:
+    """Run `Reconciler.run_pass` (then `also()`, e.g. a temp-file sweep) every
+    `reconcile_interval_s` in a daemon thread; set the returned event to stop it. Errors
+    (database or broker down) are logged and retried."""
     stop = threading.Event()
     reconciler = Reconciler(settings)
 
@@ -125,6 +128,8 @@ def start_reconciler(settings: Settings, name: str = "slimline-reconciler") -> t
         while not stop.wait(settings.reconcile_interval_s):
             try:
                 reconciler.run_pass()
+                if also is not None:
+                    also()
             except Exception as exc:  # noqa: BLE001 - the database may be briefly unreachable
                 log.warning("reconciler pass failed: %s: %s", type(exc).__name__,
                             (str(exc).splitlines() or [""])[0][:200])

@@ -61,5 +61,16 @@ def _start_reconciler(**_kwargs: object) -> None:
     """Every worker re-queues jobs of lost workers and re-sends queued jobs whose message may be
     lost (jobs.reconcile)."""
     from jobs.reconcile import start_reconciler
+    from jobs.tmpfiles import sweep
+    from worker.runner import work_root
 
-    start_reconciler(get_settings())
+    settings = get_settings()
+
+    def sweep_work() -> None:
+        removed = sweep(work_root(settings), settings.temp_max_age_s)
+        if removed:
+            logging.getLogger("worker").warning(
+                "removed %d temp dir(s) of dead workers: %s", len(removed), removed[:5])
+
+    sweep_work()  # at start-up, then with every reconciler pass
+    start_reconciler(settings, also=sweep_work)

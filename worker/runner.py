@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from jobs.orm import Artifact, Job, utcnow
 from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from jobs.store import ObjectStore, store_from_settings
+from jobs.tmpfiles import temp_dir
 from worker.checkpoint import Checkpointer, Snapshot, TrainProgress
 from worker.context import StepContext, model_metrics
 from worker.inputs import (
@@ -88,6 +88,11 @@ def resolve_device(requested: str) -> torch.device:
         raise DeviceUnavailable("the job asks for device 'cuda' but this worker has no CUDA "
                                 "device; run a worker on the gpu queue or use device 'auto'")
     return torch.device(requested)
+
+
+def work_root(settings: Settings) -> Path:
+    """Where jobs keep their temporary files (one directory per running job)."""
+    return settings.home / "work"
 
 
 # ---- the job row ----
@@ -479,7 +484,9 @@ def run_job(job_id: str, settings: Settings | None = None) -> str | None:
     log.info("job %s: attempt %d started", job_id, attempt)
     store = store_from_settings(settings)
     ended = True
-    with tempfile.TemporaryDirectory(prefix=f"slimline-{job_id}-") as tmp:
+    # under SLIMLINE_HOME/work, named by pid: what a killed worker leaves is swept by the next
+    # worker that starts (and periodically by the reconciler thread)
+    with temp_dir(work_root(settings), f"job-{job_id}") as tmp:
         reporter = JobReporter(job_id, attempt, settings)
         try:
             with reporter:

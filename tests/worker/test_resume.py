@@ -111,6 +111,7 @@ def test_resumed_job_equals_uninterrupted_run(settings, store, submit, tmp_path,
     assert [d["status"] for d in statuses] == ["queued", "running", "queued", "running",
                                                "resumed", "succeeded"]
     assert not [f for f in stored_files(store) if f.startswith("checkpoints/")]
+    assert not list(runner.work_root(settings).iterdir())  # no temp dir left behind
 
 
 def test_lost_before_any_checkpoint_restarts_and_max_attempts_fail(settings, submit,
