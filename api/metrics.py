@@ -9,10 +9,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.db import session_scope
 from jobs.orm import Job
@@ -63,17 +60,32 @@ def tenant_registry(settings: Settings, tenant_id: str) -> CollectorRegistry:
     return registry
 
 
-class MetricsMiddleware(BaseHTTPMiddleware):
+class MetricsMiddleware:
+    """Counts requests and observes their latency (until the response starts, so a long
+    streamed body does not count) by route template. Pure ASGI: the status is read from the
+    response's start message; shed or unrouted requests are "unmatched"."""
+
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        super().__init__(app)
+        self.app = app
         self.metrics = metrics
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        self.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        self.metrics.latency.labels(request.method, path).observe(
-            time.perf_counter() - started)
-        return response
+        status, elapsed = 500, None  # an exception before the response started is a 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status, elapsed
+            if message["type"] == "http.response.start":
+                status, elapsed = message["status"], time.perf_counter() - started
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], path).observe(
+                elapsed if elapsed is not None else time.perf_counter() - started)

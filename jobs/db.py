@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,14 +20,20 @@ _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
 
 
-def make_engine(url: str) -> Engine:
-    """A new engine; SQLite gets foreign keys, WAL and a busy timeout (API and worker share it)."""
+def make_engine(url: str, settings: Settings | None = None) -> Engine:
+    """A new engine; SQLite gets foreign keys, WAL and a busy timeout (API and worker share it).
+    With `settings`, the pool holds `db_pool_size` (+ `db_max_overflow`) connections and a
+    checkout waits at most `db_pool_timeout_s` (then `sqlalchemy.exc.TimeoutError`: a 503)."""
+    pool: dict[str, Any] = {}
+    if settings is not None and not _memory_sqlite(url):
+        pool = {"pool_size": settings.db_pool_size, "max_overflow": settings.db_max_overflow,
+                "pool_timeout": settings.db_pool_timeout_s}
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30})
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -37,7 +44,11 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
+
+
+def _memory_sqlite(url: str) -> bool:
+    return url.startswith("sqlite") and url.split(":///", 1)[-1] in ("", ":memory:")
 
 
 def engine_from_settings(settings: Settings | None = None) -> Engine:
@@ -45,7 +56,7 @@ def engine_from_settings(settings: Settings | None = None) -> Engine:
     url = (settings or get_settings()).database_url
     with _lock:
         if url not in _engines:
-            _engines[url] = make_engine(url)
+            _engines[url] = make_engine(url, settings or get_settings())
         return _engines[url]
 
 
