@@ -27,7 +27,7 @@ from jobs.orm import Job, Model
 from jobs.quotas import check_job_quota
 from jobs.settings import Settings
 from jobs.spec import DENSE_WEIGHT_OPS, JobSpec, after_dctps_message, control_character
-from jobs.states import QUEUED, RUNNING, STATUSES, TERMINAL, mark_failed, request_cancel
+from jobs.states import QUEUED, RUNNING, STATUSES, TERMINAL, request_cancel
 
 
 def spec_document(spec: JobSpec) -> dict[str, Any]:
@@ -174,13 +174,11 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> tuple[Job, bool
     return job, revoke
 
 
-def fail_unqueued(session: Session, job: Job, detail: str) -> None:
-    """The broker refused the job after its row was committed."""
-    session.refresh(job)
-    if job.status == "queued":
-        mark_failed(job, "BrokerUnavailable", detail)
-        record_event(session, job.id, "status", {"status": "failed"})
-    session.flush()
+def mark_unsent(session: Session, job: Job) -> None:
+    """The broker refused the job after its row was committed: it stays queued, and the
+    reconciler sends it at its next pass (dispatched_at NULL = never sent)."""
+    session.execute(update(Job).where(Job.id == job.id, Job.status == QUEUED)
+                    .values(dispatched_at=None).execution_options(synchronize_session=False))
 
 
 def job_document(job: Job) -> dict[str, Any]:

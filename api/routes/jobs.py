@@ -32,6 +32,7 @@ from jobs.submission import (
     get_job,
     job_document,
     list_jobs,
+    mark_unsent,
 )
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,10 @@ def submit(session: SessionDep, settings: SettingsDep, tenant_id: TenantDep,
     try:
         queue.enqueue_job(job.id, job.queue, settings)
     except BrokerUnavailable as exc:
-        log.warning("job %s is committed as queued but not sent (%s); the reconciler re-sends "
+        log.warning("job %s is committed as queued but not sent (%s); the reconciler sends "
                     "it once the broker is back", job.id, exc.detail)
+        mark_unsent(session, job)
+        session.commit()
     return JSONResponse(job_document(job), status_code=202, headers=headers)
 
 
