@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from api.app import create_app
 from api.deps import SessionDep
 from jobs.auth import create_api_key
-from jobs.db import dispose_engines, session_scope, upgrade_db
+from jobs.db import dispose_engines, engine_from_settings, session_scope, upgrade_db
 from jobs.settings import Settings
 from tests.api.conftest import MAX_UPLOAD
 
@@ -407,6 +407,13 @@ def test_event_streams_are_capped_per_tenant_and_released(settings, keys, enqueu
         events = f"{url}/v1/jobs/{job_id}/events"
         streams = [open_stream(events, keys["a"]) for _ in range(2)]
         assert all(st.ok for st in streams), [st.head for st in streams]
+        # idle streams hold no database connection (a poll holds one for a moment)
+        pool = engine_from_settings(s).pool
+        samples = []
+        for _ in range(20):
+            samples.append(pool.checkedout())
+            time.sleep(0.05)
+        assert samples.count(0) >= 15, samples
         r = c.get(events, headers=auth)
         assert r.status_code == 429 and r.json()["error"] == "QuotaExceeded", r.text
         assert "the limit is 2" in r.json()["detail"]

@@ -18,7 +18,7 @@ def test_create_job_commits_then_enqueues(client, enqueued):
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert set(job) == {"id", "status", "progress", "stage", "spec", "error", "result",
-                        "created_at", "started_at", "finished_at"}
+                        "created_at", "started_at", "finished_at", "attempts"}
     assert job["status"] == "queued" and job["error"] is None and job["progress"] == 0.0
     assert job["spec"]["steps"][0]["optimizer"] == "adam"  # defaults are filled in
     assert enqueued == [(job["id"], "cpu")]
@@ -230,12 +230,14 @@ def test_events_json_sse_and_curves(client, settings):
     with session_scope(settings) as s:
         mark_succeeded(s.get(Job, job_id), {"model_id": None})
     items = client.get(f"/v1/jobs/{job_id}/events", params={"format": "json"}).json()["items"]
-    assert [e["kind"] for e in items] == ["status", "epoch", "progress"]
+    assert [(e["kind"], e["data"].get("status")) for e in items] == [
+        ("status", "queued"), ("status", "running"), ("epoch", None), ("progress", None),
+        ("status", "succeeded")]
     with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
     assert "event: epoch" in text and text.rstrip().endswith('{"status": "succeeded"}')
-    last = items[1]["id"]
+    last = items[2]["id"]  # the epoch
     with client.stream("GET", f"/v1/jobs/{job_id}/events",
                        headers={"Last-Event-ID": str(last)}) as r:
         text = "".join(r.iter_text())
