@@ -73,8 +73,9 @@ def check_request_values(request: Request) -> None:
     for key, value in request.query_params.multi_items():
         bad = control_character(key) or control_character(value)
         if bad is not None:
-            raise Unprocessable(f"{key!r}: contains the control character {bad!r}; query "
-                                "values are printable text")
+            name = key if control_character(key) is None else repr(key)
+            raise Unprocessable(f"{name}: contains the control character {bad!r}; query "
+                                "parameters are printable text")
         if len(value) > MAX_QUERY_VALUE_CHARS:
             raise Unprocessable(f"{key}: at most {MAX_QUERY_VALUE_CHARS} characters, got "
                                 f"{len(value)}")
