@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, TenantDep
 from api.errors import is_database_down
 from jobs import queue
-from jobs.db import session_scope
+from jobs.db import rollback, session_scope
 from jobs.errors import BrokerUnavailable, QuotaExceeded, Unprocessable
 from jobs.events import event_dict, list_events
 from jobs.orm import Job
@@ -63,8 +63,13 @@ def submit(session: SessionDep, settings: SettingsDep, tenant_id: TenantDep,
     except BrokerUnavailable as exc:
         log.warning("job %s is committed as queued but not sent (%s); the reconciler sends "
                     "it once the broker is back", job.id, exc.detail)
-        mark_unsent(session, job)
-        session.commit()
+        try:  # sent at the reconciler's next pass rather than after the dispatch grace
+            mark_unsent(session, job)
+            session.commit()
+        except Exception as err:  # noqa: BLE001 - the job is committed: still a 202
+            log.warning("could not mark job %s unsent (%s); the reconciler sends it after the "
+                        "dispatch grace", job.id, type(err).__name__)
+            rollback(session)
     return JSONResponse(job_document(job), status_code=202, headers=headers)
 
 
