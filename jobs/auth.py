@@ -1,8 +1,12 @@
-"""API keys: `sl_<random>` shown once; only its sha256 and a short display prefix are stored."""
+"""API keys: `sl_<random>` shown once; only its sha256 and a short display prefix are stored.
+A key that resolved is remembered by each process for KEY_CACHE_TTL_S, so most requests spend
+no database round trip on authentication (a deleted key stops working within that time)."""
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -34,9 +38,31 @@ def create_api_key(session: Session, name: str, tenant_name: str | None = None) 
     return key
 
 
+KEY_CACHE_TTL_S = 60.0
+KEY_CACHE_SIZE = 10_000  # keys remembered at most (the cache is emptied when full)
+_key_cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant id, expiry)
+_key_cache_lock = threading.Lock()
+
+
 def resolve_key(session: Session, key: str) -> str:
-    """The tenant id of an API key, or Unauthorized."""
-    tenant_id = session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key)))
+    """The tenant id of an API key, or Unauthorized. Valid keys are cached (KEY_CACHE_TTL_S);
+    invalid ones are looked up every time."""
+    digest = hash_key(key)
+    now = time.monotonic()
+    cached = _key_cache.get(digest)
+    if cached is not None and cached[1] > now:
+        return cached[0]
+    tenant_id = session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == digest))
     if tenant_id is None:
         raise Unauthorized("invalid API key; create one with `slimline keys create --name N`")
+    with _key_cache_lock:
+        if len(_key_cache) >= KEY_CACHE_SIZE:
+            _key_cache.clear()
+        _key_cache[digest] = (tenant_id, now + KEY_CACHE_TTL_S)
     return tenant_id
+
+
+def forget_keys() -> None:
+    """Empty this process's key cache (tests; after deleting keys)."""
+    with _key_cache_lock:
+        _key_cache.clear()

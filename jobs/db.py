@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.settings import Settings, get_settings
@@ -44,7 +46,36 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **pool)
+    engine = create_engine(url, **pool)
+    _ping_after_idle(engine)
+    return engine
+
+
+PING_AFTER_IDLE_S = 10.0
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    """Check a pooled connection with a round trip only when it sat idle for PING_AFTER_IDLE_S
+    (`pool_pre_ping` would add one to every request: a busy API keeps its connections in use,
+    and a connection that just worked needs no ping). A dead one is replaced, and so are the
+    other connections of its age (the server restarted); one that broke during use is an
+    error the API answers with 503, and SQLAlchemy replaces the pool's connections too."""
+    @event.listens_for(engine, "checkin")
+    def _idle_since(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # unusable either way: the pool reconnects (or raises)
+            lost = isinstance(exc, engine.dialect.loaded_dbapi.Error) and \
+                engine.dialect.is_disconnect(exc, dbapi_conn, None)
+            error = InvalidatePoolError if lost else DisconnectionError  # server restarted?
+            raise error(f"pooled connection failed its ping: {exc}") from exc
 
 
 def _memory_sqlite(url: str) -> bool:

@@ -3,6 +3,7 @@ in process, and a real `slimline api` (uvicorn) under a burst on SQLite and on P
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from api.app import create_app
 from api.limits import THREAD_HEADROOM, BodyLimit, LoadShedder
 from jobs.auth import create_api_key
 from jobs.db import dispose_engines, session_scope, upgrade_db
+from jobs.errors import Unauthorized
 from jobs.orm import ApiKey, Job
 from jobs.settings import Settings
 
@@ -208,11 +210,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'home' / 'slimline.db'}"
-        return
+@contextlib.contextmanager
+def pg_database() -> Iterator[str]:
     import psycopg
 
     name = f"slimline_limits_{uuid.uuid4().hex[:8]}"
@@ -227,6 +226,90 @@ def database_url(request, tmp_path) -> Iterator[str]:
         dispose_engines()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'home' / 'slimline.db'}"
+        return
+    with pg_database() as url:
+        yield url
+
+
+# ---- what a request costs: no key lookup while the key is cached, no ping per checkout ----
+
+def test_a_cached_key_costs_no_query_and_a_read_one_select(settings, enqueued, keys):
+    from sqlalchemy import event
+
+    from jobs.auth import forget_keys, resolve_key
+    from jobs.db import engine_from_settings
+
+    forget_keys()
+    with session_scope(settings) as session:
+        tenant = session.query(ApiKey.tenant_id).filter(ApiKey.name == "alice-key").scalar()
+        job = Job(tenant_id=tenant, status="queued", spec={"steps": []}, queue="cpu",
+                  cancel_requested=False, attempts=0)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    statements: list[str] = []
+    event.listen(engine_from_settings(settings), "before_cursor_execute",
+                 lambda _c, _cur, sql, *_: statements.append(sql))
+    with TestClient(create_app(settings),
+                    headers={"Authorization": f"Bearer {keys['a']}"}) as client:
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # looks the key up
+        statements.clear()
+        for _ in range(3):
+            assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+        assert len(statements) == 3 and all("FROM jobs" in sql for sql in statements), statements
+        # a wrong key is looked up every time (and refused)
+        statements.clear()
+        for _ in range(2):
+            r = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": "Bearer sl_nope"})
+            assert r.status_code == 401
+        assert sum("api_keys" in sql for sql in statements) == 2
+    # a deleted key keeps working from the cache until it expires or is forgotten
+    with session_scope(settings) as session:
+        session.query(ApiKey).filter(ApiKey.name == "alice-key").delete()
+    with session_scope(settings) as session:
+        assert resolve_key(session, keys["a"]) == tenant
+        forget_keys()
+        with pytest.raises(Unauthorized):
+            resolve_key(session, keys["a"])
+
+
+@pytest.mark.service
+def test_a_pooled_connection_killed_by_the_server_is_replaced(tmp_path, monkeypatch):
+    import psycopg
+    from sqlalchemy import exc, text
+
+    from jobs import db
+    from jobs.db import engine_from_settings
+
+    def kill_backends(url: str) -> None:
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+
+    with pg_database() as url:
+        settings = Settings(home=tmp_path, database_url=url, db_pool_size=2)
+        engine = engine_from_settings(settings)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        kill_backends(url)
+        # in use within PING_AFTER_IDLE_S: no ping; the dead connection fails once (a 503 in
+        # the API), and the pool is replaced
+        with pytest.raises(exc.OperationalError), engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        # idle longer than that: the checkout pings, finds it dead and reconnects
+        kill_backends(url)
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 0.0)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
 
 
 @dataclass
