@@ -1,8 +1,9 @@
-"""Fixtures of the fault-injection suite: one stack (own PostgreSQL cluster, own Redis, an S3
-endpoint, `slimline api`, Celery workers) per test module, since the tests break its servers.
-
-A module sets `WORKERS = n` (default 1) and `STACK_ENV = {...}` to shape its stack. When a test
-fails, the tails of every process log are printed with its report."""
+"""Fixtures of the fault-injection suite: one set of servers for the session (own PostgreSQL
+cluster, own Redis, an S3 endpoint, `slimline api`) and fresh Celery workers per test module
+(`WORKERS = n` in the module, default 1), each module under a tenant of its own. A module that
+stops a server starts it again; the module teardown checks that every server is up again, so one
+module's fault never leaks into the next. When a test fails, the tails of every process log are
+printed with its report."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -19,14 +20,12 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-@pytest.fixture(scope="module")
-def fault_stack(request, tmp_path_factory) -> Iterator[FaultStack]:
+@pytest.fixture(scope="session")
+def fault_servers(tmp_path_factory) -> Iterator[FaultStack]:
     if postgres_bin() is None or redis_bin() is None:
         pytest.skip("the fault suite needs PostgreSQL server binaries (/usr/lib/postgresql/*/bin)"
                     " and redis-server")
-    home = tmp_path_factory.mktemp("faults")
-    stack = FaultStack.start(home, workers=getattr(request.module, "WORKERS", 1),
-                             extra_env=getattr(request.module, "STACK_ENV", None))
+    stack = FaultStack.start(tmp_path_factory.mktemp("faults"), workers=0)
     try:
         yield stack
     finally:
@@ -34,8 +33,24 @@ def fault_stack(request, tmp_path_factory) -> Iterator[FaultStack]:
 
 
 @pytest.fixture(scope="module")
-def api_key(fault_stack) -> str:
-    return fault_stack.create_key("faults", "faults")
+def fault_stack(request, fault_servers: FaultStack) -> Iterator[FaultStack]:
+    stack = fault_servers
+    stack.heal()
+    stack.stop_workers()
+    for _ in range(getattr(request.module, "WORKERS", 1)):
+        stack.start_worker()
+    stack.wait_workers_ready()
+    try:
+        yield stack
+    finally:
+        stack.stop_workers()
+        stack.heal()
+
+
+@pytest.fixture(scope="module")
+def api_key(request, fault_stack: FaultStack) -> str:
+    tenant = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    return fault_stack.create_key(f"faults-{tenant}", tenant)
 
 
 @pytest.fixture(autouse=True)

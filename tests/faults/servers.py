@@ -188,8 +188,8 @@ class RedisServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.root = Path(tempfile.mkdtemp(prefix="slimline-faults-redis-"))
-        self.log = self.root / "redis.log"
         self.proc: subprocess.Popen | None = None
+        self.log = self.root / "redis.log"
 
     @property
     def url(self) -> str:
@@ -394,6 +394,17 @@ class FaultStack:
         for w in self.workers:
             stop(w.proc)
 
+    def heal(self) -> None:
+        """Start PostgreSQL or Redis again if a fault left them down; the API must be alive
+        and ready."""
+        if not self.pg.running():
+            self.pg.start()
+        if not self.redis.ping():
+            self.redis.start()
+        assert self.api is not None and self.api.poll() is None, \
+            f"the API exited ({self.api.returncode if self.api else None})"
+        wait_ready(self.url, [self.api], timeout=60)
+
     # -- HTTP --
 
     def client(self, key: str | None = None, timeout: float = 30) -> httpx.Client:
@@ -442,6 +453,28 @@ def status_events(events: list[dict]) -> list[dict]:
     return [e["data"] for e in events if e["kind"] == "status"]
 
 
+def kill_mid_job(client: httpx.Client, workers: list[Worker], kill: Callable[[Worker], Any],
+                 epochs: int, exclude: frozenset[str] | set[str] = frozenset(),
+                 timeout: float = 120) -> tuple[str, Worker, int]:
+    """Wait until one of `workers` runs a job (not in `exclude`) whose first step (a train step
+    of `epochs` epochs) has 2..epochs-2 epochs done — so its checkpoint after epoch 1 is stored
+    and training is not about to end — then `kill(worker)`. Returns (job id, worker, epochs done
+    when killed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for worker in workers:
+            job_id = worker.running_job()
+            if job_id is None or job_id in exclude:
+                continue
+            done = [e for s, e in epoch_pairs(job_events(client, job_id)) if s == 0]
+            if len(done) >= 2 and max(done) <= epochs - 2:
+                kill(worker)
+                return job_id, worker, max(done)
+        time.sleep(0.05)
+    raise AssertionError(f"no job reached epochs 2..{epochs - 2} on "
+                         f"{[w.name for w in workers]} within {timeout} s")
+
+
 def wait_all(client: httpx.Client, ids: list[str], timeout: float) -> dict[str, dict]:
     """Poll until every job is terminal (bounded); {id: job document}. Transient errors (the
     service may be recovering) are retried until the deadline."""
@@ -477,17 +510,18 @@ def summary(docs: dict[str, dict], ids: list[str]) -> str:
 
 class Trickle(threading.Thread):
     """A steady request trickle in a thread (bounded: at most `max_s` seconds): GET
-    /v1/jobs/{id}, GET /v1/jobs, GET /healthz and POST /v1/jobs in turn, at `rate` requests/s.
+    /v1/jobs/{id}, GET /v1/jobs, GET /healthz and POST /v1/jobs in turn, at `rate` requests/s
+    (POSTs turn into GETs once `max_posted` jobs were accepted).
     Every answer is kept in `records` as {t, op, status, retry_after} (status None: no answer);
     ids of jobs a POST got accepted (202) are in `accepted`."""
 
     OPS = ("get_job", "list", "healthz", "get_job", "post")
 
     def __init__(self, url: str, key: str, job_ids: list[str], post_spec: dict,
-                 rate: float = 10.0, max_s: float = 180.0) -> None:
+                 rate: float = 10.0, max_s: float = 180.0, max_posted: int = 1000) -> None:
         super().__init__(name="trickle", daemon=True)
         self.url, self.key, self.job_ids, self.post_spec = url, key, job_ids, post_spec
-        self.rate, self.max_s = rate, max_s
+        self.rate, self.max_s, self.max_posted = rate, max_s, max_posted
         self.records: list[dict[str, Any]] = []
         self.accepted: list[str] = []
         self._halt = threading.Event()
@@ -503,6 +537,8 @@ class Trickle(threading.Thread):
             i = 0
             while not self._halt.is_set() and time.monotonic() - start < self.max_s:
                 op = self.OPS[i % len(self.OPS)]
+                if op == "post" and len(self.accepted) >= self.max_posted:
+                    op = "get_job"  # enough jobs accepted: keep the rate, add no more work
                 t = time.monotonic()
                 try:
                     if op == "get_job":
@@ -523,11 +559,12 @@ class Trickle(threading.Thread):
                 self._halt.wait(max(0.0, start + i / self.rate - time.monotonic()))
 
     def counts(self, since: float = 0.0, until: float = float("inf"),
-               db_only: bool = True) -> dict[str, int]:
-        """{"op status": count} of the answers in [since, until)."""
+               ops: tuple[str, ...] = ("get_job", "list", "post")) -> dict[str, int]:
+        """{"op status": count} of the answers to `ops` in [since, until) (default: the
+        DB-backed requests)."""
         out: dict[str, int] = {}
         for rec in self.records:
-            if since <= rec["t"] < until and not (db_only and rec["op"] == "healthz"):
+            if since <= rec["t"] < until and rec["op"] in ops:
                 key = f"{rec['op']} {rec['status']}"
                 out[key] = out.get(key, 0) + 1
         return dict(sorted(out.items()))

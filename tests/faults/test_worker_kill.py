@@ -4,16 +4,15 @@ and no epoch is counted twice. A job whose worker dies on every attempt fails af
 `job_max_attempts` runs with a clear error."""
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
 
 from tests.faults.servers import (
     FaultStack,
-    Worker,
     epoch_pairs,
     job_events,
+    kill_mid_job,
     status_events,
     summary,
     wait_all,
@@ -29,26 +28,6 @@ SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
         "steps": [{"op": "train", "epochs": EPOCHS, "batch_size": 64, "max_batches": 15},
                   {"op": "evaluate"}]}
 N_JOBS = 10
-
-
-def kill_mid_job(client, workers: list[Worker], kill, exclude: set[str],
-                 timeout: float = 120) -> tuple[str, Worker, int]:
-    """Wait until one of `workers` runs a job (not in `exclude`) of which 2..EPOCHS-2 epochs are
-    done — so its checkpoint after epoch 1 is stored and training is not about to end — then
-    `kill(worker)`. Returns (job id, worker, epochs done when killed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for worker in workers:
-            job_id = worker.running_job()
-            if job_id is None or job_id in exclude:
-                continue
-            done = [e for s, e in epoch_pairs(job_events(client, job_id)) if s == 0]
-            if 2 <= len(done) and max(done) <= EPOCHS - 2:
-                kill(worker)
-                return job_id, worker, max(done)
-        time.sleep(0.05)
-    raise AssertionError(f"no job reached epochs 2..{EPOCHS - 2} on "
-                         f"{[w.name for w in workers]} within {timeout} s")
 
 
 def assert_resumed(doc: dict, events: list[dict], killed_after: int) -> None:
@@ -94,15 +73,15 @@ def test_sigkill_worker_main_and_pool_child(fault_stack: FaultStack, api_key: st
             ids.append(r.json()["id"])
 
         # 1. the Celery main process of worker1 (its pool child dies with it), then a new worker
-        first = stack.workers[0]
-        victim1, _, done1 = kill_mid_job(client, [first], stack.kill_worker_main, set())
+        first = stack.live_workers()[0]
+        victim1, _, done1 = kill_mid_job(client, [first], stack.kill_worker_main, EPOCHS)
         assert first.proc.poll() is not None and not first.pool_pids()
         stack.start_worker()
         stack.wait_workers_ready()
 
         # 2. a pool child of a live worker: its main process stays up and forks a new child
         victim2, second, done2 = kill_mid_job(client, stack.live_workers(),
-                                              stack.kill_pool_child, {victim1})
+                                              stack.kill_pool_child, EPOCHS, {victim1})
 
         docs = wait_all(client, ids, timeout=240)
         assert all(docs.get(j, {}).get("status") == "succeeded" for j in ids), (
