@@ -64,6 +64,7 @@ class HttpError(Exception):
 class Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    idle_since: float = 0.0
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -91,29 +92,54 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
 
 
 class Client:
-    """Requests over a pool of at most `max_conns` keep-alive connections."""
+    """Requests over a pool of at most `max_conns` keep-alive connections. Like an HTTP client
+    library, it does not reuse a connection idle for longer than MAX_IDLE_S (the server may
+    have closed it: uvicorn's keep-alive timeout is 5 s), and it resends a request once on a
+    new connection when a reused one turns out closed before any byte of the answer."""
+
+    MAX_IDLE_S = 2.0
 
     def __init__(self, port: int, max_conns: int) -> None:
         self.port = port
         self.idle: list[Conn] = []
         self.slots = asyncio.Semaphore(max_conns)
 
+    def _reusable(self) -> Conn | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if now - conn.idle_since < self.MAX_IDLE_S:
+                return conn
+            conn.writer.close()
+        return None
+
     async def get(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
         async with self.slots:
-            conn = self.idle.pop() if self.idle else None
-            if conn is None:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                conn = Conn(reader, writer)
-            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            conn.writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
-            try:
-                status, rheaders, _ = await read_response(conn.reader)
-            except BaseException:
-                conn.writer.close()
-                raise
+            conn = self._reusable()
+            reused = conn is not None
+            while True:
+                if conn is None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    conn = Conn(reader, writer)
+                try:
+                    conn.writer.write(request)
+                    status, rheaders, _ = await read_response(conn.reader)
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                    conn.writer.close()
+                    partial = getattr(exc, "partial", b"")
+                    if not reused or partial:
+                        raise
+                    conn, reused = None, False  # the server had closed it: resend once
+                except BaseException:
+                    conn.writer.close()
+                    raise
             if rheaders.get("connection", "").lower() == "close":
                 conn.writer.close()
             else:
+                conn.idle_since = time.monotonic()
                 self.idle.append(conn)
             return status, rheaders
 
@@ -341,15 +367,36 @@ async def bench_one(args: argparse.Namespace, db: str, workers: int, url: str,
     seeded = json.loads(seed.stdout.strip().splitlines()[-1])
     headers = {"Authorization": f"Bearer {seeded['key']}"}
     paths = {"GET /v1/jobs/{id}": f"/v1/jobs/{seeded['job_id']}", "GET /v1/jobs": "/v1/jobs"}
-    server = Server(args.code, env, workers, home / f"api-{db}-{workers}.log")
-    result: dict[str, Any] = {"db": db, "workers": workers, "steady": [], "overload": None}
-    try:
-        server.wait_ready()
-        client = Client(server.port, args.max_conns)
+    result: dict[str, Any] = {"db": db, "workers": workers, "fresh_server_per_run": args.fresh,
+                              "steady": [], "overload": None, "sigterm": None}
+    server: Server | None = None
+    client: Client | None = None
+    n_servers = 0
+
+    async def start() -> tuple[Server, Client]:
+        nonlocal n_servers
+        n_servers += 1
+        srv = Server(args.code, env, workers, home / f"api-{db}-{workers}-{n_servers}.log")
+        srv.wait_ready()
+        cl = Client(srv.port, args.max_conns)
         for path in paths.values():  # warm-up: connections, caches, the pool
-            await run_load(client, Load(50, 2, path, headers, args.client_timeout))
+            await run_load(cl, Load(50, 2, path, headers, args.client_timeout))
+        return srv, cl
+
+    def stop(srv: Server, cl: Client | None) -> dict[str, Any]:
+        if cl is not None:
+            cl.close()
+        outcome = srv.terminate(timeout=15 if args.fresh else 30)
+        print(f"  {db} x{workers} SIGTERM: {outcome}", file=sys.stderr)
+        return outcome
+
+    try:
         for name, path in paths.items():
             for rate in args.rates:
+                if server is None or args.fresh:
+                    if server is not None:
+                        stop(server, client)
+                    server, client = await start()
                 load = Load(rate, args.duration, path, headers, args.client_timeout)
                 cpu = server.cpu_s()
                 await run_load(client, load)
@@ -358,19 +405,23 @@ async def bench_one(args: argparse.Namespace, db: str, workers: int, url: str,
                     "api_cpu_ms_per_request": round(1000 * cpu / max(1, len(load.outcomes)), 3),
                     "api_cpu_share": round(cpu / load.seconds, 3)}
                 result["steady"].append(row)
-                print(f"  {db} x{workers} {name} {rate}/s: p50 {row['p50_ms']} ms, "
+                print(f"  {db} x{workers} {name} {rate:g}/s: p50 {row['p50_ms']} ms, "
                       f"p99 {row['p99_ms']} ms, errors {row['errors']}, API CPU "
                       f"{row['api_cpu_ms_per_request']} ms/request", file=sys.stderr)
                 await asyncio.sleep(1)
-        client.close()
         if args.overload_rate:
+            if args.fresh:
+                stop(server, client)
+                server, client = await start()
+            client.close()
+            client = None
             result["overload"] = await overload(args, server, paths["GET /v1/jobs/{id}"],
                                                 headers)
     finally:
-        result["sigterm"] = server.terminate()
-        if result["overload"] is not None:
-            result["overload"]["sigterm"] = result["sigterm"]
-        print(f"  {db} x{workers} SIGTERM: {result['sigterm']}", file=sys.stderr)
+        if server is not None:
+            result["sigterm"] = stop(server, client)
+            if result["overload"] is not None:
+                result["overload"]["sigterm"] = result["sigterm"]
     return result
 
 
@@ -408,8 +459,10 @@ async def overload(args: argparse.Namespace, server: Server, path: str,
 
 
 def tables(results: list[dict[str, Any]], label: str) -> str:
+    fresh = any(r.get("fresh_server_per_run") for r in results)
     title = (f"### API latency{f' ({label})' if label else ''}: open-loop load, p50 / p99 of "
-             "the 2xx answers in ms, errors\n")
+             "the 2xx answers in ms, errors"
+             + (" (a new API process for every row)" if fresh else "") + "\n")
     out = [title,
            "| database | API processes | endpoint | req/s | p50 ms | p99 ms | errors |",
            "|---|---|---|---|---|---|---|"]
@@ -466,6 +519,9 @@ def main() -> None:
     p.add_argument("--max-conns", type=int, default=1000, help="client connections at most")
     p.add_argument("--code", type=Path, default=ROOT,
                    help="the checkout whose `slimline api` is measured")
+    p.add_argument("--fresh", action="store_true",
+                   help="a new API process for every rate (a run that breaks the API then "
+                        "does not spoil the next ones)")
     p.add_argument("--env", nargs="*", default=[], help="extra KEY=VALUE for the API")
     p.add_argument("--label", default="", help="names the output file and the table")
     p.add_argument("--out", type=Path, default=None)

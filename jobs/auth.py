@@ -44,6 +44,13 @@ _key_cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant id, expiry)
 _key_cache_lock = threading.Lock()
 
 
+def cached_tenant_id(key: str) -> str | None:
+    """The tenant id of `key` if this process resolved it within KEY_CACHE_TTL_S (no I/O: an
+    async caller can use it before deciding to look the key up in a thread)."""
+    cached = _key_cache.get(hash_key(key))
+    return cached[0] if cached is not None and cached[1] > time.monotonic() else None
+
+
 def resolve_key(session: Session, key: str) -> str:
     """The tenant id of an API key, or Unauthorized. Valid keys are cached (KEY_CACHE_TTL_S);
     invalid ones are looked up every time."""

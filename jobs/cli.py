@@ -117,6 +117,29 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def _keep_tcp_nodelay(config_class: Any) -> None:
+    """With --workers, uvicorn binds the listening socket itself with `proto` 0; the accepted
+    sockets inherit it and asyncio then leaves Nagle's algorithm on (it sets TCP_NODELAY only
+    for IPPROTO_TCP), so every keep-alive response waits ~40 ms for the client's delayed ACK
+    (uvicorn issue #3149). Re-wrap the bound socket with its real protocol."""
+    import socket
+
+    bind_socket = config_class.bind_socket
+    if getattr(bind_socket, "keeps_nodelay", False):
+        return
+
+    def bind_tcp_socket(self: Any) -> socket.socket:
+        sock = bind_socket(self)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
+            sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP,
+                                 fileno=sock.detach())
+            sock.set_inheritable(True)
+        return sock
+
+    bind_tcp_socket.keeps_nodelay = True  # type: ignore[attr-defined]
+    config_class.bind_socket = bind_tcp_socket
+
+
 API_GRACEFUL_SHUTDOWN_S = 10  # on SIGTERM: finish in-flight requests this long, then close
 API_KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
 
@@ -134,6 +157,8 @@ def api(host: Host = "127.0.0.1", port: Port = 8000,
     # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done; exit 0 then
     # (a stop that was asked for is a clean exit). With --workers, its supervisor exits 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    if workers > 1:
+        _keep_tcp_nodelay(uvicorn.Config)
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="info", access_log=access_log, proxy_headers=True,
                 timeout_graceful_shutdown=API_GRACEFUL_SHUTDOWN_S,

@@ -419,3 +419,33 @@ def test_a_real_api_sheds_a_burst_recovers_and_stops_on_sigterm(database_url, tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_api_workers_keep_tcp_nodelay(monkeypatch):
+    """`slimline api --workers N`: uvicorn binds the socket itself; without the fix accepted
+    connections keep Nagle's algorithm on and each keep-alive answer waits ~40 ms."""
+    import uvicorn
+
+    from jobs.cli import _keep_tcp_nodelay
+
+    monkeypatch.setattr(uvicorn.Config, "bind_socket", uvicorn.Config.bind_socket)
+    _keep_tcp_nodelay(uvicorn.Config)
+    sock = uvicorn.Config("api.app:create_app", host="127.0.0.1", port=0).bind_socket()
+    assert sock.proto == socket.IPPROTO_TCP
+
+    async def main() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def handler(_reader, writer) -> None:
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handler, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            nodelay = await asyncio.wait_for(accepted, 5)
+            writer.close()
+        return nodelay
+
+    assert asyncio.run(main()) == 1
