@@ -19,9 +19,9 @@ from tests.faults.servers import (
 pytestmark = pytest.mark.service
 
 WORKERS = 1
-# the worker is busy with this one while the others wait in Redis
+# the worker is busy with this one while the others wait in Redis; canceled once Redis is back
 BLOCKER = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
-           "steps": [{"op": "train", "epochs": 10, "batch_size": 64, "max_batches": 15}]}
+           "steps": [{"op": "train", "epochs": 200, "batch_size": 64, "max_batches": 15}]}
 SMALL = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
          "steps": [{"op": "train", "epochs": 1, "batch_size": 64, "max_batches": 10},
                    {"op": "evaluate"}]}
@@ -33,16 +33,19 @@ def test_redis_restart_loses_no_queued_job(fault_stack: FaultStack, api_key: str
     with stack.client(api_key) as client:
         r = client.post("/v1/jobs", json=BLOCKER)
         assert r.status_code == 202, r.text
-        ids = [r.json()["id"]]
-        wait_until(lambda: client.get(f"/v1/jobs/{ids[0]}").json()["status"] == "running", 60,
+        blocker = r.json()["id"]
+        wait_until(lambda: client.get(f"/v1/jobs/{blocker}").json()["status"] == "running", 60,
                    "the blocking job to run")
+        ids = []
         for i in range(N_QUEUED):
             r = client.post("/v1/jobs", json=SMALL | {"seed": i})
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
-        queued = [j for j in ids[1:] if client.get(f"/v1/jobs/{j}").json()["status"] == "queued"]
-        assert len(queued) >= N_QUEUED - 1, "the jobs did not wait behind the blocking job"
-        assert sum(stack.redis.queue_lengths().values()) >= 1, "no message waits in Redis"
+        wait_until(lambda: sum(stack.redis.queue_lengths().values()) >= N_QUEUED, 10,
+                   "the jobs' messages in Redis")
+        before = {j: client.get(f"/v1/jobs/{j}").json()["status"] for j in [blocker, *ids]}
+        assert before[blocker] == "running" and \
+            all(before[j] == "queued" for j in ids), before
 
         # Redis dies with every message; a job submitted meanwhile is still accepted
         stack.redis.kill()
@@ -58,8 +61,11 @@ def test_redis_restart_loses_no_queued_job(fault_stack: FaultStack, api_key: str
         time.sleep(max(0.0, 3.0 - (time.monotonic() - t_down)))
         stack.redis.start()
         assert sum(stack.redis.queue_lengths().values()) == 0  # restarted empty: messages lost
+        r = client.post(f"/v1/jobs/{blocker}/cancel")
+        assert r.status_code == 202, r.text
 
-        docs = wait_all(client, ids, timeout=150)
+        docs = wait_all(client, [blocker, *ids], timeout=150)
+        assert docs[blocker]["status"] == "canceled", summary(docs, [blocker])
         lost = [j for j in ids if docs.get(j, {}).get("status") != "succeeded"]
         assert not lost, (f"{len(lost)}/{len(ids)} jobs did not succeed after the Redis "
                           f"restart:\n{summary(docs, ids)}")

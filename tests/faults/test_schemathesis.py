@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core import NotSet
+from schemathesis.core.failures import FailureGroup
 
 from tests.faults.servers import FaultStack, wait_all
 
@@ -79,8 +81,15 @@ class Fuzz:
         self.statuses[f"{label} {response.status_code}"] += 1
         try:
             case.validate_response(response, checks=[not_a_server_error])
-        except Exception as exc:  # noqa: BLE001 - schemathesis' FailureGroup
-            self.failures.append(f"{label} -> {response.status_code}: {exc}"[:1500])
+        except FailureGroup as exc:
+            titles = sorted({f.title for f in exc.exceptions})
+            headers = {k: v for k, v in (case.headers or {}).items()
+                       if k.lower() != "authorization"}
+            self.failures.append(
+                f"{label} -> {response.status_code} {titles}: path {case.formatted_path!r}, "
+                f"query {case.query!r}, headers {headers!r}, "
+                f"body {None if isinstance(case.body, NotSet) else case.body!r}; "
+                f"answer {response.text[:300]!r}"[:1500])
 
     def run(self, label: str, strategy) -> None:
         @given(case=strategy)
