@@ -69,9 +69,19 @@ def parse_ts(value: str | None) -> float | None:
     return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
 
 
+def states(client: httpx.Client, ids: list[str]) -> dict[str, int]:
+    """How many of `ids` are in each status now."""
+    out: dict[str, int] = {}
+    for job_id in ids:
+        status = client.get(f"/v1/jobs/{job_id}").json()["status"]
+        out[status] = out.get(status, 0) + 1
+    return out
+
+
 def outcome(client: httpx.Client, ids: list[str], trickle: Trickle, fault: str,
             t_start: float, t_end: float, wall_end: float,
-            victims: dict[str, float] | None = None) -> dict[str, Any]:
+            victims: dict[str, float] | None = None,
+            at_fault: dict[str, Any] | None = None) -> dict[str, Any]:
     """One table row. `t_start`/`t_end`: the fault's monotonic start and end; `wall_end`: its
     end in wall-clock seconds (job timestamps are wall clock); `victims`: killed job id → wall
     time of the kill."""
@@ -123,6 +133,7 @@ def outcome(client: httpx.Client, ids: list[str], trickle: Trickle, fault: str,
         "victim_resumed_after_s": round(max(resumed_after), 2) if resumed_after else None,
         "all_done_after_s": (round(max(f for f in finished if f) - wall_end, 1)
                              if all(finished) and finished else None),
+        "at_fault": at_fault or {},
         "counts_whole_run": trickle.counts(),
         "errors": {j: docs[j].get("error") for j in ids if docs.get(j, {}).get("error")},
     }
@@ -153,23 +164,29 @@ def fault_kill(stack: FaultStack, key: str, n_jobs: int, main: bool) -> dict[str
 
 def fault_redis(stack: FaultStack, key: str, n_jobs: int) -> dict[str, Any]:
     with stack.client(key) as client:
-        blockers = submit(client, LONG, len(stack.live_workers()), 500)
+        # every worker busy with a job that outlasts the fault (canceled once Redis is back),
+        # so the others surely wait in Redis when it dies
+        blockers = submit(client, TRAIN | {"steps": [TRAIN["steps"][0] | {"epochs": 200}]},
+                          len(stack.live_workers()), 500)
         wait_until(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] == "running"
                                for j in blockers), 90, "every worker busy")
-        ids = blockers + submit(client, SMALL, n_jobs)
+        ids = submit(client, SMALL, n_jobs)
         trickle = Trickle(stack.url, key, ids, SMALL, rate=10.0, max_s=DONE_BOUND_S + 120,
                           max_posted=5)
         trickle.start()
         time.sleep(1.0)
+        at_fault = {"jobs": states(client, ids), "redis": stack.redis.queue_lengths()}
         t0 = time.monotonic()
         stack.redis.kill()
         time.sleep(3.0)
         stack.redis.start()
         wall = time.time()
         t1 = time.monotonic()
+        for job_id in blockers:
+            client.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
         return outcome(client, ids, trickle,
                        f"Redis restarted, no persistence ({n_jobs} queued, 3 s down)",
-                       t0, t1, wall)
+                       t0, t1, wall, at_fault=at_fault)
 
 
 def fault_postgres(stack: FaultStack, key: str, n_jobs: int, outage_s: float
@@ -182,6 +199,7 @@ def fault_postgres(stack: FaultStack, key: str, n_jobs: int, outage_s: float
                           max_posted=5)
         trickle.start()
         time.sleep(2.0)
+        at_fault = {"jobs": states(client, ids)}
         t0 = time.monotonic()
         stack.pg.stop("fast")
         time.sleep(outage_s)
@@ -190,7 +208,7 @@ def fault_postgres(stack: FaultStack, key: str, n_jobs: int, outage_s: float
         t1 = time.monotonic()
         return outcome(client, ids, trickle,
                        f"PostgreSQL stopped {outage_s:.0f} s ({n_jobs + 1} jobs, 1 running)",
-                       t0, t1, wall)
+                       t0, t1, wall, at_fault=at_fault)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -202,9 +220,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             "after (s) | all jobs done after (s) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
+        jobs = r["at_fault"].get("jobs")
+        label = r["fault"] + (" — at the fault: " + ", ".join(
+            f"{n} {s}" for s, n in sorted(jobs.items())) if jobs else "")
         during = (f"{r['requests_during']}: {r['during_2xx']} 2xx, {r['during_503']} 503"
                   + (f", {r['during_no_answer']} no answer" if r["during_no_answer"] else ""))
-        lines.append(f"| {r['fault']} | {r['accepted']} | {r['succeeded']} | {r['failed']} | "
+        lines.append(f"| {label} | {r['accepted']} | {r['succeeded']} | {r['failed']} | "
                      f"{r['lost']} | {r['resumed']} | {during} | {r['during_5xx_not_503']} | "
                      f"{cell(r['first_2xx_after_s'])} | {cell(r['victim_requeued_after_s'])} / "
                      f"{cell(r['victim_resumed_after_s'])} | "

@@ -25,7 +25,7 @@ from tests.faults.servers import FaultStack, wait_all
 pytestmark = pytest.mark.service
 
 WORKERS = 1
-MAX_EXAMPLES = 20  # per operation, generation mode and path-parameter source: ~1 minute
+MAX_EXAMPLES = 30  # per operation, generation mode and path-parameter source: ~30 s
 SEED_JOB = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
             "steps": [{"op": "evaluate"}]}
 
