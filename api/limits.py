@@ -199,21 +199,28 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-THREAD_HEADROOM = 8  # threads beyond the request slots: exempt routes, background loops
+THREAD_HEADROOM = 8  # threads beyond the request slots: exempt routes, SSE polls, background
 
 
 def size_thread_pool(settings: Settings) -> int:
     """Size the thread pool that sync routes and dependencies run in (call it on the server's
-    event loop, at start-up) so that every admitted request always gets a thread: a request
-    whose session holds a DB connection then never waits for a thread held by a request that
-    waits for that connection (the deadlock of a 40-thread pool over 15 connections)."""
+    event loop, at start-up) to the request slots + THREAD_HEADROOM.
+
+    Why: a request's session keeps its DB connection between the thread hops of one request
+    (dependencies, route, commit), so with more threads than connections every thread can end
+    up waiting for a connection held by a request that waits for a thread (the deadlock of 40
+    threads over a pool of 15, until the pool timeout). Here an admitted request always gets a
+    thread, so a connection holder always progresses; and with the defaults (8 slots + 8 = 16
+    threads, 30 connections) nothing ever waits for a connection at all. Returns the size."""
     tokens = settings.api_max_concurrency + THREAD_HEADROOM
     anyio.to_thread.current_default_thread_limiter().total_tokens = tokens
     capacity = settings.db_pool_size + settings.db_max_overflow
-    if settings.api_max_concurrency > capacity:
-        log.warning("SLIMLINE_API_MAX_CONCURRENCY=%d is over the %d DB connections of this "
-                    "process (SLIMLINE_DB_POOL_SIZE + SLIMLINE_DB_MAX_OVERFLOW): requests will "
-                    "wait for a connection", settings.api_max_concurrency, capacity)
+    if tokens > capacity:
+        log.warning("SLIMLINE_API_MAX_CONCURRENCY=%d (+%d threads for the rest) is over the %d "
+                    "DB connections of this process (SLIMLINE_DB_POOL_SIZE + "
+                    "SLIMLINE_DB_MAX_OVERFLOW): requests may wait up to SLIMLINE_DB_POOL_"
+                    "TIMEOUT_S for a connection", settings.api_max_concurrency, THREAD_HEADROOM,
+                    capacity)
     return tokens
 
 

@@ -54,7 +54,9 @@ class Settings(BaseSettings):
     max_event_streams: int = Field(default=10, ge=1)  # open SSE streams per tenant and process
     # the API under load: requests handled at once per process, how many may wait for a slot
     # (past that: 503 + Retry-After at once), the DB pool and how long a request waits for it
-    api_max_concurrency: int = Field(default=32, ge=1)
+    # (8: the routes are CPU-bound Python; more in progress at once only adds GIL contention
+    # and tail latency on a small machine; slots + 8 threads stay under the pool's 30)
+    api_max_concurrency: int = Field(default=8, ge=1)
     api_max_waiting: int = Field(default=64, ge=0)
     db_pool_size: int = Field(default=20, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
