@@ -18,14 +18,17 @@ def artifact_key(tenant_id: str, job_id: str, name: str) -> str:
 
 
 def add_artifact(session: Session, store: ObjectStore, *, tenant_id: str, job_id: str,
-                 name: str, path: str | Path, kind: str | None = None) -> Artifact:
-    """Store a file as artifact `name` of a job (replacing one of the same name)."""
+                 name: str, path: str | Path, kind: str | None = None,
+                 stored: bool = False) -> Artifact:
+    """Store a file as artifact `name` of a job (replacing one of the same name). `stored=True`:
+    the caller has already put `path` at `artifact_key(...)` (and undoes it on rollback)."""
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"artifact name {name!r} must be a plain file name")
     sha256, size = file_digest(path)
     key = artifact_key(tenant_id, job_id, name)
-    store.put_file(key, path)
-    on_rollback(session, lambda: store.delete(key))
+    if not stored:
+        store.put_file(key, path)
+        on_rollback(session, lambda: store.delete(key))
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id,
                                                      Artifact.name == name))
     if artifact is None:
@@ -35,6 +38,20 @@ def add_artifact(session: Session, store: ObjectStore, *, tenant_id: str, job_id
     artifact.size_bytes, artifact.sha256, artifact.storage_key = size, sha256, key
     session.flush()
     return artifact
+
+
+def put_files(session: Session, store: ObjectStore, files: dict[str, Path],
+              workers: int = 8) -> None:
+    """Put every `{key: path}` concurrently (an object store answers in parallel; one after the
+    other was most of a trivial job's finish on S3). Each object is deleted again if the
+    session rolls back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for key in files:
+        on_rollback(session, lambda key=key: store.delete(key))
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
+        for future in [pool.submit(store.put_file, key, path) for key, path in files.items()]:
+            future.result()
 
 
 def list_artifacts(session: Session, job_id: str) -> list[Artifact]:

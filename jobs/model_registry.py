@@ -61,13 +61,20 @@ def on_rollback(session: Session, callback: Any) -> None:
 
 def register_model(session: Session, store: ObjectStore, *, tenant_id: str, name: str,
                    arch: dict[str, Any], fmt: str, params: dict[str, int], path: str | Path,
-                   source_job_id: str | None = None) -> Model:
+                   source_job_id: str | None = None, model_id: str | None = None,
+                   stored: bool = False) -> Model:
     """Store the normalized safetensors file and insert its Model row; if the insert (or the
-    commit after it) fails, the stored object is deleted again."""
+    commit after it) fails, the stored object is deleted again. `stored=True`: the caller has
+    already put `path` at `model_key(tenant_id, model_id)` (and undoes it on rollback)."""
     sha256, size = file_digest(path)
-    model = Model(id=new_id(), tenant_id=tenant_id, name=name, arch=arch, format=fmt,
-                  size_bytes=size, sha256=sha256, params=params, source_job_id=source_job_id)
+    model = Model(id=model_id or new_id(), tenant_id=tenant_id, name=name, arch=arch,
+                  format=fmt, size_bytes=size, sha256=sha256, params=params,
+                  source_job_id=source_job_id)
     model.storage_key = model_key(tenant_id, model.id)
+    if stored:
+        session.add(model)
+        session.flush()
+        return model
     return store_then_add(session, store, model, path)
 
 

@@ -32,13 +32,13 @@ from core import models as zoo
 from core.data import split
 from core.errors import Cancelled, CheckpointError, DatasetError, SpecError
 from jobs import states
-from jobs.artifacts import add_artifact
+from jobs.artifacts import add_artifact, artifact_key, put_files
 from jobs.db import session_scope
 from jobs.dbretry import is_unavailable, retry_while_unavailable
 from jobs.errors import SlimlineError
 from jobs.events import record_event, set_progress
-from jobs.model_registry import register_model
-from jobs.orm import Artifact, Job, utcnow
+from jobs.model_registry import model_key, register_model
+from jobs.orm import Artifact, Job, new_id, utcnow
 from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from jobs.store import ObjectStore, store_from_settings
@@ -88,6 +88,18 @@ def resolve_device(requested: str) -> torch.device:
         raise DeviceUnavailable("the job asks for device 'cuda' but this worker has no CUDA "
                                 "device; run a worker on the gpu queue or use device 'auto'")
     return torch.device(requested)
+
+
+_stores: dict[tuple[str, str | None], ObjectStore] = {}
+
+
+def _store(settings: Settings) -> ObjectStore:
+    """One object store client per process and URL (an S3 client takes ~20 ms to create; it is
+    thread-safe)."""
+    key = (settings.storage_url, settings.s3_endpoint_url)
+    if key not in _stores:
+        _stores[key] = store_from_settings(settings)
+    return _stores[key]
 
 
 def work_root(settings: Settings) -> Path:
@@ -415,24 +427,28 @@ def _finish(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
                 states.mark_canceled(job)
                 job.checkpoint = None
                 return states.CANCELED
-            model = register_model(session, store, tenant_id=job.tenant_id,
+            tenant_id, model_id = job.tenant_id, new_id()
+            report = {"job_id": job_id, "spec": job.spec, **result, "model_id": model_id}
+            files = {"report.json": _write_json(workdir / "report.json", report),
+                     "curves.json": _write_json(workdir / "curves.json",
+                                                json_safe(outcome.curves)),
+                     **{path.name: path for path in outcome.plots}}
+            put_files(session, store, {model_key(tenant_id, model_id): model_path} | {
+                artifact_key(tenant_id, job_id, name): path for name, path in files.items()})
+            model = register_model(session, store, tenant_id=tenant_id,
                                    name=outcome.model_name[:200],
                                    arch=outcome.model.slimline_arch, fmt="safetensors",
                                    params=result["after"]["params"], path=model_path,
-                                   source_job_id=job_id)
+                                   source_job_id=job_id, model_id=model_id, stored=True)
             result["model_id"] = model.id
             # the model artifact is the Model's own object (one copy in the store)
             session.add(Artifact(job_id=job_id, name="model.safetensors", kind="model",
                                  size_bytes=model.size_bytes, sha256=model.sha256,
                                  storage_key=model.storage_key))
-            report = {"job_id": job_id, "spec": job.spec, **result}
-            for name, kind, value in (("report.json", "report", report),
-                                      ("curves.json", "curves", json_safe(outcome.curves))):
-                add_artifact(session, store, tenant_id=job.tenant_id, job_id=job_id,
-                             name=name, path=_write_json(workdir / name, value), kind=kind)
-            for path in outcome.plots:
-                add_artifact(session, store, tenant_id=job.tenant_id, job_id=job_id,
-                             name=path.name, path=path, kind="plot")
+            for name, path in files.items():
+                add_artifact(session, store, tenant_id=tenant_id, job_id=job_id, name=name,
+                             path=path, stored=True,
+                             kind="plot" if path.suffix == ".png" else name.split(".")[0])
             states.mark_succeeded(job, result)
             job.checkpoint = None
         return states.SUCCEEDED
@@ -482,7 +498,7 @@ def run_job(job_id: str, settings: Settings | None = None) -> str | None:
     if attempt is None:
         return None
     log.info("job %s: attempt %d started", job_id, attempt)
-    store = store_from_settings(settings)
+    store = _store(settings)
     ended = True
     # under SLIMLINE_HOME/work, named by pid: what a killed worker leaves is swept by the next
     # worker that starts (and periodically by the reconciler thread)
