@@ -367,6 +367,8 @@ async def bench_one(args: argparse.Namespace, db: str, workers: int, url: str,
     seeded = json.loads(seed.stdout.strip().splitlines()[-1])
     headers = {"Authorization": f"Bearer {seeded['key']}"}
     paths = {"GET /v1/jobs/{id}": f"/v1/jobs/{seeded['job_id']}", "GET /v1/jobs": "/v1/jobs"}
+    measured = {name: path for name, path in paths.items()
+                if ("one" if "{id}" in name else "list") in args.endpoints}
     result: dict[str, Any] = {"db": db, "workers": workers, "fresh_server_per_run": args.fresh,
                               "steady": [], "overload": None, "sigterm": None}
     server: Server | None = None
@@ -391,7 +393,7 @@ async def bench_one(args: argparse.Namespace, db: str, workers: int, url: str,
         return outcome
 
     try:
-        for name, path in paths.items():
+        for name, path in measured.items():
             for rate in args.rates:
                 if server is None or args.fresh:
                     if server is not None:
@@ -511,6 +513,8 @@ def main() -> None:
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2],
                    help="API processes (slimline api --workers N)")
     p.add_argument("--rates", nargs="+", type=float, default=[50, 100, 200])
+    p.add_argument("--endpoints", nargs="+", choices=["one", "list"], default=["one", "list"],
+                   help="GET /v1/jobs/{id} (one), GET /v1/jobs (list)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
     p.add_argument("--overload-rate", type=float, default=400.0, help="0: skip the overload run")
     p.add_argument("--overload-s", type=float, default=10.0)
