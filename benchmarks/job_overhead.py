@@ -4,7 +4,7 @@ filesystem transport, local store) and on the full stack (PostgreSQL, Redis, an 
 `slimline api` + `slimline worker`), split into its parts from the job's own status and
 progress events:
 
-* queue pickup — the `queued` status event (API commit) to the worker's `running` claim;
+* queue pickup — the job's `created_at` (API commit) to its `started_at` (the worker's claim);
 * start-up — claim to the first progress write (settings, store, reading the job row);
 * inputs — building/fetching the model and loading the dataset;
 * before — measuring the input model (params, MACs, test accuracy);
@@ -106,22 +106,23 @@ def ts(event: dict) -> float:
 
 
 def parts_of(client: httpx.Client, job: dict) -> dict[str, float]:
+    """The parts from the job's timestamps and its progress events (stage names as the runner
+    writes them; works on older versions of the service too)."""
     events = client.get(f"/v1/jobs/{job['id']}/events", params={"format": "json"}).json()["items"]
-    status = {e["data"]["status"]: ts(e) for e in events if e["kind"] == "status"}
-    stage = {}
+    stage: dict[str, float] = {}
     for e in events:
         if e["kind"] == "progress":
-            stage.setdefault(e["data"]["stage"].split(" ")[0] + " " + (
-                e["data"]["stage"].split(" ")[1] if " " in e["data"]["stage"] else ""), ts(e))
-    first = min(ts(e) for e in events if e["kind"] == "progress")
+            stage.setdefault(e["data"]["stage"], ts(e))
+    first = min(stage.values())
     loading = stage["loading model"]
-    measuring = stage["measuring the"]
-    step_start = stage["evaluate "]
-    step_done = stage["evaluate done"]
-    return {"queue_pickup": status["running"] - status["queued"],
-            "startup": first - status["running"], "inputs": measuring - loading,
-            "before": step_start - measuring, "compute": step_done - step_start,
-            "finish": status["succeeded"] - step_done}
+    measuring = stage["measuring the input model"]
+    step_start = stage["evaluate"]
+    step_done = stage["evaluate done (1/1)"]
+    created, started, finished = (datetime.fromisoformat(job[k]).timestamp()
+                                  for k in ("created_at", "started_at", "finished_at"))
+    return {"queue_pickup": started - created, "startup": first - started,
+            "inputs": measuring - loading, "before": step_start - measuring,
+            "compute": step_done - step_start, "finish": finished - step_done}
 
 
 def measure(url: str, jobs: int) -> dict:
