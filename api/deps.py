@@ -2,14 +2,16 @@
 error), the object store and the caller's tenant."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from jobs.auth import get_or_create_tenant, resolve_key
-from jobs.db import session_scope
+from jobs.auth import cached_tenant_id, get_or_create_tenant, resolve_key
+from jobs.db import SessionFactory, rollback, session_scope
 from jobs.errors import NotFound, Unauthorized, Unprocessable
 from jobs.settings import Settings
 from jobs.spec import control_character
@@ -21,17 +23,39 @@ MAX_QUERY_VALUE_CHARS = 4096
 _PATH_NOUNS = {"job_id": "job", "model_id": "model", "dataset_id": "dataset", "name": "artifact"}
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in the
+# thread pool, and every such hop costs a context switch and a GIL hand-off.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    """One transaction per request: committed on success, rolled back (with undo) on error."""
-    with session_scope(settings) as session:
+def _finish(session: Session, ok: bool) -> None:
+    try:
+        if ok:
+            session.commit()
+        else:
+            rollback(session)
+    finally:
+        session.close()
+
+
+async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
+    """One transaction per request: committed on success, rolled back (with undo) on error.
+    Creating the session does no I/O (a connection is checked out by its first query, in the
+    route's thread); commit or rollback and close run in one thread hop, shielded so that a
+    cancelled request still gives its connection back."""
+    session = SessionFactory(settings)()
+    try:
         yield session
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(_finish, session, False)
+        raise
+    with anyio.CancelScope(shield=True):
+        await run_in_threadpool(_finish, session, True)
 
 
 # scope="function": the commit happens before the response is sent, so a failed commit is an
@@ -39,7 +63,7 @@ def get_session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_store(request: Request) -> ObjectStore:
+async def get_store(request: Request) -> ObjectStore:
     return request.app.state.store
 
 
@@ -81,19 +105,21 @@ def check_request_values(request: Request) -> None:
                                 f"{len(value)}")
 
 
-def get_tenant_id(request: Request, settings: SettingsDep, session: SessionDep) -> str:
+async def get_tenant_id(request: Request, settings: SettingsDep, session: SessionDep) -> str:
     """The tenant of the `Authorization: Bearer <key>` header (or the default tenant when auth
     is off). Every tenant route depends on it, so it first refuses path and query values that
     cannot match anything (`check_request_values`)."""
     check_request_values(request)
     if settings.auth == "off":
-        return default_tenant_id(request, settings)
+        cached = getattr(request.app.state, "default_tenant_id", None)
+        return cached or await run_in_threadpool(default_tenant_id, request, settings)
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one "
                            "with `slimline keys create --name N`)")
-    return resolve_key(session, key.strip())
+    key = key.strip()
+    return cached_tenant_id(key) or await run_in_threadpool(resolve_key, session, key)
 
 
 TenantDep = Annotated[str, Depends(get_tenant_id)]
