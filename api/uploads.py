@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
@@ -26,6 +27,7 @@ from jobs.errors import (
     UnsupportedMediaType,
     UploadTooLarge,
 )
+from jobs.quotas import check_upload_quota
 from jobs.settings import Settings
 from jobs.tmpfiles import sweep
 
@@ -262,3 +264,11 @@ async def sweep_temp_loop(settings: Settings, interval_s: float = SWEEP_INTERVAL
     while True:
         await asyncio.sleep(interval_s)
         await sweep_temp_once(settings)
+
+
+def admit_upload(session: Session, tenant_id: str, settings: Settings) -> None:
+    """Before an upload streams in: the tenant's upload quota, then the request's transaction is
+    committed, so no pooled connection sits idle in transaction while the body arrives and the
+    inspector runs (the route's next query checks one out again)."""
+    check_upload_quota(session, tenant_id, settings)
+    session.commit()
