@@ -219,6 +219,14 @@ class LowRankLayer(nn.Module):
             outs.append(y)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
+    def functional_macs(self, output: torch.Tensor) -> int:
+        """MACs (per forward of `output`'s batch) of what `forward` applies functionally: every
+        block's last factor, or its dense weight. The first factors are modules, counted by
+        `core.metrics.count_macs`'s own hooks."""
+        positions = output.numel() // self.out_channels  # N * H' * W' (conv) or N (flat)
+        return sum(positions * (b[1] if isinstance(b, nn.Sequential) else b).weight.numel()
+                   for b in self.blocks)
+
     def extra_repr(self) -> str:
         return (f"in={self.in_channels}, out={self.out_channels}, blocking={self.blocking!r}, "
                 f"ranks={self.ranks}")

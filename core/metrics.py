@@ -1,6 +1,8 @@
 """Model size and cost: parameter counts and multiply-accumulates (MACs).
 
-MACs count multiply-accumulates of Linear, Conv2d and PCN layers for ONE sample:
+MACs count multiply-accumulates of Linear, Conv2d and PCN layers for ONE sample (a layer that
+applies weights functionally, without calling a Linear/Conv2d module, declares those MACs with a
+`functional_macs(output) -> int` method, e.g. `core.lowrank.LowRankLayer`):
 Linear `in*out`; Conv2d `H_out*W_out*C_out*(C_in/groups)*kh*kw`; PCNLinear `m*k + k*n`
 (projection + layer); PCNConv2d `H_in*W_in*m*k` (1x1 projection at input resolution) plus the
 k-channel conv. A DCTpS layer (`core.dctps`) computes a dense `alpha * D + S` weight and is
@@ -54,7 +56,10 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         nonlocal total
         h = inputs[0]
-        if isinstance(module, (nn.Linear, DCTpSLinear)):
+        functional = getattr(module, "functional_macs", None)
+        if functional is not None:  # work a layer does without calling its submodules
+            total += int(functional(output))
+        elif isinstance(module, (nn.Linear, DCTpSLinear)):
             total += output.numel() // module.out_features * module.in_features * module.out_features
         elif isinstance(module, (nn.Conv2d, DCTpSConv2d)):
             kh, kw = module.kernel_size
@@ -69,7 +74,8 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
             total += output.numel() * module.dims * kh * kw
 
     kinds = (nn.Linear, nn.Conv2d, *_PCN, DCTpSLinear, DCTpSConv2d)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, kinds) or hasattr(m, "functional_macs")]
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")

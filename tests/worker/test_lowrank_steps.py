@@ -91,3 +91,4 @@ def test_mac_ratio_target_is_met_in_real_macs(settings, submit):
     # factor pairs actually built) are within the budget the selection counted
     assert cut["layer_macs_before"] == dense["macs"]
     assert cut["macs"] <= 0.5 * dense["macs"]
+    assert cut["macs"] == cut["layer_macs_after"]  # every factor counted (the last one is functional)
