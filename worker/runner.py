@@ -353,18 +353,34 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     resumes: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
     first = 0
+    snapshot, unreadable = None, None
     if pointer is not None:
         reporter.progress(0.0, "resuming from checkpoint")
-        snapshot, entry = _resume(ctx, checkpointer, attempt)
+        try:
+            snapshot, entry = _resume(ctx, checkpointer, attempt)
+        except (LostOwnership, Cancelled):
+            raise
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            # objects lost or damaged: starting over beats failing an accepted job
+            unreadable = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+            log.warning("job %s: checkpoint %s is unreadable (%s); starting over", job_id,
+                        pointer.get("seq"), unreadable)
+            checkpointer.discard()
+            checkpointer.pointer = None
+    if snapshot is not None:
         before, steps, first = snapshot.before, snapshot.steps, snapshot.step_index
         resumes = [*snapshot.resumes, entry]
         reporter.event("status", {"status": "resumed", **entry})
         log.info("job %s: attempt %d resumes at step %d, epoch %d", job_id, attempt,
                  entry["step"], entry["epoch"])
     else:
-        if attempt > 1:  # the earlier attempt died before its first checkpoint
+        if attempt > 1:  # the earlier attempt died before its first (readable) checkpoint
             resumes = [{"attempt": attempt, "step": 0, "epoch": 0, "checkpoint_at": None,
                         "events_dropped": checkpointer.forget_later_events()}]
+            if unreadable:
+                resumes[0]["checkpoint_unreadable"] = unreadable
             reporter.event("status", {"status": "resumed", **resumes[0]})
         reporter.progress(0.0, "measuring the input model")
         before = model_metrics(ctx.model, input_shape, splits.test, device)

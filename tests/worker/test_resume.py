@@ -164,3 +164,21 @@ def test_database_outage_does_not_fail_a_running_job(settings, submit, monkeypat
     job = get_job(settings, job_id)
     assert job.status == "succeeded" and job.attempts == 1
     assert sorted(epoch_pairs(settings, job_id)) == [(0, 1), (0, 2), (0, 3), (0, 4)]
+
+
+def test_unreadable_checkpoint_starts_over_instead_of_failing(settings, store, submit,
+                                                             monkeypatch):
+    job_id = submit(spec(TINY_MLP, [{"op": "train", "epochs": 3, "batch_size": 64}]))
+    die_after_checkpoints(monkeypatch, 2)
+    with pytest.raises(WorkerDied):
+        runner.run_job(job_id, settings)
+    monkeypatch.undo()
+    pointer = get_job(settings, job_id).checkpoint
+    store.delete(f"{pointer['prefix']}/state.json")  # an object lost from the store
+    lose_worker(settings, job_id)
+    assert runner.run_job(job_id, settings) == "succeeded"
+    job = get_job(settings, job_id)
+    (entry,) = job.result["resumes"]
+    assert entry["epoch"] == 0 and "checkpoint_unreadable" in entry
+    assert sorted(epoch_pairs(settings, job_id)) == [(0, 1), (0, 2), (0, 3)]
+    assert not [f for f in stored_files(store) if f.startswith("checkpoints/")]
