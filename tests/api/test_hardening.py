@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,9 +28,9 @@ from jobs.auth import create_api_key
 from jobs.db import dispose_engines, engine_from_settings, session_scope, upgrade_db
 from jobs.settings import Settings
 from tests.api.conftest import MAX_UPLOAD
+from tests.pg import temporary_database
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get("SLIMLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
         "steps": [{"op": "evaluate"}]}
 DB_DOWN = "the database is unreachable; retry shortly"
@@ -51,17 +50,8 @@ def base_settings(home: Path, **overrides) -> Settings:
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    name = f"slimline_hard_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    dispose_engines()
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with temporary_database("slimline_hard") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

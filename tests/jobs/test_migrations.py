@@ -1,17 +1,14 @@
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 from sqlalchemy import create_engine, inspect
 
 from jobs.db import dispose_engines, upgrade_db
 from jobs.settings import Settings
+from tests.pg import temporary_database
 
 TABLES = {"tenants", "api_keys", "models", "datasets", "jobs", "job_events", "artifacts",
           "alembic_version"}
-PG_ADMIN_URL = os.environ.get("SLIMLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def check_schema(url: str) -> None:
@@ -37,17 +34,8 @@ def test_upgrade_on_sqlite_from_any_cwd(tmp_path, monkeypatch):
 
 @pytest.fixture
 def pg_url():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"slimline_mig_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    dispose_engines()
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with temporary_database("slimline_mig") as url:
+        yield url
 
 
 def test_upgrade_on_postgresql_and_basic_use(pg_url, tmp_path):

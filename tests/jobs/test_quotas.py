@@ -2,8 +2,7 @@
 submission (through create_job), uploads per hour with the Retry-After of the window."""
 from __future__ import annotations
 
-import os
-import uuid
+import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -18,32 +17,22 @@ from jobs.settings import Settings
 from jobs.spec import JobSpec
 from jobs.states import mark_failed, mark_running, mark_succeeded
 from jobs.submission import create_job
+from tests.pg import temporary_database
 
-PG_ADMIN_URL = os.environ.get("SLIMLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
         "steps": [{"op": "evaluate"}]}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request, tmp_path) -> Iterator[Settings]:
-    url = ""
-    if request.param == "postgresql":
-        psycopg = pytest.importorskip("psycopg")
-        name = f"slimline_quota_{uuid.uuid4().hex[:8]}"
-        try:
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-                conn.execute(f'CREATE DATABASE "{name}"')
-        except psycopg.OperationalError as exc:
-            pytest.skip(f"PostgreSQL not reachable: {exc}")
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    s = Settings(home=tmp_path, database_url=url, max_active_jobs=2, max_total_epochs=5,
-                 max_uploads_per_hour=3)
-    upgrade_db(s)
-    yield s
-    dispose_engines()
-    if url:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with contextlib.ExitStack() as stack:
+        url = (stack.enter_context(temporary_database("slimline_quota"))
+               if request.param == "postgresql" else "")
+        s = Settings(home=tmp_path, database_url=url, max_active_jobs=2, max_total_epochs=5,
+                     max_uploads_per_hour=3)
+        upgrade_db(s)
+        yield s
+        dispose_engines()
 
 
 @pytest.fixture
