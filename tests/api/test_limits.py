@@ -3,7 +3,6 @@ in process, and a real `slimline api` (uvicorn) under a burst on SQLite and on P
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -11,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,10 +27,10 @@ from jobs.db import dispose_engines, session_scope, upgrade_db
 from jobs.errors import Unauthorized
 from jobs.orm import ApiKey, Job
 from jobs.settings import Settings
+from tests.pg import PG_ADMIN_URL, temporary_database
+from tests.service.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get("SLIMLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
 
 # ---- the middleware on its own ----
 
@@ -204,36 +202,12 @@ def test_app_refuses_large_json_bodies_and_sizes_its_thread_pool(settings, enque
 
 # ---- a real `slimline api` under a burst, then SIGTERM ----
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def pg_database() -> Iterator[str]:
-    import psycopg
-
-    name = f"slimline_limits_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        dispose_engines()
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'home' / 'slimline.db'}"
         return
-    with pg_database() as url:
+    with temporary_database("slimline_limits") as url:
         yield url
 
 
@@ -293,7 +267,7 @@ def test_a_pooled_connection_killed_by_the_server_is_replaced(tmp_path, monkeypa
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
 
-    with pg_database() as url:
+    with temporary_database("slimline_limits") as url:
         settings = Settings(home=tmp_path, database_url=url, db_pool_size=2)
         engine = engine_from_settings(settings)
         with engine.connect() as conn:
