@@ -250,6 +250,16 @@ def database(kind: str, home: Path):
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# The `slimline` app of the measured checkout, run in it (cli/app.py; jobs/cli.py before it
+# moved); decided by the checkout's files, not by what the installed package would import.
+RUN_CLI = """
+import os
+if os.path.exists(os.path.join("cli", "app.py")):
+    from cli.app import app
+else:
+    from jobs.cli import app
+app()
+"""
 SEED = """
 import json, sys
 from jobs.auth import create_api_key
@@ -280,7 +290,7 @@ class Server:
         self.port = free_port()
         self.log = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from jobs.cli import app; app()", "api",
+            [sys.executable, "-c", RUN_CLI, "api",
              "--port", str(self.port), "--workers", str(workers)],
             cwd=code, env=env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from jobs.cli import app
+from cli.app import app
 from jobs.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

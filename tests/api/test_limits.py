@@ -339,7 +339,7 @@ def test_a_real_api_sheds_a_burst_recovers_and_stops_on_sigterm(database_url, tm
         "SLIMLINE_API_MAX_CONCURRENCY": "4", "SLIMLINE_API_MAX_WAITING": "8",
         "SLIMLINE_DB_POOL_SIZE": "4", "SLIMLINE_DB_MAX_OVERFLOW": "2"}
     log = (tmp_path / "api.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from jobs.cli import app; app()", "api",
+    proc = subprocess.Popen([sys.executable, "-c", "from cli.app import app; app()", "api",
                              "--port", str(port), "--no-access-log"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -400,10 +400,10 @@ def test_api_workers_keep_tcp_nodelay(monkeypatch):
     connections keep Nagle's algorithm on and each keep-alive answer waits ~40 ms."""
     import uvicorn
 
-    from jobs.cli import _keep_tcp_nodelay
+    from cli.processes import keep_tcp_nodelay
 
     monkeypatch.setattr(uvicorn.Config, "bind_socket", uvicorn.Config.bind_socket)
-    _keep_tcp_nodelay(uvicorn.Config)
+    keep_tcp_nodelay(uvicorn.Config)
     sock = uvicorn.Config("api.app:create_app", host="127.0.0.1", port=0).bind_socket()
     assert sock.proto == socket.IPPROTO_TCP
 

@@ -1,5 +1,5 @@
-"""jobs.cli: keys, migrations, and submit → status → download against the real API app
-(in-process TestClient) with the job run inline by the worker's runner."""
+"""The `slimline` command line (cli/app.py): keys, migrations, and submit → status → download
+against the real API app (in-process TestClient) with the job run inline by the worker's runner."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,9 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from api.app import create_app
+from cli import app as cli_app
 from core import models as zoo
-from jobs import cli, queue
+from jobs import queue
 from jobs.auth import resolve_key
 from jobs.db import session_scope
 from jobs.settings import get_settings
@@ -30,7 +31,7 @@ def env(settings, monkeypatch):
 
 
 def test_keys_create_prints_the_key_last(settings, env):
-    result = CliRunner().invoke(cli.app, ["keys", "create", "--name", "ci", "--tenant", "acme"])
+    result = CliRunner().invoke(cli_app.app, ["keys", "create", "--name", "ci", "--tenant", "acme"])
     assert result.exit_code == 0, result.output
     key = result.output.strip().splitlines()[-1]
     assert key.startswith("sl_")
@@ -40,7 +41,7 @@ def test_keys_create_prints_the_key_last(settings, env):
 
 def test_db_upgrade_creates_the_database(tmp_path, monkeypatch, env):
     monkeypatch.setenv("SLIMLINE_HOME", str(tmp_path / "fresh"))
-    result = CliRunner().invoke(cli.app, ["db", "upgrade"])
+    result = CliRunner().invoke(cli_app.app, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fresh" / "slimline.db").exists()
 
@@ -48,7 +49,7 @@ def test_db_upgrade_creates_the_database(tmp_path, monkeypatch, env):
 @pytest.fixture
 def api(settings, env, monkeypatch):
     """The CLI's HTTP client is the API app in-process; enqueued jobs run inline."""
-    monkeypatch.setattr(cli, "client", lambda url, key: TestClient(create_app(settings)))
+    monkeypatch.setattr(cli_app, "client", lambda url, key: TestClient(create_app(settings)))
     monkeypatch.setattr(queue, "enqueue_job",
                         lambda job_id, q, s=None: runner.run_job(job_id, settings))
 
@@ -60,37 +61,37 @@ def test_submit_wait_status_download(api, tmp_path):
         "steps": [{"op": "train", "epochs": 1},
                   {"op": "pcn", "layers": ["fc1"], "select": {"dims": 4}}]}))
     runner_ = CliRunner()
-    result = runner_.invoke(cli.app, ["submit", str(spec), "--wait"])
+    result = runner_.invoke(cli_app.app, ["submit", str(spec), "--wait"])
     assert result.exit_code == 0, result.output
     job_id = result.output.strip().splitlines()[-1]
 
-    result = runner_.invoke(cli.app, ["status", job_id])
+    result = runner_.invoke(cli_app.app, ["status", job_id])
     assert result.exit_code == 0, result.output
     job = json.loads(result.output)
     assert job["status"] == "succeeded" and job["progress"] == 1.0
 
     out = tmp_path / "model.safetensors"
-    result = runner_.invoke(cli.app, ["download", job_id, "-o", str(out)])
+    result = runner_.invoke(cli_app.app, ["download", job_id, "-o", str(out)])
     assert result.exit_code == 0, result.output
     model = zoo.load(out)
     assert model.fc1.dims == 4
     # a model id works too
     again = tmp_path / "again.safetensors"
-    result = runner_.invoke(cli.app, ["download", job["result"]["model_id"], "-o", str(again)])
+    result = runner_.invoke(cli_app.app, ["download", job["result"]["model_id"], "-o", str(again)])
     assert result.exit_code == 0 and again.read_bytes() == out.read_bytes()
 
 
 def test_errors_are_one_clean_line(api, tmp_path):
-    result = CliRunner().invoke(cli.app, ["status", "no-such-job"])
+    result = CliRunner().invoke(cli_app.app, ["status", "no-such-job"])
     assert result.exit_code == 1
     assert "NotFound" in result.output and "Traceback" not in result.output
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": {"arch": TINY_MLP}, "dataset": "synthetic-tiny",
                                "steps": [{"op": "frobnicate"}]}))
-    result = CliRunner().invoke(cli.app, ["submit", str(bad)])
+    result = CliRunner().invoke(cli_app.app, ["submit", str(bad)])
     assert result.exit_code == 1 and "frobnicate" in result.output
 
 
 def test_unreachable_api_says_how_to_fix_it(env):
-    result = CliRunner().invoke(cli.app, ["status", "x", "--url", "http://127.0.0.1:9"])
+    result = CliRunner().invoke(cli_app.app, ["status", "x", "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 1 and "slimline up" in result.output

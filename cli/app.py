@@ -1,7 +1,9 @@
 """The `slimline` command line: run the stack (`up`, `api`, `worker`, `db upgrade`), manage keys,
 and talk to a running API (`submit`, `status`, `download`); `demo` runs the whole flow locally.
 
-Heavy imports (torch, celery, uvicorn, the API app) happen inside the commands that need them.
+The HTTP helpers are in cli/client.py, the process helpers in cli/processes.py, the demo in
+cli/demo.py. Heavy imports (torch, celery, uvicorn, the API app) happen inside the commands that
+need them, so `slimline --help` and the HTTP commands start fast.
 """
 from __future__ import annotations
 
@@ -10,11 +12,32 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from cli.client import (
+    DEFAULT_URL,
+    checked,
+    client,
+    fail,
+    fetch_model,
+    print_outcome,
+    request,
+    watch_job,
+)
+from cli.processes import (
+    API_GRACEFUL_SHUTDOWN_S,
+    API_KEEP_ALIVE_S,
+    exit_cleanly,
+    keep_tcp_nodelay,
+    stop_process,
+    worker_command,
+)
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
 
 app = typer.Typer(help="slimline: compress PyTorch models behind a REST API.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -23,9 +46,6 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "canceled")
-
 Url = Annotated[str, typer.Option(envvar="SLIMLINE_URL", help="Base URL of the slimline API.")]
 Key = Annotated[str | None, typer.Option(envvar="SLIMLINE_API_KEY",
                                          help="API key (Authorization: Bearer).")]
@@ -33,45 +53,13 @@ Host = Annotated[str, typer.Option(help="Interface to listen on.")]
 Port = Annotated[int, typer.Option(help="Port to listen on.")]
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
 # ---- running the stack ----
 
-def _settings():  # -> jobs.settings.Settings
+def _settings() -> Settings:
     from jobs.settings import get_settings
 
     get_settings.cache_clear()  # the environment may have changed in this process
     return get_settings()
-
-
-def worker_command(queues: str, concurrency: int = 1, pool: str = "prefork",
-                   loglevel: str = "INFO") -> list[str]:
-    """The Celery worker command line (one job per process; see worker/celery_app.py)."""
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-            "-Q", queues, "-c", str(concurrency), "--pool", pool, "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle"]
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 20.0, group: bool = False) -> None:
-    """SIGTERM (warm shutdown), then SIGKILL after `timeout` seconds."""
-    if proc.poll() is not None:
-        return
-
-    def send(sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-    send(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        send(signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 @app.command()
@@ -97,7 +85,7 @@ def up(host: Host = "127.0.0.1", port: Port = 8000,
     # uvicorn re-raises the SIGTERM it handled after its graceful shutdown; with the default
     # handler that would kill this process before `finally` stops the worker (an orphan). A
     # Python handler turns it into SystemExit, so SIGTERM stops both, like Ctrl-C.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGTERM, exit_cleanly)
     try:
         import uvicorn
 
@@ -113,37 +101,6 @@ def up(host: Host = "127.0.0.1", port: Port = 8000,
         typer.echo(f"slimline: the worker exited with {worker.returncode}", err=True)
 
 
-def _exit_cleanly(_signum: int, _frame: object) -> None:
-    raise SystemExit(0)
-
-
-def _keep_tcp_nodelay(config_class: Any) -> None:
-    """With --workers, uvicorn binds the listening socket itself with `proto` 0; the accepted
-    sockets inherit it and asyncio then leaves Nagle's algorithm on (it sets TCP_NODELAY only
-    for IPPROTO_TCP), so every keep-alive response waits ~40 ms for the client's delayed ACK
-    (uvicorn issue #3149). Re-wrap the bound socket with its real protocol."""
-    import socket
-
-    bind_socket = config_class.bind_socket
-    if getattr(bind_socket, "keeps_nodelay", False):
-        return
-
-    def bind_tcp_socket(self: Any) -> socket.socket:
-        sock = bind_socket(self)
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
-            sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP,
-                                 fileno=sock.detach())
-            sock.set_inheritable(True)
-        return sock
-
-    bind_tcp_socket.keeps_nodelay = True  # type: ignore[attr-defined]
-    config_class.bind_socket = bind_tcp_socket
-
-
-API_GRACEFUL_SHUTDOWN_S = 10  # on SIGTERM: finish in-flight requests this long, then close
-API_KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long
-
-
 @app.command()
 def api(host: Host = "127.0.0.1", port: Port = 8000,
         workers: Annotated[int, typer.Option(
@@ -156,9 +113,9 @@ def api(host: Host = "127.0.0.1", port: Port = 8000,
 
     # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done; exit 0 then
     # (a stop that was asked for is a clean exit). With --workers, its supervisor exits 0.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGTERM, exit_cleanly)
     if workers > 1:
-        _keep_tcp_nodelay(uvicorn.Config)
+        keep_tcp_nodelay(uvicorn.Config)
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="info", access_log=access_log, proxy_headers=True,
                 timeout_graceful_shutdown=API_GRACEFUL_SHUTDOWN_S,
@@ -215,70 +172,6 @@ def keys_create(name: Annotated[str, typer.Option(help="A label for the key.")],
 
 # ---- talking to the API ----
 
-def client(url: str, key: str | None):  # -> httpx.Client
-    import httpx
-
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60)
-
-
-def checked(response: Any) -> Any:
-    """The JSON body of a 2xx response; otherwise the API's error as a clean exit."""
-    if response.is_success:
-        return response.json()
-    try:
-        body = response.json()
-        message = f"{body.get('error', response.status_code)}: {body.get('detail', '')}"
-    except ValueError:
-        message = f"HTTP {response.status_code}: {response.text[:300]}"
-    raise fail(message)
-
-
-def request(call: Any, *args: Any, **kwargs: Any) -> Any:
-    import httpx
-
-    try:
-        return call(*args, **kwargs)
-    except httpx.HTTPError as exc:
-        raise fail(f"cannot reach the API ({exc}); is `slimline up` or `slimline api` "
-                   "running, and is --url right?") from None
-
-
-def watch_job(http: Any, job_id: str, poll_s: float = 0.5, timeout: float | None = None
-              ) -> dict[str, Any]:
-    """Poll a job with a progress bar until it is terminal; returns the final job."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    columns = (TextColumn("[bold]{task.fields[status]:<9}"), BarColumn(),
-               TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(),
-               TextColumn("{task.fields[stage]}"))
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("job", total=1.0, status="queued", stage="")
-        while True:
-            job = checked(request(http.get, f"/v1/jobs/{job_id}"))
-            bar.update(task, completed=job.get("progress", 0.0), status=job["status"],
-                       stage=job.get("stage") or "")
-            if job["status"] in TERMINAL:
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise fail(f"job {job_id} still {job['status']} after {timeout:g} s")
-            time.sleep(poll_s)
-
-
-def _print_outcome(job: dict[str, Any]) -> None:
-    if job["status"] == "succeeded":
-        after = (job.get("result") or {}).get("after", {})
-        typer.echo(f"job {job['id']} succeeded: model {job['result']['model_id']}, "
-                   f"accuracy {after.get('accuracy')}, params {after.get('params')}")
-    elif job["status"] == "failed":
-        error = job.get("error") or {}
-        typer.secho(f"job {job['id']} failed: {error.get('code')}: {error.get('message')}",
-                    fg=typer.colors.RED, err=True)
-    else:
-        typer.echo(f"job {job['id']} {job['status']}")
-
-
 @app.command()
 def submit(spec: Annotated[str, typer.Argument(help="JobSpec JSON file, or - for stdin.")],
            wait: Annotated[bool, typer.Option(help="Watch the job until it finishes.")] = False,
@@ -297,7 +190,7 @@ def submit(spec: Annotated[str, typer.Argument(help="JobSpec JSON file, or - for
         typer.echo(f"submitted job {job['id']} ({job['status']})", err=True)
         if wait:
             job = watch_job(http, job["id"])
-            _print_outcome(job)
+            print_outcome(job)
             if job["status"] != "succeeded":
                 raise typer.Exit(1)
         typer.echo(job["id"])
@@ -318,7 +211,7 @@ def status(job_id: str,
     with client(url, key) as http:
         if watch:
             job = watch_job(http, job_id)
-            _print_outcome(job)
+            print_outcome(job)
             raise typer.Exit(0 if job["status"] == "succeeded" else 1)
         job = checked(request(http.get, f"/v1/jobs/{job_id}"))
     typer.echo(json.dumps(job, indent=2))
@@ -347,19 +240,6 @@ def download(ident: Annotated[str, typer.Argument(
     typer.echo(str(target))
 
 
-def fetch_model(http: Any, model_id: str, target: Path) -> int:
-    """Stream `GET /v1/models/{id}/file` into `target` (written atomically); returns its size."""
-    partial = target.with_name(target.name + ".part")
-    with request(http.stream, "GET", f"/v1/models/{model_id}/file") as response:
-        if not response.is_success:
-            response.read()
-            checked(response)
-        with open(partial, "wb") as out:
-            out.writelines(response.iter_bytes(1 << 20))
-    partial.replace(target)
-    return target.stat().st_size
-
-
 @app.command()
 def demo(home: Annotated[Path, typer.Option(help="Demo state directory (recreated).")] = Path(
              ".slimline-demo"),
@@ -367,7 +247,7 @@ def demo(home: Annotated[Path, typer.Option(help="Demo state directory (recreate
          ) -> None:
     """Start the embedded stack, compress a briefly trained LeNet-300-100 on Fashion-MNIST over
     HTTP, and print a before/after table (what `make demo` runs)."""
-    from worker.demo import run_demo
+    from cli.demo import run_demo
 
     raise typer.Exit(run_demo(home, keep=keep))
 

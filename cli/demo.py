@@ -21,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.client import checked, fetch_model, watch_job
+from cli.processes import stop_process
 from core import models as zoo
 from core.data import fashion_mnist, split
 from core.metrics import count_macs, param_counts
@@ -71,7 +73,7 @@ def fresh_home(home: Path) -> Path:
 def start_stack(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
     log = open(home / "stack.log", "wb")  # noqa: SIM115 - the child holds it; closed at exit
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "up", "--home", str(home), "--host", "127.0.0.1",
+        [sys.executable, "-m", "cli", "up", "--home", str(home), "--host", "127.0.0.1",
          "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -110,8 +112,6 @@ def train_locally(settings: Settings, path: Path, console: Console) -> dict[str,
 
 
 def compress_over_http(http: Any, checkpoint: Path, console: Console) -> dict[str, Any]:
-    from jobs.cli import checked, watch_job
-
     with open(checkpoint, "rb") as f:
         model = checked(http.post("/v1/models", data={"name": "lenet300-demo"},
                                   files={"file": (checkpoint.name, f)}))
@@ -193,8 +193,6 @@ def run_demo(home: Path, *, keep: bool = True) -> int:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             wait_ready(http, stack, home)
             job = compress_over_http(http, home / "lenet300.safetensors", console)
-            from jobs.cli import fetch_model
-
             path = home / "compressed.safetensors"
             fetch_model(http, job["result"]["model_id"], path)
         model = zoo.load(path)
@@ -217,8 +215,6 @@ def run_demo(home: Path, *, keep: bool = True) -> int:
         return exc.exit_code or 1
     finally:
         if stack is not None:
-            from jobs.cli import stop_process
-
             stop_process(stack, group=True)
         if not keep and home.exists() and (home / MARKER).exists():
             shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""The HTTP side of the `slimline` command line: a client for a running API, error handling that
+turns API errors into one clean line, watching a job with a progress bar, downloading a model.
+
+Shared by the commands in cli/app.py and by the demo (cli/demo.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `error: message` in red on stderr; returns the exit to raise."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def client(url: str, key: str | None) -> httpx.Client:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60)
+
+
+def checked(response: Any) -> Any:
+    """The JSON body of a 2xx response; otherwise the API's error as a clean exit."""
+    if response.is_success:
+        return response.json()
+    try:
+        body = response.json()
+        message = f"{body.get('error', response.status_code)}: {body.get('detail', '')}"
+    except ValueError:
+        message = f"HTTP {response.status_code}: {response.text[:300]}"
+    raise fail(message)
+
+
+def request(call: Any, *args: Any, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        return call(*args, **kwargs)
+    except httpx.HTTPError as exc:
+        raise fail(f"cannot reach the API ({exc}); is `slimline up` or `slimline api` "
+                   "running, and is --url right?") from None
+
+
+def watch_job(http: Any, job_id: str, poll_s: float = 0.5, timeout: float | None = None
+              ) -> dict[str, Any]:
+    """Poll a job with a progress bar until it is terminal; returns the final job."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    columns = (TextColumn("[bold]{task.fields[status]:<9}"), BarColumn(),
+               TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(),
+               TextColumn("{task.fields[stage]}"))
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("job", total=1.0, status="queued", stage="")
+        while True:
+            job: dict[str, Any] = checked(request(http.get, f"/v1/jobs/{job_id}"))
+            bar.update(task, completed=job.get("progress", 0.0), status=job["status"],
+                       stage=job.get("stage") or "")
+            if job["status"] in TERMINAL:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise fail(f"job {job_id} still {job['status']} after {timeout:g} s")
+            time.sleep(poll_s)
+
+
+def print_outcome(job: dict[str, Any]) -> None:
+    if job["status"] == "succeeded":
+        after = (job.get("result") or {}).get("after", {})
+        typer.echo(f"job {job['id']} succeeded: model {job['result']['model_id']}, "
+                   f"accuracy {after.get('accuracy')}, params {after.get('params')}")
+    elif job["status"] == "failed":
+        error = job.get("error") or {}
+        typer.secho(f"job {job['id']} failed: {error.get('code')}: {error.get('message')}",
+                    fg=typer.colors.RED, err=True)
+    else:
+        typer.echo(f"job {job['id']} {job['status']}")
+
+
+def fetch_model(http: Any, model_id: str, target: Path) -> int:
+    """Stream `GET /v1/models/{id}/file` into `target` (written atomically); returns its size."""
+    partial = target.with_name(target.name + ".part")
+    with request(http.stream, "GET", f"/v1/models/{model_id}/file") as response:
+        if not response.is_success:
+            response.read()
+            checked(response)
+        with open(partial, "wb") as out:
+            out.writelines(response.iter_bytes(1 << 20))
+    partial.replace(target)
+    return target.stat().st_size
