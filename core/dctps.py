@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.edits import register_edit
 from core.errors import CheckpointError, SpecError
+from core.layers import conv_macs, linear_macs
+from core.surgery import get_layer, prunable_layers, set_layer, with_edit
 
 ALLOCATIONS = ("epl", "epf", "uniform", "erk")
 
@@ -163,6 +166,16 @@ class DCTpSLayer(nn.Module):
         return (self.alpha * self.D).reshape(-1).index_add(0, self.indices, self.values) \
             .view(self.weight_shape)
 
+    # ---- core.layers.Layer (counted as the dense layer it computes) ----
+    def weight_params(self) -> int:
+        return self.nnz
+
+    def frozen_tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight_matrix()
+
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         before = self.D.dtype
         super()._apply(fn, recurse)
@@ -187,6 +200,19 @@ class DCTpSLinear(DCTpSLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_matrix(), self.bias)
 
+    kind = "linear"
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_features
+
+    def macs(self, inputs: torch.Tensor, output: torch.Tensor) -> int:
+        return linear_macs(output, self.in_features)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"nnz={self.nnz}, alpha={self.alpha_mode!r}")
@@ -209,6 +235,19 @@ class DCTpSConv2d(DCTpSLayer):
             x = F.pad(x, self._pad, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    kind = "conv"
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_channels
+
+    def macs(self, inputs: torch.Tensor, output: torch.Tensor) -> int:
+        return conv_macs(output, self.in_channels // self.groups, self.kernel_size)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -305,8 +344,6 @@ def random_support(shape: tuple[int, ...], nnz: int, generator: torch.Generator 
 # ---- model transform and replay ---------------------------------------------------------
 
 def _edit_layers(model: nn.Module, edit: dict[str, Any]) -> dict[str, tuple[int, str | float]]:
-    from core.models import get_layer
-
     layers = edit.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise SpecError(f"dctps edit needs a non-empty dict 'layers' of "
@@ -324,11 +361,10 @@ def _edit_layers(model: nn.Module, edit: dict[str, Any]) -> dict[str, tuple[int,
     return out
 
 
+@register_edit("dctps")
 def replay_dctps(model: nn.Module, edit: dict[str, Any]) -> None:
     """Structural replay of a "dctps" edit: placeholder layers whose `values`/`indices` a
     checkpoint then overwrites."""
-    from core.models import get_layer, set_layer
-
     for name, (nnz, alpha) in _edit_layers(model, edit).items():
         set_layer(model, name, dctps_layer(get_layer(model, name), nnz, alpha))
 
@@ -343,8 +379,6 @@ def dctps_transform(model: nn.Module, density: float, allocation: str = "epl",
     Appends a "dctps" edit to `model.slimline_arch` when the model has one. Returns per layer
     `{shape, weights, nnz, density}` and the totals (seed 002 Fig. A.2).
     """
-    from core.models import get_layer, prunable_layers, set_layer, with_edit
-
     alpha = _check_alpha(alpha)
     if layers is None:
         names = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -380,5 +414,12 @@ def dctps_transform(model: nn.Module, density: float, allocation: str = "epl",
             "total_weights": total, "total_nnz": nnz, "density": nnz / total}
 
 
+def fixed_dct_params(model: nn.Module) -> int:
+    """Entries of the fixed DCT matrices D of the model's DCTpS layers (not in
+    `core.metrics.param_counts`: D is rebuilt from the layer shape, never stored nor trained)."""
+    return sum(m.D.numel() for m in model.modules() if isinstance(m, DCTpSLayer))
+
+
 __all__ = ["ALLOCATIONS", "DCTpSConv2d", "DCTpSLayer", "DCTpSLinear", "allocate", "dct_matrix",
-           "dct_weight", "dctps_layer", "dctps_transform", "random_support", "replay_dctps"]
+           "dct_weight", "dctps_layer", "dctps_transform", "fixed_dct_params", "random_support",
+           "replay_dctps"]

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from core.eig import SOLVERS, Enough, SampleBuffer, full_eigh, leading_eigh, top_eigh
 from core.errors import SpecError
+from core.layers import as_layer
 
 
 class StreamingCovariance:
@@ -123,15 +124,10 @@ class LayerStats:
 
 
 def _layer_kind(module: nn.Module) -> str | None:
-    from core.pcn import PCNConv2d, PCNLinear  # core.pcn imports this module
-
-    # a PCN layer's input is the original m-dim activation (before its frozen projection), so
-    # its spectrum is tracked exactly like the layer it replaced
-    if isinstance(module, (nn.Linear, PCNLinear)):
-        return "linear"
-    if isinstance(module, (nn.Conv2d, PCNConv2d)):
-        return "conv"
-    return None
+    # any weight layer (`core.layers`): a PCN layer's input is the original m-dim activation
+    # (before its frozen projection), so its spectrum is tracked like the layer it replaced
+    layer = as_layer(module)
+    return layer.kind if layer is not None else None
 
 
 def selector_enough(selectors: Sequence[dict[str, Any]], total_variance: float) -> Enough:
@@ -207,9 +203,8 @@ def collect_input_stats(model: nn.Module, layer_names: Sequence[str], dataset: D
             valid = [n for n, m in modules.items() if _layer_kind(m)]
             raise SpecError(f"layer {name!r} is not a Linear/Conv2d layer of the model; "
                             f"valid layers: {', '.join(valid)}")
-        m = modules[name]
         kinds[name] = kind
-        dims[name] = m.in_features if kind == "linear" else m.in_channels
+        dims[name] = as_layer(modules[name]).in_dim  # type: ignore[union-attr]
     if samples < 2:
         raise SpecError(f"samples must be >= 2, got {samples}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.edits import register_edit
 from core.errors import SpecError
+from core.layers import as_layer, conv_macs, linear_macs
 from core.pca import LayerStats, effective_dimensionality
+from core.surgery import get_layer, prunable_layers, set_layer, with_edit
 
 SELECTORS = ("threshold", "dims", "energy")
 
@@ -40,6 +44,31 @@ class PCNLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, dims={self.dims}, out_features={self.out_features}"
+
+    # ---- core.layers.Layer ----
+    kind = "linear"
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_features
+
+    def weight_params(self) -> int:
+        return self.weight.numel()
+
+    def frozen_tensors(self) -> list[torch.Tensor]:
+        return [self.U, self.mu]
+
+    def macs(self, inputs: torch.Tensor, output: torch.Tensor) -> int:
+        rows = inputs.numel() // self.in_features
+        return rows * self.in_features * self.dims + linear_macs(output, self.dims)
+
+    def dense_weight(self) -> torch.Tensor:
+        """`W U^T` (n, m): the weight applied to `h - mu`."""
+        return self.weight @ self.U.T
 
 
 class PCNConv2d(nn.Module):
@@ -79,6 +108,34 @@ class PCNConv2d(nn.Module):
         return (f"in_channels={self.in_channels}, dims={self.dims}, "
                 f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}")
+
+    # ---- core.layers.Layer ----
+    kind = "conv"
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_channels
+
+    def weight_params(self) -> int:
+        return self.weight.numel()
+
+    def frozen_tensors(self) -> list[torch.Tensor]:
+        return [self.U, self.mu]
+
+    def macs(self, inputs: torch.Tensor, output: torch.Tensor) -> int:
+        # 1x1 projection at input resolution, then the k-channel conv
+        spatial_in = inputs.shape[0] * inputs.shape[2] * inputs.shape[3]
+        return spatial_in * self.in_channels * self.dims + conv_macs(output, self.dims,
+                                                                       self.kernel_size)
+
+    def dense_weight(self) -> torch.Tensor:
+        """`sum_k W[:, k] U[:, k]` per tap (C_out, C_in, kh, kw): applied to `h - mu`, whose
+        zero padding the layer corrects (App. D), it gives the original conv."""
+        return torch.einsum("okij,ck->ocij", self.weight, self.U)
 
 
 def _conv_geometry(name: str, conv: nn.Conv2d) -> dict[str, Any]:
@@ -180,8 +237,6 @@ def resolve_layers(model: nn.Module, layers: list[str] | str,
                    auto: Callable[[list[str]], list[str]]) -> list[str]:
     """The layer names to transform: `auto(valid)` for "auto", else the given names, checked to
     be Linear/Conv2d layers of `model` (SpecError naming the valid ones otherwise)."""
-    from core.models import prunable_layers
-
     valid = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
     if layers == "auto":
         chosen = auto(valid)
@@ -198,6 +253,84 @@ def resolve_layers(model: nn.Module, layers: list[str] | str,
     return chosen
 
 
+@dataclass(frozen=True)
+class PCNPlan:
+    """What a PCN transform keeps (JSON-able via `to_dict`/`from_dict`): `dims[layer]` principal
+    components per input-transformed layer (in transform order), and for output-pruned unit
+    groups (`core.pcn_output`) `output[group]` = the kept unit indices (ascending) and
+    `scores[group]` = every unit's score (for the report)."""
+
+    dims: dict[str, int]
+    output: dict[str, list[int]] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dims": dict(self.dims), "output": {g: list(k) for g, k in self.output.items()},
+                "scores": {g: list(s) for g, s in self.scores.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PCNPlan:
+        return cls(dims={str(n): int(k) for n, k in d["dims"].items()},
+                   output={str(g): [int(u) for u in k] for g, k in d.get("output", {}).items()},
+                   scores={str(g): [float(s) for s in v]
+                           for g, v in d.get("scores", {}).items()})
+
+
+def check_stats(stats: dict[str, LayerStats], layers: list[str]) -> None:
+    missing = [n for n in layers if n not in stats]
+    if missing:
+        raise SpecError(f"no PCA stats for layers {missing}; collect them with "
+                        "core.pca.collect_input_stats first")
+
+
+def transform_inputs(new_model: nn.Module, dims: dict[str, int], stats: dict[str, LayerStats],
+                     sliced: dict[str, LayerStats] | None = None
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """In place: replace every layer of `dims` by its PCN layer (from `sliced[layer]` where
+    output pruning truncated its input, else `stats[layer]`); returns (report, pcn_input edits)."""
+    sliced = sliced or {}
+    report: dict[str, Any] = {}
+    edits: list[dict[str, Any]] = []
+    for name, k in dims.items():
+        st = stats[name]
+        layer = get_layer(new_model, name)
+        in_dim = as_layer(layer).in_dim  # type: ignore[union-attr]
+        set_layer(new_model, name, pcn_from_layer(name, layer, sliced.get(name, st), k))
+        edits.append({"op": "pcn_input", "layer": name, "dims": k})
+        e = st.eigvals.clamp(min=0)
+        total = float(e.sum()) if st.total_variance is None else st.total_variance
+        report[name] = {"in_dim": in_dim, "dims": k,
+                        "eigvals": [float(v) for v in st.eigvals[:10]],
+                        "explained_variance": float(e[:k].sum()) / total if total > 0 else 1.0}
+    return report, edits
+
+
+def plan_pcn_input(model: nn.Module, stats: dict[str, LayerStats], select: dict[str, Any],
+                   layers: list[str] | str = "auto") -> PCNPlan:
+    """The dims of every chosen layer (`pcn_input_transform`'s plan; no output pruning)."""
+    chosen = resolve_layers(model, layers, auto=lambda valid: valid[1:])
+    check_stats(stats, chosen)
+    _validate_select(select, chosen)
+    dims = {}
+    for name in chosen:
+        kind = as_layer(get_layer(model, name)).kind  # type: ignore[union-attr]
+        dims[name] = select_dims(stats[name], layer_selector(select, name, kind))
+    return PCNPlan(dims=dims)
+
+
+def apply_pcn_input(model: nn.Module, plan: PCNPlan, stats: dict[str, LayerStats]
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """A deep copy of `model` with `plan.dims` input-transformed; (new model, report)."""
+    if plan.output:
+        raise SpecError("a plan with output pruning is applied by core.pcn_output.apply_pcn")
+    check_stats(stats, list(plan.dims))
+    new_model = copy.deepcopy(model)
+    report, edits = transform_inputs(new_model, plan.dims, stats)
+    for edit in edits:
+        new_model.slimline_arch = with_edit(new_model, edit)
+    return new_model, report
+
+
 def pcn_input_transform(model: nn.Module, stats: dict[str, LayerStats], select: dict[str, Any],
                         layers: list[str] | str = "auto") -> tuple[nn.Module, dict[str, Any]]:
     """Replace the chosen layers by PCN layers; return (deep-copied new model, report).
@@ -209,32 +342,15 @@ def pcn_input_transform(model: nn.Module, stats: dict[str, LayerStats], select: 
     image). `stats` must hold `core.pca.collect_input_stats` results for every chosen layer,
     computed on `model`. The new model's arch is the old one plus a `pcn_input` edit per layer.
     Report: `{layer: {"in_dim", "dims", "eigvals" (top 10), "explained_variance"}}`.
+    `plan_pcn_input` + `apply_pcn_input`.
     """
-    from core.models import get_layer, set_layer, with_edit
+    return apply_pcn_input(model, plan_pcn_input(model, stats, select, layers), stats)
 
-    chosen = resolve_layers(model, layers, auto=lambda valid: valid[1:])
-    missing = [n for n in chosen if n not in stats]
-    if missing:
-        raise SpecError(f"no PCA stats for layers {missing}; collect them with "
-                        "core.pca.collect_input_stats first")
-    _validate_select(select, chosen)
 
-    new_model = copy.deepcopy(model)
-    report: dict[str, Any] = {}
-    for name in chosen:
-        layer = get_layer(new_model, name)
-        st = stats[name]
-        kind = "linear" if isinstance(layer, nn.Linear) else "conv"
-        dims = select_dims(st, layer_selector(select, name, kind))
-        set_layer(new_model, name, pcn_from_layer(name, layer, st, dims))
-        new_model.slimline_arch = with_edit(new_model, {"op": "pcn_input", "layer": name,
-                                                        "dims": dims})
-        e = st.eigvals.clamp(min=0)
-        total = float(e.sum()) if st.total_variance is None else st.total_variance
-        report[name] = {
-            "in_dim": st.dim,
-            "dims": dims,
-            "eigvals": [float(v) for v in st.eigvals[:10]],
-            "explained_variance": float(e[:dims].sum()) / total if total > 0 else 1.0,
-        }
-    return new_model, report
+@register_edit("pcn_input")
+def replay_pcn_input(model: nn.Module, edit: dict[str, Any]) -> None:
+    """Structural replay of `{"op": "pcn_input", "layer", "dims"}`: a placeholder PCN layer."""
+    layer, dims = edit.get("layer"), edit.get("dims")
+    if not isinstance(layer, str) or not isinstance(dims, int) or isinstance(dims, bool):
+        raise SpecError(f"pcn_input edit needs a string 'layer' and an int 'dims', got {edit}")
+    set_layer(model, layer, placeholder_pcn_layer(layer, get_layer(model, layer), dims))

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from core.errors import SpecError
-from core.models.zoo import MLP, ConvNet, LeNet5, ResNet
+from core.pcn import PCNConv2d, PCNLinear
+from core.surgery import get_layer, set_layer
+from core.zoo import MLP, ConvNet, LeNet5, ResNet
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,112 @@ def shared_input_sets(model: nn.Module) -> list[tuple[str, ...]]:
     except SpecError:
         return []
     return [tensor for g in groups.values() for tensor in g.readers if len(tensor) > 1]
+
+
+# ---- unit surgery (the output transform's and the redundancy analyses' apply step) ----
+
+def _out_units(name: str, layer: nn.Module) -> int:
+    if isinstance(layer, (nn.Linear, PCNLinear)):
+        return layer.out_features
+    if isinstance(layer, (nn.Conv2d, PCNConv2d)):
+        return layer.out_channels
+    raise SpecError(f"layer {name!r} is a {type(layer).__name__}; output units can only be "
+                    "pruned from Linear/Conv2d/PCN layers")
+
+
+def _in_dim(layer: nn.Module) -> int:
+    if isinstance(layer, (nn.Linear, PCNLinear)):
+        return layer.in_features
+    if isinstance(layer, (nn.Conv2d, PCNConv2d)):
+        return layer.in_channels
+    raise SpecError(f"a {type(layer).__name__} cannot read pruned units")
+
+
+def _new_like(layer: nn.Module, tensors: dict[str, torch.Tensor], **shape: Any) -> nn.Module:
+    """A layer of the same type and geometry as `layer` with new sizes, filled from `tensors`."""
+    if isinstance(layer, nn.Linear):
+        new: nn.Module = nn.Linear(shape["in_dim"], shape["out_dim"], bias=layer.bias is not None)
+    elif isinstance(layer, nn.Conv2d):
+        new = nn.Conv2d(shape["in_dim"], shape["out_dim"], layer.kernel_size, stride=layer.stride,
+                        padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                        bias=layer.bias is not None, padding_mode=layer.padding_mode)
+    elif isinstance(layer, PCNLinear):
+        new = PCNLinear(shape["in_dim"], layer.dims, shape["out_dim"])
+    else:
+        new = PCNConv2d(shape["in_dim"], layer.dims, shape["out_dim"], layer.kernel_size,
+                        layer.stride, layer.padding)
+    new = new.to(dtype=layer.weight.dtype, device=layer.weight.device)
+    state = new.state_dict()
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(value)
+    new.train(layer.training)
+    return new
+
+
+def _slice_output(layer: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """Keep output units `keep` of a Linear/Conv2d/PCN layer (rows of W, entries of b)."""
+    tensors = {k: v for k, v in layer.state_dict().items()}
+    tensors["weight"] = tensors["weight"][keep]
+    if "bias" in tensors:
+        tensors["bias"] = tensors["bias"][keep]
+    return _new_like(layer, tensors, in_dim=_in_dim(layer), out_dim=int(keep.numel()))
+
+
+def _slice_input(layer: nn.Module, rows: torch.Tensor) -> nn.Module:
+    """Keep input dims `rows` of a reader: W columns (plain) or U rows / mu entries (PCN)."""
+    tensors = {k: v for k, v in layer.state_dict().items()}
+    if isinstance(layer, (PCNLinear, PCNConv2d)):
+        tensors["U"], tensors["mu"] = tensors["U"][rows], tensors["mu"][rows]
+    else:
+        tensors["weight"] = tensors["weight"][:, rows]
+    return _new_like(layer, tensors, in_dim=int(rows.numel()), out_dim=_out_units("", layer))
+
+
+def _slice_norm(norm: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(int(keep.numel()), eps=norm.eps, momentum=norm.momentum,
+                         affine=norm.affine, track_running_stats=norm.track_running_stats)
+    new = new.to(device=norm.weight.device if norm.affine else None,
+                 dtype=norm.weight.dtype if norm.affine else None)
+    state = {k: (v if v.ndim == 0 else v[keep]) for k, v in norm.state_dict().items()}
+    new.load_state_dict(state)
+    new.train(norm.training)
+    return new
+
+
+def group_units(model: nn.Module, group: UnitGroup) -> int:
+    """The number of units of `group` (all producers must agree)."""
+    counts = {p: _out_units(p, get_layer(model, p)) for p in group.producers}
+    if len(set(counts.values())) != 1:
+        raise SpecError(f"group {group.name!r}: producers disagree on the unit count: {counts}")
+    return next(iter(counts.values()))
+
+
+def unit_rows(keep: torch.Tensor, units: int, in_dim: int, layer: str) -> torch.Tensor:
+    """Reader input rows of the kept units (h'*w' rows per unit for a flattened conv output)."""
+    if in_dim % units:
+        raise SpecError(f"layer {layer!r} reads {in_dim} dims, not a multiple of {units} units")
+    per_unit = in_dim // units
+    return (keep[:, None] * per_unit + torch.arange(per_unit)).reshape(-1)  # (|S|*h'*w',)
+
+
+def prune_units(model: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
+    """In place: keep units `keep` of `group` in its producers, their BatchNorms and readers."""
+    units = group_units(model, group)
+    keep = torch.as_tensor(keep, dtype=torch.int64).flatten()
+    if keep.numel() < 1 or int(keep.min()) < 0 or int(keep.max()) >= units or \
+            torch.unique(keep).numel() != keep.numel():
+        raise SpecError(f"group {group.name!r}: keep must be distinct unit indices in "
+                        f"[0, {units}), got {keep.tolist()[:20]}")
+    for producer, norm in zip(group.producers, group.norms):
+        set_layer(model, producer, _slice_output(get_layer(model, producer), keep))
+        if norm is not None:
+            bn = get_layer(model, norm)
+            if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != units:
+                raise SpecError(f"group {group.name!r}: {norm!r} is not a BatchNorm2d over "
+                                f"{units} channels")
+            set_layer(model, norm, _slice_norm(bn, keep))
+    for reader in group.reader_layers:
+        layer = get_layer(model, reader)
+        rows = unit_rows(keep, units, _in_dim(layer), reader)
+        set_layer(model, reader, _slice_input(layer, rows))

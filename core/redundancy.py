@@ -27,9 +27,7 @@ import torch
 from torch import nn
 
 from core.errors import SpecError
-from core.models import get_layer, with_edit
-from core.pcn_graph import UnitGroup, unit_groups
-from core.pcn_output import group_units, prune_units
+from core.pcn_graph import UnitGroup, group_units, prune_units, unit_groups
 from core.spectra import (
     elbow,
     elbow_accuracy,
@@ -40,6 +38,7 @@ from core.spectra import (
     spectrum,
     weight_matrix,
 )
+from core.surgery import get_layer, with_edit
 
 __all__ = [
     "elbow",

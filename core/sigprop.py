@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from core.errors import SpecError
-from core.models.zoo import init_weights
-from core.prune import prunable
+from core.masks import prunable
+from core.zoo import init_weights
 
 VS_MODES = ("lecun", "glorot", "kaiming")
 # Critical weight scale (edge of chaos with zero biases; Pennington et al. 2017, Xiao et al.

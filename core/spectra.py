@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from core.errors import SpecError
-from core.models import get_layer, set_layer
+from core.surgery import get_layer, set_layer
 
 INIT_SCHEMES = ("torch", "glorot", "kaiming")
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from core.data import ArrayDataset, Splits
 from core.errors import Cancelled
-from core.prune import masked_parameters
+from core.masks import masked_parameters
 
 
 @dataclass(frozen=True)

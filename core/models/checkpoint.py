@@ -5,7 +5,10 @@ metadata = {"slimline_arch": <json of the normalized arch>, "format": "slimline/
 
 A pruned model (`model.slimline_masks = {layer: BoolTensor}`, set by the pruning steps) is
 stored sparsely: each masked `<layer>.weight` becomes its kept values, its bit-packed mask and
-its shape (`core.prune.sparse_state`; metadata "slimline_sparse": "1"), never a dense copy.
+its shape (`core.masks.sparse_state`; metadata "slimline_sparse": "1"), never a dense copy.
+
+This module sits above every method: it imports `core.methods`, so every method's structural
+edit is registered before `build` replays an arch.
 `load` rebuilds the dense weights (zeros where pruned) and sets `slimline_masks` again, so a
 later job keeps the same weights pruned.
 """
@@ -21,7 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core import methods  # noqa: F401 - registers every method's edit before build replays
+from core.arch import build
 from core.errors import CheckpointError, SpecError
+from core.masks import SPARSE_SUFFIXES, dense_from_sparse, masked_parameters, sparse_state
 
 FORMAT = "slimline/1"
 
@@ -35,8 +41,6 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     masks = getattr(model, "slimline_masks", None)
     metadata = {"slimline_arch": json.dumps(arch), "format": FORMAT}
     if masks:
-        from core.prune import sparse_state
-
         tensors = {k: v.contiguous() for k, v in sparse_state(model, masks).items()}
         metadata["slimline_sparse"] = "1"
     else:
@@ -79,12 +83,10 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
 
 def from_tensors(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
                  source: str = "checkpoint") -> nn.Module:
-    """`from_state_dict`, plus sparse weights: when `tensors` holds `core.prune.sparse_state`
+    """`from_state_dict`, plus sparse weights: when `tensors` holds `core.masks.sparse_state`
     entries (`<layer>.weight.sparse_values/_mask/_shape`), the dense weights are rebuilt
     (zeros where pruned) and `model.slimline_masks` is set. CheckpointError on inconsistent
     sparse entries or masks that do not fit the architecture."""
-    from core.prune import SPARSE_SUFFIXES, dense_from_sparse, masked_parameters
-
     if not any(k.endswith(SPARSE_SUFFIXES) for k in tensors):
         return from_state_dict(arch, tensors)
     try:
@@ -107,8 +109,6 @@ def from_state_dict(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -
     Floating tensors are loaded in their own dtype when they all share one (a float64 checkpoint
     gives a float64 model). The model is returned in eval mode.
     """
-    from core.models import build
-
     try:
         model = build(arch)
     except SpecError as exc:

@@ -1,0 +1,78 @@
+"""Layer lookup and replacement by name, forward order, and edits appended to an arch.
+
+The bottom of core's layering (with `core.zoo`, `core.layers` and `core.edits`): every method
+module does its layer surgery through these functions. `core.models` re-exports them.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import SpecError
+from core.layers import as_layer
+
+
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called `name` (dotted path), or SpecError naming the valid layers."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        valid = [n for n, _ in prunable_layers(model)]
+        raise SpecError(f"unknown layer {name!r}; valid layers: {', '.join(valid)}") from None
+
+
+def set_layer(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` (SpecError for an unknown name)."""
+    get_layer(model, name)  # validates the name
+    model.set_submodule(name, module)
+
+
+def _holds_weight(module: nn.Module) -> bool:
+    """A weight layer (`core.layers.as_layer`) that trains one `weight` parameter in place of a
+    Linear/Conv2d weight: nn.Linear, nn.Conv2d and PCN layers — not a low-rank layer (its
+    factors are listed instead) nor a DCTpS layer (its weight is computed)."""
+    return as_layer(module) is not None and isinstance(getattr(module, "weight", None),
+                                                       nn.Parameter)
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Linear/Conv2d layers (and their PCN replacements) in forward order.
+
+    Forward order is observed with hooks on one zero input when the model carries an arch;
+    otherwise registration order is used (the zoo registers modules in forward order).
+    """
+    layers = [(n, m) for n, m in model.named_modules() if _holds_weight(m)]
+    arch = getattr(model, "slimline_arch", None)
+    if arch is None:
+        return layers
+    order: list[str] = []
+    names = {id(m): n for n, m in layers}
+    handles = [m.register_forward_pre_hook(lambda mod, _inp: order.append(names[id(mod)]))
+               for _, m in layers]
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *arch["input_shape"], dtype=dtype, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    seen = dict.fromkeys(order)  # first call wins; keeps order
+    by_name = dict(layers)
+    return [(n, by_name[n]) for n in seen] + [(n, m) for n, m in layers if n not in seen]
+
+
+def with_edit(model: nn.Module, edit: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the model's arch with `edit` appended (for transforms that change structure)."""
+    arch = copy.deepcopy(getattr(model, "slimline_arch", None))
+    if arch is None:
+        raise SpecError("model has no slimline_arch; build it with core.models.build")
+    arch["edits"] = [*arch.get("edits", []), dict(edit)]
+    return arch
