@@ -205,7 +205,8 @@ def _read(path: Path) -> str:
 
 @app.command()
 def status(job_id: str,
-           watch: Annotated[bool, typer.Option(help="Poll with a progress bar until done.")] = False,
+           watch: Annotated[bool, typer.Option(
+               help="Poll with a progress bar until done.")] = False,
            url: Url = DEFAULT_URL, key: Key = None) -> None:
     """Show a job (JSON), or watch it until it finishes."""
     with client(url, key) as http:

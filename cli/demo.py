@@ -70,7 +70,7 @@ def fresh_home(home: Path) -> Path:
     return home
 
 
-def start_stack(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+def start_stack(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     log = open(home / "stack.log", "wb")  # noqa: SIM115 - the child holds it; closed at exit
     return subprocess.Popen(
         [sys.executable, "-m", "cli", "up", "--home", str(home), "--host", "127.0.0.1",
@@ -78,7 +78,8 @@ def start_stack(home: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
         stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def wait_ready(http: Any, stack: subprocess.Popen, home: Path, timeout: float = 180.0) -> None:
+def wait_ready(http: Any, stack: subprocess.Popen[bytes], home: Path, timeout: float = 180.0
+               ) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -187,7 +188,8 @@ def run_demo(home: Path, *, keep: bool = True) -> int:
         console.print(f"starting the embedded stack in {home} on port {port} "
                       f"(log: {home / 'stack.log'})")
         stack = start_stack(home, port, env)
-        settings = Settings(home=home, data_dir=env.get("SLIMLINE_DATA_DIR") or None)
+        data_dir = env.get("SLIMLINE_DATA_DIR")
+        settings = Settings(home=home, data_dir=Path(data_dir) if data_dir else None)
         before = train_locally(settings, home / "lenet300.safetensors", console)
         test_set = before.pop("test")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
@@ -199,7 +201,8 @@ def run_demo(home: Path, *, keep: bool = True) -> int:
         after = {"params": param_counts(model), "macs": count_macs(model, [1, 28, 28]),
                  "accuracy": evaluate(model, test_set)["accuracy"], "size": path.stat().st_size}
         server = job["result"]["after"]
-        if after["params"] != server["params"] or abs(after["accuracy"] - server["accuracy"]) > 1e-3:
+        if (after["params"] != server["params"]
+                or abs(after["accuracy"] - server["accuracy"]) > 1e-3):
             raise DemoError(f"the downloaded model does not match the job's report: local "
                             f"{after['params']} acc {after['accuracy']:.4f}, server "
                             f"{server['params']} acc {server['accuracy']:.4f}")
