@@ -1,5 +1,5 @@
-"""Request dependencies: settings, one DB session per request (commit on success, rollback on
-error), the object store and the caller's tenant."""
+"""Request dependencies: settings, one DB session per request (commit when the route returns,
+rollback when it raises; routes never commit), the object store and the caller's tenant."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -32,10 +32,18 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _finish(session: Session, ok: bool) -> None:
+def end_request_transaction(session: Session, ok: bool) -> None:
+    """Commit (`ok`) or roll back the request's transaction, then close the session. Actions
+    registered with `jobs.db.after_commit` (sending a new job to its queue) run inside the
+    commit; a commit that fails is rolled back with undo (objects stored for its rows are
+    deleted) and raised."""
     try:
         if ok:
-            session.commit()
+            try:
+                session.commit()
+            except BaseException:
+                rollback(session)
+                raise
         else:
             rollback(session)
     finally:
@@ -43,23 +51,25 @@ def _finish(session: Session, ok: bool) -> None:
 
 
 async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
-    """One transaction per request: committed on success, rolled back (with undo) on error.
-    Creating the session does no I/O (a connection is checked out by its first query, in the
-    route's thread); commit or rollback and close run in one thread hop, shielded so that a
-    cancelled request still gives its connection back."""
+    """One transaction per request: committed when the route returned, rolled back (with undo)
+    when it raised; routes never commit. Creating the session does no I/O (a connection is
+    checked out by its first query, in the route's thread, so a route that streams a body
+    before its first query holds none meanwhile); commit or rollback and close run in one
+    thread hop, shielded so that a cancelled request still gives its connection back."""
     session = SessionFactory(settings)()
     try:
         yield session
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await run_in_threadpool(_finish, session, False)
+            await run_in_threadpool(end_request_transaction, session, False)
         raise
     with anyio.CancelScope(shield=True):
-        await run_in_threadpool(_finish, session, True)
+        await run_in_threadpool(end_request_transaction, session, True)
 
 
-# scope="function": the commit happens before the response is sent, so a failed commit is an
-# error response and never a 201 for a row that does not exist.
+# scope="function": the dependency's exit (the commit, and the dispatch after it) runs when the
+# route returns and before the response is sent, so a client that got 201/202 reads the row at
+# once, and a failed commit is an error response, never a 201 for a row that does not exist.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
@@ -77,6 +87,14 @@ def default_tenant_id(request: Request, settings: Settings) -> str:
             cached = get_or_create_tenant(session, settings.default_tenant).id
         request.app.state.default_tenant_id = cached
     return cached
+
+
+def tenant_of_key(settings: Settings, key: str) -> str:
+    """The tenant of an API key not in this process's cache, read in a short transaction of its
+    own: the request's session stays unopened until the route's first query (an upload route
+    receives its body before that)."""
+    with session_scope(settings) as session:
+        return resolve_key(session, key)
 
 
 def check_request_values(request: Request) -> None:
@@ -105,7 +123,7 @@ def check_request_values(request: Request) -> None:
                                 f"{len(value)}")
 
 
-async def get_tenant_id(request: Request, settings: SettingsDep, session: SessionDep) -> str:
+async def get_tenant_id(request: Request, settings: SettingsDep) -> str:
     """The tenant of the `Authorization: Bearer <key>` header (or the default tenant when auth
     is off). Every tenant route depends on it, so it first refuses path and query values that
     cannot match anything (`check_request_values`)."""
@@ -119,7 +137,7 @@ async def get_tenant_id(request: Request, settings: SettingsDep, session: Sessio
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one "
                            "with `slimline keys create --name N`)")
     key = key.strip()
-    return cached_tenant_id(key) or await run_in_threadpool(resolve_key, session, key)
+    return cached_tenant_id(key) or await run_in_threadpool(tenant_of_key, settings, key)
 
 
 TenantDep = Annotated[str, Depends(get_tenant_id)]

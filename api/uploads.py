@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import IO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from jobs.db import session_scope
 from jobs.errors import (
     BadRequest,
     SlimlineError,
@@ -266,9 +266,9 @@ async def sweep_temp_loop(settings: Settings, interval_s: float = SWEEP_INTERVAL
         await sweep_temp_once(settings)
 
 
-def admit_upload(session: Session, tenant_id: str, settings: Settings) -> None:
-    """Before an upload streams in: the tenant's upload quota, then the request's transaction is
-    committed, so no pooled connection sits idle in transaction while the body arrives and the
-    inspector runs (the route's next query checks one out again)."""
-    check_upload_quota(session, tenant_id, settings)
-    session.commit()
+def check_upload_admitted(settings: Settings, tenant_id: str) -> None:
+    """The tenant's upload quota, in a short read of its own that ends before the body is read:
+    an upload route's own session opens only for the short write at the end, so no connection
+    is checked out (nor idle in transaction) while the body arrives and the inspector runs."""
+    with session_scope(settings) as session:
+        check_upload_quota(session, tenant_id, settings)

@@ -1,18 +1,20 @@
-"""Database engine and sessions. `session_scope()` commits on success and rolls back on error;
-service functions only `flush()`."""
+"""Database engine and sessions. `session_scope()` (and the API's request session) commits on
+success and rolls back on error; service functions only `flush()`, and register what must happen
+once their rows are committed with `after_commit` (sending a job to its queue) or undone if they
+never are with `on_rollback` (deleting an object already written to the store)."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from jobs.settings import Settings, get_settings
 
@@ -116,14 +118,51 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
 
 
 def rollback(session: Session) -> None:
-    """Roll back, then undo side effects registered with `session.info["on_rollback"]` (such as
-    objects already written to the store for rows that now never exist)."""
+    """Roll back, then undo side effects registered with `on_rollback` (such as objects already
+    written to the store for rows that now never exist)."""
     session.rollback()
-    for undo in session.info.pop("on_rollback", []):
+    for undo in session.info.pop(ON_ROLLBACK, []):
         try:
             undo()
         except Exception:  # best effort; the original error matters more
             log.warning("undo after rollback failed", exc_info=True)
+
+
+AFTER_COMMIT = "after_commit"
+ON_ROLLBACK = "on_rollback"
+
+
+def after_commit(session: Session, action: Callable[[], object]) -> None:
+    """Run `action()` right after the session's current transaction commits, in the committing
+    thread, once; dropped if the transaction rolls back or the session closes without a commit.
+    For side effects that must not be seen before the rows they refer to (a job id sent to a
+    worker). `action` runs outside any transaction and must not use `session`; an error it
+    raises is logged, not raised (the commit happened), so it must leave a way to recover (the
+    reconciler re-sends a queued job that was never sent)."""
+    session.info.setdefault(AFTER_COMMIT, []).append(action)
+
+
+def on_rollback(session: Session, undo: Callable[[], object]) -> None:
+    """Run `undo()` if the session's current transaction is rolled back with `rollback`."""
+    session.info.setdefault(ON_ROLLBACK, []).append(undo)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    session.info.pop(ON_ROLLBACK, None)  # the rows exist now: nothing to undo
+    for action in session.info.pop(AFTER_COMMIT, []):
+        try:
+            action()
+        except Exception:  # the transaction is committed; the action's owner recovers
+            log.warning("action after commit failed", exc_info=True)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_uncommitted(session: Session, transaction: SessionTransaction) -> None:
+    # after_commit has already taken the actions of a committed transaction; what is left
+    # belongs to one that rolled back or was closed
+    if transaction.parent is None:
+        session.info.pop(AFTER_COMMIT, None)
 
 
 def dispose_engines() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from jobs.db import on_rollback  # jobs.artifacts imports it from here too
 from jobs.errors import NotFound, Unprocessable, UnsupportedFormat
 from jobs.filecheck import (  # noqa: F401 - re-exported for callers of the model registry
     check_safetensors_header_size,
@@ -52,11 +53,6 @@ def checkpoint_format(path: str | Path, filename: str,
 
 def model_key(tenant_id: str, model_id: str) -> str:
     return f"models/{tenant_id}/{model_id}.safetensors"
-
-
-def on_rollback(session: Session, callback: Any) -> None:
-    """Run `callback()` if this session's transaction is rolled back (undo stored bytes)."""
-    session.info.setdefault("on_rollback", []).append(callback)
 
 
 def register_model(session: Session, store: ObjectStore, *, tenant_id: str, name: str,

@@ -1,9 +1,12 @@
-"""Jobs as the API sees them: create (with idempotency), get, list with keyset pagination, cancel.
-Services only flush; the caller commits, then enqueues."""
+"""Jobs as the API sees them: submit (with idempotency), get, list with keyset pagination, cancel.
+Services only flush; the caller commits. What must reach the broker (a new job's message, a
+canceled job's revoke) is registered with `jobs.db.after_commit`, so it is sent once the row is
+committed and never for a row that was rolled back."""
 from __future__ import annotations
 
 import base64
 import json
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -11,10 +14,13 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from jobs import queue
 from jobs.archcheck import check_arch
 from jobs.datasets import check_dataset_ref
+from jobs.db import after_commit, session_scope
 from jobs.errors import (
     BadRequest,
+    BrokerUnavailable,
     IdempotencyConflict,
     InvalidSpec,
     JobNotCancelable,
@@ -28,6 +34,8 @@ from jobs.quotas import check_job_quota
 from jobs.settings import Settings
 from jobs.spec import DENSE_WEIGHT_OPS, JobSpec, after_dctps_message, control_character
 from jobs.states import QUEUED, RUNNING, STATUSES, TERMINAL, request_cancel
+
+log = logging.getLogger(__name__)
 
 
 def spec_document(spec: JobSpec) -> dict[str, Any]:
@@ -83,6 +91,35 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
         return _replay(existing, document), False
     record_event(session, job.id, "status", {"status": "queued"})
     return job, True
+
+
+def submit_job(session: Session, tenant_id: str, spec: JobSpec, idempotency_key: str | None,
+               settings: Settings) -> tuple[Job, bool]:
+    """`create_job`, and a created job is sent to its queue after the caller commits."""
+    job, created = create_job(session, tenant_id, spec, idempotency_key, settings)
+    if created:
+        job_id, job_queue = job.id, job.queue
+        after_commit(session, lambda: dispatch(job_id, job_queue, settings))
+    return job, created
+
+
+def dispatch(job_id: str, job_queue: str, settings: Settings) -> bool:
+    """Send a committed queued job to the broker. When the broker refuses it the job stays
+    queued and is marked never sent, so the reconciler sends it at its next pass (and if even
+    that mark fails, once its dispatch grace has passed). True when sent."""
+    try:
+        queue.enqueue_job(job_id, job_queue, settings)
+        return True
+    except BrokerUnavailable as exc:
+        log.warning("job %s is committed as queued but not sent (%s); the reconciler sends "
+                    "it once the broker is back", job_id, exc.detail)
+    try:
+        with session_scope(settings) as session:
+            mark_unsent(session, job_id)
+    except Exception as err:  # noqa: BLE001 - the job is committed: the reconciler sends it
+        log.warning("could not mark job %s unsent (%s); the reconciler sends it after the "
+                    "dispatch grace", job_id, type(err).__name__)
+    return False
 
 
 def check_model_fits_steps(model: Model, spec: JobSpec) -> None:
@@ -149,8 +186,9 @@ def list_jobs(session: Session, tenant_id: str, *, status: str | None = None, li
     return rows[:limit], next_cursor
 
 
-def cancel_job(session: Session, tenant_id: str, job_id: str) -> tuple[Job, bool]:
-    """Returns (job, revoke): a queued job is canceled now and should be revoked after commit.
+def cancel_job(session: Session, tenant_id: str, job_id: str, settings: Settings) -> Job:
+    """Cancel a queued job now (its message is revoked after the commit), a running one
+    cooperatively (the worker checks `cancel_requested`).
 
     One true answer under races: `cancel_requested` is set by a compare-and-set on the status
     (queued or running), which waits for the worker's final transaction when one holds the row
@@ -168,16 +206,18 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> tuple[Job, bool
     if not won:
         raise JobNotCancelable(f"job {job.id} is already {job.status}; only queued or running "
                                "jobs can be canceled")
-    revoke = request_cancel(job)
+    if request_cancel(job):
+        canceled = job.id
+        after_commit(session, lambda: queue.revoke(canceled, settings))
     record_event(session, job.id, "cancel_requested", {"status": job.status})
     session.flush()
-    return job, revoke
+    return job
 
 
-def mark_unsent(session: Session, job: Job) -> None:
+def mark_unsent(session: Session, job_id: str) -> None:
     """The broker refused the job after its row was committed: it stays queued, and the
     reconciler sends it at its next pass (dispatched_at NULL = never sent)."""
-    session.execute(update(Job).where(Job.id == job.id, Job.status == QUEUED)
+    session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED)
                     .values(dispatched_at=None).execution_options(synchronize_session=False))
 
 

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspect_client import inspector_for
 from api.schemas import builtin_documents, dataset_document
-from api.uploads import admit_upload, receive_upload, temp_root
+from api.uploads import check_upload_admitted, receive_upload, temp_root
 from jobs.datasets import dataset_format, get_dataset, list_datasets, register_dataset
 from jobs.tmpfiles import temp_dir
 
@@ -22,7 +22,7 @@ async def upload_dataset(request: Request, settings: SettingsDep, session: Sessi
                          store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
     """Upload `.npz`/`.safetensors` arrays x_train, y_train[, x_test, y_test]; validated out of
     process (the API never decodes the arrays)."""
-    await run_in_threadpool(admit_upload, session, tenant_id, settings)
+    await run_in_threadpool(check_upload_admitted, settings, tenant_id)
     with temp_dir(temp_root(settings), "upload") as tmp:
         upload = await receive_upload(request, tmp / "upload", settings.max_upload_bytes,
                                       max_parts=settings.max_form_fields)

@@ -10,10 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SettingsDep, StoreDep
+from api.deps import SettingsDep, StoreDep, tenant_of_key
 from api.metrics import tenant_registry
-from jobs.auth import resolve_key
-from jobs.db import engine_from_settings, session_scope
+from jobs.db import engine_from_settings
 from jobs.errors import Unauthorized
 from jobs.queue import broker_ping
 from jobs.settings import Settings
@@ -70,11 +69,6 @@ async def readyz(request: Request, settings: SettingsDep, store: StoreDep) -> JS
     return JSONResponse({"status": "ok", "checks": checks})
 
 
-def _tenant_of(settings: Settings, key: str) -> str:
-    with session_scope(settings) as session:
-        return resolve_key(session, key)
-
-
 @router.get("/metrics")
 def metrics(request: Request, settings: SettingsDep) -> Response:
     """Prometheus metrics: everything for the operator token (`Authorization: Bearer
@@ -87,5 +81,5 @@ def metrics(request: Request, settings: SettingsDep) -> Response:
             raise Unauthorized("/metrics needs `Authorization: Bearer <token>`: an API key (your "
                                "own jobs by status) or the operator token "
                                "(SLIMLINE_METRICS_TOKEN, everything)")
-        registry = tenant_registry(settings, _tenant_of(settings, key))
+        registry = tenant_registry(settings, tenant_of_key(settings, key))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -17,9 +17,8 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, TenantDep
 from api.errors import is_database_down
-from jobs import queue
-from jobs.db import rollback, session_scope
-from jobs.errors import BrokerUnavailable, QuotaExceeded, Unprocessable
+from jobs.db import session_scope
+from jobs.errors import QuotaExceeded, Unprocessable
 from jobs.events import event_dict, list_events
 from jobs.orm import Job
 from jobs.settings import Settings
@@ -27,12 +26,11 @@ from jobs.spec import JobSpec, control_character
 from jobs.states import TERMINAL
 from jobs.submission import (
     cancel_job,
-    create_job,
     decode_cursor,
     get_job,
     job_document,
     list_jobs,
-    mark_unsent,
+    submit_job,
 )
 
 log = logging.getLogger(__name__)
@@ -50,27 +48,12 @@ MAX_EVENT_ID = 2**63 - 1  # job_events.id is a BIGINT
 def submit(session: SessionDep, settings: SettingsDep, tenant_id: TenantDep,
            body: Annotated[dict[str, Any], Body()],
            idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
-    """Validate a JobSpec, commit the job, then enqueue it (202 + Location). The committed row
-    is the truth: when the broker is down the job stays queued and is sent by the reconciler."""
+    """Validate a JobSpec and queue the job (202 + Location); it is sent to a worker once the
+    request's transaction has committed (a broker that is down leaves it to the reconciler)."""
     spec = JobSpec.model_validate(body, context={"max_epochs": settings.max_epochs})
-    job, created = create_job(session, tenant_id, spec, idempotency_key, settings)
-    headers = {"Location": f"/v1/jobs/{job.id}"}
-    if not created:
-        return JSONResponse(job_document(job), status_code=200, headers=headers)
-    session.commit()  # the row exists before any worker can receive its id
-    try:
-        queue.enqueue_job(job.id, job.queue, settings)
-    except BrokerUnavailable as exc:
-        log.warning("job %s is committed as queued but not sent (%s); the reconciler sends "
-                    "it once the broker is back", job.id, exc.detail)
-        try:  # sent at the reconciler's next pass rather than after the dispatch grace
-            mark_unsent(session, job)
-            session.commit()
-        except Exception as err:  # noqa: BLE001 - the job is committed: still a 202
-            log.warning("could not mark job %s unsent (%s); the reconciler sends it after the "
-                        "dispatch grace", job.id, type(err).__name__)
-            rollback(session)
-    return JSONResponse(job_document(job), status_code=202, headers=headers)
+    job, created = submit_job(session, tenant_id, spec, idempotency_key, settings)
+    return JSONResponse(job_document(job), status_code=202 if created else 200,
+                        headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 def _check_cursor(cursor: str) -> None:
@@ -107,11 +90,8 @@ def read(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
 def cancel(job_id: str, session: SessionDep, settings: SettingsDep,
            tenant_id: TenantDep) -> JSONResponse:
     """Cancel a queued job now, a running one cooperatively; 409 when already finished."""
-    job, revoke = cancel_job(session, tenant_id, job_id)
-    session.commit()
-    if revoke:
-        queue.revoke(job.id, settings)
-    return JSONResponse(job_document(job), status_code=202)
+    return JSONResponse(job_document(cancel_job(session, tenant_id, job_id, settings)),
+                        status_code=202)
 
 
 # ---- events: server-sent events, async ----------------------------------------------------

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspect_client import inspector_for
 from api.schemas import model_document
-from api.uploads import admit_upload, receive_upload, temp_root
+from api.uploads import check_upload_admitted, receive_upload, temp_root
 from jobs.model_registry import (
     checkpoint_format,
     get_model,
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 async def upload_model(request: Request, settings: SettingsDep, session: SessionDep,
                        store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
     """Upload a checkpoint (multipart `file`, `arch`, `name`); validated out of process."""
-    await run_in_threadpool(admit_upload, session, tenant_id, settings)
+    await run_in_threadpool(check_upload_admitted, settings, tenant_id)
     with temp_dir(temp_root(settings), "upload") as tmp:
         upload = await receive_upload(request, tmp / "upload", settings.max_upload_bytes,
                                       max_parts=settings.max_form_fields)

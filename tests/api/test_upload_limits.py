@@ -412,30 +412,3 @@ def test_api_killed_mid_upload_leaves_a_dir_the_next_start_removes(api_home):
         assert (tmp / "unrelated-young-file").exists()
     finally:
         second.stop()
-
-
-def test_admit_upload_gives_the_connection_back_before_the_body_arrives(tmp_path):
-    """The quota check must not leave the request's connection idle in transaction for the
-    whole upload and inspection."""
-    from sqlalchemy import text
-
-    from api.uploads import admit_upload
-    from jobs.auth import get_or_create_tenant
-    from jobs.db import SessionFactory, dispose_engines, engine_from_settings, session_scope
-    from jobs.db import upgrade_db as upgrade
-    from jobs.settings import Settings as S
-
-    settings = S(home=tmp_path / "admit", auth="off")
-    upgrade(settings)
-    with session_scope(settings) as session:
-        tenant = get_or_create_tenant(session, "uploader").id
-    session = SessionFactory(settings)()
-    try:
-        session.execute(text("SELECT 1"))
-        assert session.in_transaction() and engine_from_settings(settings).pool.checkedout() == 1
-        admit_upload(session, tenant, settings)
-        assert not session.in_transaction()
-        assert engine_from_settings(settings).pool.checkedout() == 0
-    finally:
-        session.close()
-        dispose_engines()
