@@ -31,8 +31,9 @@ from jobs.events import record_event
 from jobs.model_registry import get_model
 from jobs.orm import Job, Model
 from jobs.quotas import check_job_quota
+from jobs.registry import dense_weights_refusal
 from jobs.settings import Settings
-from jobs.spec import DENSE_WEIGHT_OPS, JobSpec, after_dctps_message, control_character
+from jobs.spec import JobSpec, control_character
 from jobs.states import QUEUED, RUNNING, STATUSES, TERMINAL, request_cancel
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,10 @@ def check_model_fits_steps(model: Model, spec: JobSpec) -> None:
     if not any(isinstance(e, dict) and e.get("op") == "dctps" for e in edits):
         return
     for i, step in enumerate(spec.steps):
-        if step.op in DENSE_WEIGHT_OPS:
-            raise InvalidSpec(after_dctps_message(step.op, f"steps[{i}]",
-                                                  f"the DCTpS transform of model {model.id}"))
+        refusal = dense_weights_refusal(step.op, f"steps[{i}]",
+                                        f"the DCTpS transform of model {model.id}")
+        if refusal is not None:
+            raise InvalidSpec(refusal)
 
 
 def _by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:

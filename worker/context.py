@@ -1,11 +1,13 @@
-"""What every step handler gets: the job's model, data and reporter (`StepContext`), and the
-metrics recorded around steps. Handlers live in worker.step_train / worker.step_pcn; the
-registry in worker.steps."""
+"""What every step handler gets: the job's model, data and reporter (`StepContext`), the
+metrics recorded around steps, and what a step running inside a train step implements
+(`TrainHook`). Handlers live in worker/step_<name>.py; the registry in worker.registry."""
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -16,7 +18,11 @@ from core.errors import Cancelled, SpecError
 from core.metrics import count_macs, param_counts
 from core.models import prunable_layers
 from core.train import evaluate
+from jobs import curves as job_curves
+from jobs.registry import MethodSpec
 from jobs.settings import Settings
+
+C = TypeVar("C")
 
 # Effective-dimensionality tracking defaults (track: ["effective_dim"]): the paper's absolute
 # threshold for MNIST-sized dense layers, on this many (fixed) training samples per epoch.
@@ -24,8 +30,6 @@ TRACK_THRESHOLDS = (0.1,)
 TRACK_SAMPLES = 1000
 TRACK_EIGVALS_MAX = 256  # eigenvalues kept per layer and epoch
 SPECTRUM_MAX = 1024  # eigenvalues kept per layer of a pcn transform
-PLATEAU_DELTA = 0.005
-PLATEAU_MIN_EPOCHS = 1
 
 
 class Reporter(Protocol):
@@ -34,11 +38,6 @@ class Reporter(Protocol):
     def progress(self, fraction: float, stage: str) -> None: ...
     def event(self, kind: str, data: dict[str, Any]) -> None: ...
     def should_cancel(self) -> bool: ...
-
-
-def empty_curves() -> dict[str, Any]:
-    return {"training": [], "effective_dim": {}, "spectra": {}, "transforms": [], "pruning": [],
-            "lowrank": [], "dctps": [], "analysis": {}}
 
 
 @dataclass
@@ -57,7 +56,8 @@ class StepContext:
     # results of steps applied inside an earlier step (a `when: "plateau"` pcn), by index
     applied: dict[int, dict[str, Any]] = field(default_factory=dict)
     global_epoch: int = 0  # epochs trained so far over all train steps
-    curves: dict[str, Any] = field(default_factory=empty_curves)
+    # the job's events folded into curves (`jobs.curves`; stored as curves.json): see `emit`
+    curves: dict[str, Any] = field(default_factory=job_curves.empty)
     # pruning masks {layer: BoolTensor} kept through every later train step (a pruning step, or
     # a sparse input checkpoint); None = dense
     masks: dict[str, torch.Tensor] | None = None
@@ -74,6 +74,64 @@ class StepContext:
     def check_cancel(self) -> None:
         if self.reporter.should_cancel():
             raise Cancelled(f"canceled before step {self.step_index + 1}/{self.step_count}")
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Record an event of the job and fold it into `curves` — the same fold
+        `GET /v1/jobs/{id}/curves` applies to the stored events, so both have one shape."""
+        job_curves.add(self.curves, kind, data)
+        self.reporter.event(kind, data)
+
+
+class TrainHook(ABC):
+    """What the step right after a train step does inside it (a `when: "plateau"` pcn step),
+    registered with `worker.registry.train_hook`. The train handler calls `start` (or `restore`
+    on resume), asks `stop_after` after each epoch of its first run, then — unless `done` — calls
+    `apply` after epoch `apply_after(epochs)`, and trains the remaining epochs on the changed
+    model. `state()` is saved with every checkpoint of the train step."""
+
+    key: str  # the train step's result holds `{key: summary(...)}`
+    step_index: int  # the index of the step the hook belongs to
+
+    @abstractmethod
+    def start(self, ctx: StepContext) -> None:
+        """At the start of the train step (not when resuming it)."""
+
+    @abstractmethod
+    def state(self) -> dict[str, Any] | None:
+        """What a resumed train step needs (JSON-able; stored in its checkpoints)."""
+
+    @abstractmethod
+    def restore(self, state: dict[str, Any] | None) -> bool:
+        """From `state()` of a checkpoint; False: nothing to restore (the hook is dropped)."""
+
+    @abstractmethod
+    def stop_after(self, epoch: int, record: dict[str, Any]) -> bool:
+        """After every epoch of the step's first run: True to apply after this epoch."""
+
+    @abstractmethod
+    def apply_after(self, epochs: int) -> int:
+        """The epoch after which the hook applies (`epochs`: where it did not stop earlier)."""
+
+    @abstractmethod
+    def done(self, ctx: StepContext) -> bool:
+        """Already applied (a run resumed after it)."""
+
+    @abstractmethod
+    def apply(self, ctx: StepContext, after_epoch: int, epochs: int) -> None:
+        """Do it (may replace ctx.model); the step's own handler reports the result later."""
+
+    @abstractmethod
+    def summary(self, after_epoch: int) -> dict[str, Any]:
+        """What the train step's result records about it."""
+
+
+def config_from_spec(config_type: type[C], step: MethodSpec) -> C:
+    """The frozen core config of a step: the spec's fields of the same names (a core config's
+    field names are the spec's), as plain data (`from_dict` where the config has one)."""
+    names = {f.name for f in dataclasses.fields(config_type)}  # type: ignore[arg-type]
+    data = step.model_dump(include=names)
+    from_dict = getattr(config_type, "from_dict", None)
+    return from_dict(data) if from_dict is not None else config_type(**data)
 
 
 def model_metrics(model: nn.Module, input_shape: list[int], test: ArrayDataset,

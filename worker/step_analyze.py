@@ -26,7 +26,7 @@ names), for each of `kinds`:
 
 A DCTpS layer is analysed as the dense Linear/Conv2d it computes (`alpha * D + S`, on a copy).
 Curves: `analysis[kind][layer]` gets `{step, global_epoch, ...data}` (event `analysis`, one per
-kind); the step result holds compact summaries; plots `<kind>.png` (worker.plots).
+kind); the step result holds compact summaries; plots `<kind>.png` (worker.analyze_plots).
 """
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ from core.spectra import (
     weight_matrix,
 )
 from core.train import evaluate
-from jobs.spec import AnalyzeStep
+from jobs.methods.analyze import AnalyzeStep
+from worker import analyze_plots  # noqa: F401  (registers the analyze step's plots)
 from worker.context import StepContext, dctps_layers, dense_layers
+from worker.registry import handler
 
 SPECTRUM_POINTS = 200  # grid points of the Marchenko–Pastur density kept per layer
 PROGRESS_EVERY_S = 0.5
@@ -284,6 +286,7 @@ def _summary(kind: str, data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@handler(AnalyzeStep)
 def run_analyze(ctx: StepContext, step: AnalyzeStep) -> dict[str, Any]:
     ctx.reporter.progress(0.0, "analyze: preparing")
     model = dense_view(ctx.model)
@@ -333,17 +336,9 @@ def run_analyze(ctx: StepContext, step: AnalyzeStep) -> dict[str, Any]:
                 assert other is not None
                 results[layer] = _angles(ctx, step, model, other, layer, generator)
         where = {"step": ctx.step_index, "global_epoch": ctx.global_epoch}
-        add_analysis(ctx.curves, where | {"kind": kind, "layers": results})
-        ctx.reporter.event("analysis", where | {"kind": kind, "layers": results})
+        ctx.emit("analysis", where | {"kind": kind, "layers": results})
         details[kind] = {n: _summary(kind, d) for n, d in results.items()}
         if skipped:
             details.setdefault("skipped", {})[kind] = skipped
     return details
 
-
-def add_analysis(curves: dict[str, Any], data: dict[str, Any]) -> None:
-    """Fold one `analysis` event into curves (the API's /curves does the same)."""
-    where = {"step": data.get("step"), "global_epoch": data.get("global_epoch")}
-    kind = curves.setdefault("analysis", {}).setdefault(str(data.get("kind")), {})
-    for name, layer in (data.get("layers") or {}).items():
-        kind.setdefault(name, []).append(where | layer)

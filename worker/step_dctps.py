@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from core.dctps import dctps_transform
@@ -21,13 +22,15 @@ from core.errors import SpecError
 from core.metrics import fixed_dct_params
 from core.models import get_layer, save
 from core.train import evaluate
-from jobs.spec import DCTpSStep
+from jobs.methods.dctps import DCTpSStep
 from worker.context import (
     StepContext,
     chosen_layers,
     dense_layers,
     keep_valid_masks,
 )
+from worker.plots import DPI, plot
+from worker.registry import handler
 
 
 def _layers(ctx: StepContext, step: DCTpSStep) -> list[str] | None:
@@ -50,6 +53,7 @@ def checkpoint_size(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> 
         return path.stat().st_size
 
 
+@handler(DCTpSStep)
 def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
     ctx.reporter.progress(0.0, f"dctps: {step.allocation} allocation, density {step.density:g}")
     layers = _layers(ctx, step)
@@ -83,6 +87,41 @@ def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
               "total_weights": report["total_weights"], "total_nnz": report["total_nnz"],
               "layers": {n: {k: r[k] for k in ("shape", "weights", "nnz", "density")}
                          for n, r in report["layers"].items()}}
-    ctx.curves.setdefault("dctps", []).append(record)
-    ctx.reporter.event("dctps", record)
+    ctx.emit("dctps", record)
     return details
+
+
+@plot("dctps.png")
+def dctps_plot(curves: dict[str, Any], path: Path) -> bool:
+    """Trainable entries (nnz) and density per layer, one row per dctps step."""
+    records = curves.get("dctps") or []
+    if not records:
+        return False
+    fig = Figure(figsize=(11, 3.6 * len(records)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(records), 2, squeeze=False)
+    for (nnz_ax, density_ax), rec in zip(axes, records):
+        names = list(rec["layers"])
+        xs = list(range(len(names)))
+        nnz = [max(rec["layers"][n]["nnz"], 0.5) for n in names]
+        density = [max(rec["layers"][n]["density"], 1e-7) for n in names]
+        nnz_ax.bar(xs, nnz, color="tab:blue")
+        nnz_ax.set_yscale("log")
+        nnz_ax.set_ylim(0.5, max(nnz) * 3)  # bars from the bottom, not auto-zoomed to equal
+        nnz_ax.set_ylabel("trainable entries of S (nnz)")
+        for x, v in zip(xs, nnz):
+            nnz_ax.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize="x-small")
+        density_ax.bar(xs, density, color="tab:orange")
+        density_ax.set_yscale("log")
+        density_ax.set_ylim(min(density) / 3, 1.5)
+        density_ax.set_ylabel("layer density (nnz / weights)")
+        density_ax.axhline(rec["total_nnz"] / max(1, rec["total_weights"]), color="black",
+                           linestyle="--", linewidth=1, label="overall density")
+        density_ax.legend(fontsize="small")
+        for ax in (nnz_ax, density_ax):
+            ax.set_xticks(xs, names, rotation=45, ha="right", fontsize="small")
+            ax.grid(alpha=0.3, axis="y")
+        nnz_ax.set_title(f"step {rec['step'] + 1}: dctps {rec['allocation']}, density "
+                         f"{rec['density']:g} ({rec['total_nnz']} of {rec['total_weights']} "
+                         "weights trainable)", fontsize="medium")
+    fig.savefig(path, format="png")
+    return True

@@ -8,8 +8,10 @@ the given ranks are used), and each layer is materialised as a real factor pair
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
 from torch import nn
 
 from core.errors import SpecError
@@ -23,7 +25,7 @@ from core.lowrank import (
 )
 from core.models import get_layer
 from core.train import evaluate
-from jobs.spec import LowRankStep
+from jobs.methods.lowrank import LowRankStep
 from worker.context import (
     StepContext,
     calibration_set,
@@ -32,6 +34,8 @@ from worker.context import (
     keep_valid_masks,
     model_metrics,
 )
+from worker.plots import DPI, plot
+from worker.registry import handler
 
 
 def _layers(ctx: StepContext, step: LowRankStep) -> list[str]:
@@ -68,6 +72,7 @@ def _given_ranks(ctx: StepContext, step: LowRankStep, layers: list[str]
     return ranks
 
 
+@handler(LowRankStep)
 def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
     layers = _layers(ctx, step)
     positions = layer_positions(ctx.model, layers, ctx.input_shape)
@@ -127,6 +132,33 @@ def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
                              "weight_params_before": r["weight_params_before"],
                              "weight_params_after": r["weight_params_after"]}
                          for n, r in report.items()}}
-    ctx.curves.setdefault("lowrank", []).append(record)
-    ctx.reporter.event("lowrank", record)
+    ctx.emit("lowrank", record)
     return details
+
+
+@plot("lowrank.png")
+def lowrank_plot(curves: dict[str, Any], path: Path) -> bool:
+    """Kept rank per layer (as a fraction of the full rank, summed over blocks) and the kept
+    weight fraction, one panel per lowrank step; False when there was none."""
+    records = curves.get("lowrank") or []
+    if not records:
+        return False
+    fig = Figure(figsize=(10, 3.6 * len(records)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(records), 1, squeeze=False)
+    for (ax,), rec in zip(axes, records):
+        names = list(rec["layers"])
+        rank = [sum(rec["layers"][n]["ranks"]) / max(1, sum(rec["layers"][n]["full_ranks"]))
+                for n in names]
+        weights = [rec["layers"][n]["weight_params_after"]
+                   / max(1, rec["layers"][n]["weight_params_before"]) for n in names]
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], rank, width=0.4, label="kept rank / full rank")
+        ax.bar([x + 0.2 for x in xs], weights, width=0.4, label="weights after / before")
+        ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize="small")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="small")
+        ax.set_title(f"step {rec['step'] + 1}: lowrank ({rec['score']}, blocking "
+                     f"{rec['blocking']})")
+    fig.savefig(path, format="png")
+    return True

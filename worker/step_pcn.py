@@ -1,8 +1,12 @@
 """The `pcn` step: statistics (one forward pass, only the kept components), the input and
-output-based transform or a target search, and what it reports."""
+output-based transform or a target search, and what it reports; and its plateau hook, which
+applies a `when: "plateau"` pcn step inside the train step right before it (worker.steps has
+the rule)."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,15 +20,20 @@ from core.pcn_graph import shared_input_sets
 from core.pcn_output import pcn_transform
 from core.pcn_select import pcn_transform_to_target
 from core.train import evaluate
-from jobs.spec import PCNStep
+from jobs.methods.pcn import PCNStep
 from worker.context import (
     SPECTRUM_MAX,
     StepContext,
+    TrainHook,
     calibration_set,
     chosen_layers,
     keep_valid_masks,
     model_metrics,
 )
+from worker.registry import handler, train_hook
+
+PLATEAU_DELTA = 0.005
+PLATEAU_MIN_EPOCHS = 1
 
 
 def _core_select(step: PCNStep) -> dict[str, Any]:
@@ -125,9 +134,7 @@ def apply_pcn(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
                     "source": "pcn", "in_dim": st.dim,
                     "dims": report["input"].get(name, {}).get("dims"), "samples": st.count,
                     "eigvals": [float(v) for v in st.eigvals[:SPECTRUM_MAX]]}
-        ctx.curves["spectra"].setdefault(name, []).append(
-            {k: v for k, v in spectrum.items() if k != "layer"} | {"epoch": None})
-        ctx.reporter.event("spectrum", spectrum)
+        ctx.emit("spectrum", spectrum)
     val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
     details: dict[str, Any] = {
         "layers": {name: {"in_dim": r["in_dim"], "dims": r["dims"],
@@ -160,10 +167,10 @@ def record_transform(ctx: StepContext, step_index: int, details: dict[str, Any])
             "fired_at_epoch": details.get("fired_at_epoch"),
             "layers": {n: r["dims"] for n, r in details["layers"].items()},
             "output": {g: r["keep"] for g, r in details["output"].items()}}
-    ctx.curves["transforms"].append(data)
-    ctx.reporter.event("pcn", data)
+    ctx.emit("pcn", data)
 
 
+@handler(PCNStep)
 def run_pcn(ctx: StepContext, step: PCNStep) -> dict[str, Any]:
     if step.when == "plateau":  # applied inside the preceding train step
         details = ctx.applied.pop(ctx.step_index, None)
@@ -177,3 +184,94 @@ def run_pcn(ctx: StepContext, step: PCNStep) -> dict[str, Any]:
     return details | {"val_accuracy": details["after_transform"]["val_accuracy"]}
 
 
+
+
+# ---- when: "plateau" -----------------------------------------------------------------------
+
+@dataclass
+class PlateauWatch:
+    """Fires after the first epoch >= min_epochs whose val-accuracy gain is < delta, once
+    validation accuracy has risen above where the step started (a model that has not started
+    learning is not on a plateau). Stored as a dict in the train step's checkpoints."""
+
+    delta: float
+    min_epochs: int
+    previous: float
+    fired_at: int | None = None
+    start: float | None = None
+
+    def __post_init__(self) -> None:
+        self.start = self.previous
+
+    def update(self, epoch: int, val_accuracy: float | None) -> bool:
+        if self.fired_at is not None or val_accuracy is None:
+            return False
+        gain, self.previous = val_accuracy - self.previous, val_accuracy
+        learning = self.start is None or val_accuracy > self.start
+        if epoch >= self.min_epochs and gain < self.delta and learning:
+            self.fired_at = epoch
+            return True
+        return False
+
+
+class PlateauHook(TrainHook):
+    """A `when: "plateau"` pcn step, run by the train step before it: the transform applies
+    after the epoch the watch fires at (or after the last one), its result waits in
+    `ctx.applied` for the pcn step's own turn (`run_pcn`)."""
+
+    key = "pcn"
+
+    def __init__(self, step: PCNStep, step_index: int) -> None:
+        self.step, self.step_index = step, step_index
+        self.watch: PlateauWatch | None = None
+
+    def start(self, ctx: StepContext) -> None:
+        self.watch = PlateauWatch(self.step.plateau_delta or PLATEAU_DELTA,
+                                  self.step.plateau_min_epochs or PLATEAU_MIN_EPOCHS,
+                                  evaluate(ctx.model, ctx.splits.val,
+                                           device=ctx.device)["accuracy"])
+
+    def state(self) -> dict[str, Any] | None:
+        return dataclasses.asdict(self.watch) if self.watch else None
+
+    def restore(self, state: dict[str, Any] | None) -> bool:
+        self.watch = PlateauWatch(**state) if state else None
+        return self.watch is not None
+
+    def stop_after(self, epoch: int, record: dict[str, Any]) -> bool:
+        assert self.watch is not None
+        return self.watch.update(epoch, record["val_accuracy"])
+
+    def apply_after(self, epochs: int) -> int:
+        assert self.watch is not None
+        return self.watch.fired_at or epochs
+
+    def done(self, ctx: StepContext) -> bool:
+        return self.step_index in ctx.applied
+
+    def apply(self, ctx: StepContext, after_epoch: int, epochs: int) -> None:
+        watch = self.watch
+        assert watch is not None
+        applied = apply_pcn(ctx, self.step, self.step_index)
+        plateau_info: dict[str, Any] = {"delta": watch.delta, "min_epochs": watch.min_epochs,
+                                        "fired": watch.fired_at is not None}
+        if watch.fired_at is None:
+            plateau_info["note"] = (
+                f"validation accuracy never rose by less than {watch.delta} in an epoch "
+                f">= {watch.min_epochs} after rising above its start; applied after the "
+                f"last epoch ({epochs})")
+        applied |= {"when": "plateau", "fired_at_epoch": watch.fired_at,
+                    "applied_after_epoch": after_epoch, "applied_in_step": ctx.step_index,
+                    "plateau": plateau_info}
+        ctx.applied[self.step_index] = applied
+        record_transform(ctx, self.step_index, applied)
+
+    def summary(self, after_epoch: int) -> dict[str, Any]:
+        assert self.watch is not None
+        return {"step": self.step_index, "fired_at_epoch": self.watch.fired_at,
+                "applied_after_epoch": after_epoch}
+
+
+@train_hook(PCNStep)
+def plateau_hook(ctx: StepContext, step: PCNStep, step_index: int) -> PlateauHook | None:
+    return PlateauHook(step, step_index) if step.when == "plateau" else None

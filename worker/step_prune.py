@@ -11,9 +11,11 @@ live weight.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from core.errors import SpecError
@@ -36,8 +38,10 @@ from core.sigprop import (
     orthogonality_score,
     retained_input_heatmap,
 )
-from jobs.spec import PruneStep
+from jobs.methods.prune import PruneStep
 from worker.context import StepContext
+from worker.plots import DPI, plot
+from worker.registry import handler
 
 JACOBIAN_SAMPLES = 16  # validation images the input-output Jacobian is measured on
 
@@ -89,6 +93,7 @@ def _collapse_error(step: PruneStep, collapsed: list[str]) -> SpecError:
                      "train it anyway")
 
 
+@handler(PruneStep)
 def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
     ctx.reporter.progress(0.0, f"{step.op}: scoring")
     _init(ctx, step)
@@ -141,7 +146,42 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
               "first_layer": first_name,
               "heatmap_of": "inputs" if isinstance(first, nn.Linear) else "kernel taps",
               "heatmap": [[round(float(v), 5) for v in row] for row in heatmap.mean(0)]}
-    ctx.curves["pruning"].append(record)
-    ctx.reporter.event("pruning", record)
+    ctx.emit("pruning", record)
     del first
     return details
+
+
+@plot("pruning.png")
+def pruning_plot(curves: dict[str, Any], path: Path) -> bool:
+    """Kept fraction per layer and the first layer's retained-input heatmap, one row per
+    pruning step; False (nothing written) when nothing was pruned."""
+    records = curves.get("pruning") or []
+    if not records:
+        return False
+    fig = Figure(figsize=(11, 3.6 * len(records)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(records), 2, squeeze=False,
+                        gridspec_kw={"width_ratios": [2.2, 1]})
+    for (bars, heat), rec in zip(axes, records):
+        names = list(rec["layers"])
+        fractions = [rec["layers"][n]["fraction"] for n in names]
+        colors = ["tab:red" if n in rec.get("collapsed", []) else "tab:blue" for n in names]
+        bars.bar(range(len(names)), fractions, color=colors)
+        bars.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+        bars.set_ylabel("kept fraction")
+        bars.set_ylim(0, max(1e-3, max(fractions) * 1.15))
+        title = (f"step {rec['step'] + 1}: {rec['op']} ({rec['scope']}), "
+                 f"sparsity {rec['sparsity']:g}")
+        jac = rec.get("jacobian") or {}
+        if "dense" in jac and "pruned" in jac:
+            title += (f"\nJacobian mean singular value {jac['dense']['mean']:.3g} (dense) → "
+                      f"{jac['pruned']['mean']:.3g} (pruned)")
+        bars.set_title(title, fontsize="medium")
+        bars.grid(alpha=0.3, axis="y")
+        image = heat.imshow(rec["heatmap"], cmap="viridis", vmin=0)
+        heat.set_title(f"{rec['first_layer']}: retained {rec.get('heatmap_of', 'inputs')}",
+                       fontsize="small")
+        heat.set_xticks([])
+        heat.set_yticks([])
+        fig.colorbar(image, ax=heat, shrink=0.8)
+    fig.savefig(path, format="png")
+    return True

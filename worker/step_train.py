@@ -1,7 +1,9 @@
-"""The `train` step: epochs with optional effective-dimensionality tracking, and the
-`when: "plateau"` pcn transform applied inside it (see worker.steps for the curves' shapes)."""
+"""The `train` step: epochs with optional effective-dimensionality tracking, and the hook the
+next step may contribute (`worker.registry.train_hook`: a `when: "plateau"` pcn step is applied
+inside the train step; see worker.steps for the curves' shapes)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -12,21 +14,21 @@ from core.data import ArrayDataset
 from core.dim_tracking import effective_dim_curve
 from core.models import get_layer
 from core.pcn import PCNConv2d, PCNLinear
-from core.train import TrainConfig, evaluate, train
-from jobs.spec import PCNStep, TrainStep
+from core.train import TrainConfig, train
+from jobs.methods.train import TrainStep
 from worker.checkpoint import TrainProgress
 from worker.context import (
-    PLATEAU_DELTA,
-    PLATEAU_MIN_EPOCHS,
     TRACK_EIGVALS_MAX,
     TRACK_SAMPLES,
     TRACK_THRESHOLDS,
     StepContext,
+    TrainHook,
     chosen_layers,
+    config_from_spec,
     tau_key,
     tracking_set,
 )
-from worker.step_pcn import apply_pcn, record_transform
+from worker.registry import handler, next_step_hook
 
 
 @dataclass
@@ -73,66 +75,11 @@ class Tracking:
                 "val_accuracy": epoch["val_accuracy"], "samples": len(self.dataset),
                 "thresholds": self.thresholds, "layers": layers,
                 "skipped": [n for n in self.layers if n not in current]}
-        add_effective_dim(ctx.curves, data)
-        ctx.reporter.event("effective_dim", data)
+        ctx.emit("effective_dim", data)
 
 
-def add_effective_dim(curves: dict[str, Any], data: dict[str, Any]) -> None:
-    """Fold one `effective_dim` event into curves (the API's /curves does the same)."""
-    where = {k: data.get(k) for k in ("step", "epoch", "global_epoch")}
-    for name, layer in (data.get("layers") or {}).items():
-        curves["effective_dim"].setdefault(name, []).append(
-            where | {"in_dim": layer.get("in_dim"), "effective_dim": layer.get("effective_dim"),
-                     "accuracy": data.get("accuracy"), "val_accuracy": data.get("val_accuracy")})
-        curves["spectra"].setdefault(name, []).append(
-            where | {"source": "effective_dim", "in_dim": layer.get("in_dim"),
-                     "eigvals": layer.get("eigvals")})
-
-
-@dataclass
-class PlateauWatch:
-    """Fires after the first epoch >= min_epochs whose val-accuracy gain is < delta, once
-    validation accuracy has risen above where the step started (a model that has not started
-    learning is not on a plateau)."""
-
-    delta: float
-    min_epochs: int
-    previous: float
-    fired_at: int | None = None
-    start: float | None = None
-
-    def __post_init__(self) -> None:
-        self.start = self.previous
-
-    def update(self, epoch: int, val_accuracy: float | None) -> bool:
-        if self.fired_at is not None or val_accuracy is None:
-            return False
-        gain, self.previous = val_accuracy - self.previous, val_accuracy
-        learning = self.start is None or val_accuracy > self.start
-        if epoch >= self.min_epochs and gain < self.delta and learning:
-            self.fired_at = epoch
-            return True
-        return False
-
-
-class _PlateauReached(Exception):
-    """Raised from on_epoch to stop core.train.train where the plateau transform applies."""
-
-
-def _plateau_pcn(ctx: StepContext) -> tuple[int, PCNStep] | None:
-    index = ctx.step_index + 1
-    if index < len(ctx.steps):
-        nxt = ctx.steps[index]
-        if isinstance(nxt, PCNStep) and nxt.when == "plateau":
-            return index, nxt
-    return None
-
-
-def _train_config(step: TrainStep) -> TrainConfig:
-    return TrainConfig(epochs=step.epochs, optimizer=step.optimizer, lr=step.lr,
-                       momentum=step.momentum, weight_decay=step.weight_decay,
-                       batch_size=step.batch_size, lr_steps=tuple(step.lr_steps),
-                       lr_gamma=step.lr_gamma, max_batches=step.max_batches)
+class _StopForHook(Exception):
+    """Raised from on_epoch to stop core.train.train where the next step's hook applies."""
 
 
 def _remaining(config: TrainConfig, done: int) -> TrainConfig:
@@ -143,27 +90,24 @@ def _remaining(config: TrainConfig, done: int) -> TrainConfig:
                                lr_steps=tuple(s - done for s in config.lr_steps if s > done))
 
 
+@handler(TrainStep)
 def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
-    """Train `step.epochs` epochs (with tracking and a plateau pcn transform where asked); a
+    """Train `step.epochs` epochs (with tracking, and the next step's hook where it has one); a
     checkpoint after every epoch (`ctx.save_checkpoint`), and a resumed run continues from
     `ctx.resume_train` exactly where the checkpoint was taken."""
-    config = _train_config(step)
+    config = config_from_spec(TrainConfig, step)
     resume: TrainProgress | None = ctx.resume_train
     ctx.resume_train = None
-    plateau = _plateau_pcn(ctx)
-    watch = None
+    hook: TrainHook | None = next_step_hook(ctx)
     if resume is not None:
         tracking = Tracking.for_step(ctx, step, resume.tracking_layers)
-        watch = PlateauWatch(**resume.watch) if resume.watch else None
+        if hook is not None and not hook.restore(resume.watch):
+            hook = None
         history, offset = resume.history, resume.offset
     else:
         tracking = Tracking.for_step(ctx, step)
-        if plateau is not None:
-            pcn_step = plateau[1]
-            watch = PlateauWatch(pcn_step.plateau_delta or PLATEAU_DELTA,
-                                 pcn_step.plateau_min_epochs or PLATEAU_MIN_EPOCHS,
-                                 evaluate(ctx.model, ctx.splits.val,
-                                          device=ctx.device)["accuracy"])
+        if hook is not None:
+            hook.start(ctx)
         history, offset = [], 0  # offset: epochs of this step before the running train call
         ctx.reporter.progress(0.0, f"train 0/{step.epochs}")
 
@@ -172,22 +116,20 @@ def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
         record = {"step": ctx.step_index, **record, "epoch": offset + record["epoch"],
                   "global_epoch": ctx.global_epoch}
         history.append(record)
-        ctx.curves["training"].append(record)
-        ctx.reporter.event("epoch", record)
+        ctx.emit("epoch", record)
         if tracking is not None:
             tracking.record(ctx, record)
         ctx.reporter.progress(record["epoch"] / step.epochs,
                               f"train {record['epoch']}/{step.epochs}")
-        if watch is not None and offset == 0 and \
-                watch.update(record["epoch"], record["val_accuracy"]) and \
-                record["epoch"] < step.epochs:
-            raise _PlateauReached
+        if hook is not None and offset == 0 and \
+                hook.stop_after(record["epoch"], record) and record["epoch"] < step.epochs:
+            raise _StopForHook
 
     def on_state(epoch: int, state: dict[str, Any]) -> None:
         if ctx.save_checkpoint is not None:
             ctx.save_checkpoint(TrainProgress(
                 epochs_done=offset + epoch, offset=offset, history=history,
-                watch=dataclasses.asdict(watch) if watch else None,
+                watch=hook.state() if hook else None,
                 tracking_layers=tracking.layers if tracking else None, train_state=state))
 
     def fit(cfg: TrainConfig, done: int) -> None:
@@ -200,31 +142,15 @@ def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
               resume=state, on_state=on_state)
 
     details: dict[str, Any] = {}
-    applied_before = plateau is not None and plateau[0] in ctx.applied  # resumed after it
+    applied_before = hook is not None and hook.done(ctx)  # resumed after it
     if not applied_before:
-        try:
+        with contextlib.suppress(_StopForHook):
             fit(config, resume.epochs_done if resume is not None else 0)
-        except _PlateauReached:
-            pass
-    if plateau is not None and watch is not None:
-        index, pcn_step = plateau
+    if hook is not None:
         if not applied_before:
-            offset = watch.fired_at or step.epochs
-            applied = apply_pcn(ctx, pcn_step, index)
-            plateau_info = {"delta": watch.delta, "min_epochs": watch.min_epochs,
-                            "fired": watch.fired_at is not None}
-            if watch.fired_at is None:
-                plateau_info["note"] = (
-                    f"validation accuracy never rose by less than {watch.delta} in an epoch "
-                    f">= {watch.min_epochs} after rising above its start; applied after the "
-                    f"last epoch ({step.epochs})")
-            applied |= {"when": "plateau", "fired_at_epoch": watch.fired_at,
-                        "applied_after_epoch": offset, "applied_in_step": ctx.step_index,
-                        "plateau": plateau_info}
-            ctx.applied[index] = applied
-            record_transform(ctx, index, applied)
-        details["pcn"] = {"step": index, "fired_at_epoch": watch.fired_at,
-                          "applied_after_epoch": offset}
+            offset = hook.apply_after(step.epochs)
+            hook.apply(ctx, offset, step.epochs)
+        details[hook.key] = hook.summary(offset)
         if offset < step.epochs:
             ctx.reporter.progress(offset / step.epochs, f"train {offset}/{step.epochs}")
             done = resume.epochs_done - offset if applied_before and resume else 0

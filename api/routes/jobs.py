@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, TenantDep
 from api.errors import is_database_down
+from jobs.curves import fold as fold_curves
 from jobs.db import session_scope
 from jobs.errors import QuotaExceeded, Unprocessable
 from jobs.events import event_dict, list_events
@@ -240,54 +241,12 @@ async def events(request: Request, job_id: str, session: SessionDep, settings: S
         raise
 
 
-TRAINING_KEYS = ("epoch", "global_epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr",
-                 "wall_s")
-WHERE_KEYS = ("step", "epoch", "global_epoch")
-
-
 @router.get("/{job_id}/curves")
 def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
-    """Curves from the job's events: training per epoch, effective dimensionality and spectra
-    per layer, pcn transforms, pruning masks, low-rank cuts, DCTpS allocations and the analyze
-    step's analyses per kind and layer (the worker's curves.json has the same shape)."""
+    """Curves from the job's events (`jobs.curves.fold`, which also builds the worker's
+    curves.json): training per epoch, effective dimensionality and spectra per layer, and each
+    method's records (pcn transforms, pruning masks, low-rank cuts, DCTpS allocations, the
+    analyze step's analyses per kind and layer)."""
     get_job(session, tenant_id, job_id)
-    training: list[dict[str, Any]] = []
-    effective_dim: dict[str, list[dict[str, Any]]] = {}
-    spectra: dict[str, list[dict[str, Any]]] = {}
-    transforms: list[dict[str, Any]] = []
-    pruning: list[dict[str, Any]] = []
-    lowrank: list[dict[str, Any]] = []
-    dctps: list[dict[str, Any]] = []
-    analysis: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for event in list_events(session, job_id, 0, 100_000):
-        data = event.data or {}
-        if event.kind == "epoch":
-            training.append({"step": data.get("step")} | {k: data.get(k) for k in TRAINING_KEYS})
-        elif event.kind == "effective_dim":
-            where = {k: data.get(k) for k in WHERE_KEYS}
-            for name, layer in (data.get("layers") or {}).items():
-                effective_dim.setdefault(name, []).append(where | {
-                    "in_dim": layer.get("in_dim"), "effective_dim": layer.get("effective_dim"),
-                    "accuracy": data.get("accuracy"), "val_accuracy": data.get("val_accuracy")})
-                spectra.setdefault(name, []).append(where | {
-                    "source": "effective_dim", "in_dim": layer.get("in_dim"),
-                    "eigvals": layer.get("eigvals")})
-        elif event.kind == "spectrum":
-            spectra.setdefault(str(data.get("layer")), []).append(
-                {k: v for k, v in data.items() if k != "layer"} | {"epoch": data.get("epoch")})
-        elif event.kind == "pcn":
-            transforms.append(data)
-        elif event.kind == "pruning":
-            pruning.append(data)
-        elif event.kind == "lowrank":
-            lowrank.append(data)
-        elif event.kind == "dctps":
-            dctps.append(data)
-        elif event.kind == "analysis":
-            where = {"step": data.get("step"), "global_epoch": data.get("global_epoch")}
-            kind = analysis.setdefault(str(data.get("kind")), {})
-            for name, layer in (data.get("layers") or {}).items():
-                kind.setdefault(name, []).append(where | layer)
-    return {"training": training, "effective_dim": effective_dim, "spectra": spectra,
-            "transforms": transforms, "pruning": pruning, "lowrank": lowrank, "dctps": dctps,
-            "analysis": analysis}
+    return fold_curves((event.kind, event.data or {})
+                       for event in list_events(session, job_id, 0, 100_000))

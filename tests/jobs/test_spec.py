@@ -66,3 +66,35 @@ def test_refused_naming_the_problem(steps, needle):
     with pytest.raises(ValidationError) as err:
         JobSpec.model_validate(job(*steps))
     assert needle in str(err.value)
+
+
+def test_the_registry_derives_the_ops_the_dense_weight_rule_and_the_curves_shape():
+    from jobs import curves
+    from jobs.registry import dense_weight_ops, dense_weights_refusal, step_models
+    from jobs.spec import AVAILABLE_OPS
+
+    assert AVAILABLE_OPS == ("train", "evaluate", "pcn", "snip", "random", "magnitude",
+                             "synflow", "lowrank", "dctps", "analyze")
+    assert [m.__name__ for m in step_models()][:7] == [
+        "TrainStep", "EvaluateStep", "PCNStep", "PruneStep", "LowRankStep", "DCTpSStep",
+        "AnalyzeStep"]
+    assert set(dense_weight_ops()) >= {"snip", "random", "magnitude", "synflow", "lowrank",
+                                       "pcn"}
+    assert dense_weights_refusal("train", "steps[1]", "x") is None
+    assert "cannot run after x" in str(dense_weights_refusal("lowrank", "steps[1]", "x"))
+    assert list(curves.empty())[:8] == ["training", "effective_dim", "spectra", "transforms",
+                                        "pruning", "lowrank", "dctps", "analysis"]
+
+
+def test_dense_weight_op_after_dctps_is_refused_with_the_old_message():
+    with pytest.raises(ValidationError) as err:
+        JobSpec.model_validate(job({"op": "dctps"}, TRAIN, {"op": "snip", "sparsity": 0.5}))
+    assert "steps[2]: op 'snip' cannot run after the dctps step steps[0]: DCTpS layers" \
+        in str(err.value)
+
+
+def test_export_is_refused_as_not_available_yet():
+    with pytest.raises(ValidationError) as err:
+        JobSpec.model_validate(job({"op": "export"}))
+    assert "steps[0]: op 'export' is not available yet; available ops: train, evaluate" \
+        in str(err.value)

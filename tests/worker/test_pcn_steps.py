@@ -19,7 +19,8 @@ from jobs.db import session_scope
 from jobs.orm import Artifact, Model
 from tests.worker.conftest import TINY_MLP, get_job
 from worker import runner
-from worker.step_train import PlateauWatch, _remaining
+from worker.step_pcn import PlateauWatch
+from worker.step_train import _remaining
 
 TINY_CONV4 = {"name": "conv4", "input_shape": [1, 8, 8], "channels": [4, 4, 8, 8],
               "fc": [16, 16]}
