@@ -1,4 +1,5 @@
-"""The reconciler: PostgreSQL is the source of truth for what must run.
+"""The reconciler: PostgreSQL is the source of truth for what must run. It is the service's one
+reaper: nothing else recovers the jobs of lost workers.
 
 One pass (`reconcile_once`), run every `reconcile_interval_s` by every worker and API process
 (passes are idempotent and cheap; rows are locked with SKIP LOCKED where the database can):
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
 from jobs import queue
 from jobs.db import session_scope
@@ -31,7 +33,7 @@ from jobs.dbretry import is_unavailable
 from jobs.errors import BrokerUnavailable
 from jobs.orm import Job, utcnow
 from jobs.settings import Settings
-from jobs.states import QUEUED, recover_stale_jobs
+from jobs.states import QUEUED, RUNNING, mark_failed, requeue
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_EXPONENT = 6
@@ -43,6 +45,34 @@ class Pass:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
+
+
+def reap_lost_workers(session: Session, timeout_s: float, max_attempts: int
+                      ) -> tuple[list[str], list[str]]:
+    """Running jobs whose worker stopped heart-beating for `timeout_s` seconds: re-queued while
+    they have attempts left, else failed. Returns (requeued ids, failed ids); the caller
+    commits."""
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    stale = session.scalars(
+        select(Job).where(Job.status == RUNNING, Job.heartbeat_at < cutoff)
+        .with_for_update(skip_locked=True)).all()
+    requeued, failed = [], []
+    for job in stale:
+        if (job.attempts or 0) < max_attempts:
+            requeue(job, f"its worker stopped reporting for over {int(timeout_s)} s (attempt "
+                         f"{job.attempts} of {max_attempts}); it resumes from its last "
+                         "checkpoint")
+            requeued.append(job.id)
+        else:
+            mark_failed(job, "WorkerLost",
+                        f"the worker running this job stopped reporting for over "
+                        f"{int(timeout_s)} s in each of its {job.attempts} attempts (crashed or "
+                        "killed, e.g. out of memory); the limit is SLIMLINE_JOB_MAX_ATTEMPTS="
+                        f"{max_attempts}. Submit it again, with a smaller model or batch size "
+                        "if the worker ran out of memory")
+            failed.append(job.id)
+    session.flush()
+    return requeued, failed
 
 
 def _due(settings: Settings) -> list[tuple[str, str, int]]:
@@ -69,7 +99,7 @@ def reconcile_once(settings: Settings, *, recover: bool = True) -> Pass:
     result = Pass()
     if recover:
         with session_scope(settings) as session:
-            result.requeued, result.failed = recover_stale_jobs(
+            result.requeued, result.failed = reap_lost_workers(
                 session, settings.job_heartbeat_timeout_s, settings.job_max_attempts)
     for job_id in result.requeued:
         log.warning("job %s: its worker was lost; re-queued to resume from its checkpoint",

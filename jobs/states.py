@@ -1,15 +1,24 @@
 """The job state machine: queued → running → succeeded | failed | canceled (and queued → canceled,
-queued → failed when the broker is down, running → queued when a lost job is re-queued)."""
+queued → failed when a job used all its attempts, running → queued when a lost job is re-queued).
+
+Every change of a job's status goes through this module: the API's cancel (`request_cancel`), the
+worker's `claim`, `heartbeat`, `finish`, `fail` and `cancel_attempt`, and the reconciler's
+`requeue`/`mark_failed`. Functions take the caller's session and only flush; the caller commits.
+"""
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.orm import Session, object_session
 
 from jobs.errors import InvalidTransition, JobNotCancelable
 from jobs.orm import Job, JobEvent, utcnow
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
     "queued", "running", "succeeded", "failed", "canceled")
@@ -83,10 +92,6 @@ def request_cancel(job: Job) -> bool:
     return False
 
 
-def heartbeat(job: Job) -> None:
-    job.heartbeat_at = utcnow()
-
-
 def requeue(job: Job, reason: str) -> None:
     """A running job whose worker was lost goes back to the queue; the reconciler sends it
     (dispatched_at = None means "send now") and the next attempt resumes from its checkpoint."""
@@ -96,28 +101,118 @@ def requeue(job: Job, reason: str) -> None:
     job.dispatch_count = 0
 
 
-def recover_stale_jobs(session: Session, timeout_s: float, max_attempts: int
-                       ) -> tuple[list[str], list[str]]:
-    """Running jobs whose worker stopped heart-beating for `timeout_s` seconds: re-queued while
-    they have attempts left, else failed. Returns (requeued ids, failed ids)."""
-    cutoff = utcnow() - timedelta(seconds=timeout_s)
-    stale = session.scalars(
-        select(Job).where(Job.status == RUNNING, Job.heartbeat_at < cutoff)
-        .with_for_update(skip_locked=True)).all()
-    requeued, failed = [], []
-    for job in stale:
-        if (job.attempts or 0) < max_attempts:
-            requeue(job, f"its worker stopped reporting for over {int(timeout_s)} s (attempt "
-                         f"{job.attempts} of {max_attempts}); it resumes from its last "
-                         "checkpoint")
-            requeued.append(job.id)
-        else:
+# ---- the worker's side: one attempt owns a running job ----
+
+class LostOwnership(Exception):
+    """The job row is no longer this attempt's (reaped, re-claimed by another worker, or gone)."""
+
+
+def owned(session: Session, job_id: str, attempt: int, *, lock: bool = False) -> Job:
+    """The job, if attempt `attempt` still runs it (`lock`: take its row lock and re-read it);
+    else LostOwnership."""
+    job = session.get(Job, job_id, with_for_update=lock, populate_existing=lock)
+    if job is None or job.status != RUNNING or job.attempts != attempt:
+        raise LostOwnership(f"job {job_id} is no longer run by this attempt ({attempt})")
+    return job
+
+
+def claim(session: Session, job_id: str, *, now: datetime, heartbeat_timeout_s: float,
+          max_attempts: int) -> int | None:
+    """Mark the job running for a new attempt and return its number, or None when there is
+    nothing to run: gone, terminal, running elsewhere with a heartbeat fresher than
+    `heartbeat_timeout_s` (a running job with a stale one is taken over), canceled while
+    queued (marked canceled here), or out of attempts (a queued one is marked failed).
+
+    A compare-and-set on (status, attempts): of two workers claiming the same row at once
+    exactly one updates it (also on SQLite, where SELECT takes no row lock), so a repeated
+    delivery never runs a job twice concurrently nor re-runs a terminal one."""
+    job = session.get(Job, job_id)
+    if job is None:
+        log.warning("job %s does not exist; dropping the message", job_id)
+        return None
+    if job.terminal:
+        log.info("job %s is already %s; nothing to do", job_id, job.status)
+        return None
+    if job.status == RUNNING:
+        fresh = now - timedelta(seconds=heartbeat_timeout_s)
+        if job.heartbeat_at is not None and job.heartbeat_at > fresh:
+            log.info("job %s is running elsewhere (heartbeat %s); not running it twice",
+                     job_id, job.heartbeat_at.isoformat())
+            return None
+        log.warning("job %s was running with a stale heartbeat; taking it over", job_id)
+    elif job.cancel_requested:
+        mark_canceled(job)
+        session.flush()
+        return None
+    if (job.attempts or 0) >= max_attempts:
+        if job.status == QUEUED:
             mark_failed(job, "WorkerLost",
-                        f"the worker running this job stopped reporting for over "
-                        f"{int(timeout_s)} s in each of its {job.attempts} attempts (crashed or "
-                        "killed, e.g. out of memory); the limit is SLIMLINE_JOB_MAX_ATTEMPTS="
-                        f"{max_attempts}. Submit it again, with a smaller model or batch size "
-                        "if the worker ran out of memory")
-            failed.append(job.id)
+                        f"the job was started {job.attempts} times and its worker was lost each "
+                        f"time; the limit is SLIMLINE_JOB_MAX_ATTEMPTS={max_attempts}")
+            session.flush()
+        return None
+    seen_status, seen_attempts = job.status, job.attempts or 0
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts)
+        .values(status=RUNNING, attempts=seen_attempts + 1, heartbeat_at=now,
+                started_at=job.started_at or now, stage="starting")
+        .execution_options(synchronize_session=False)).rowcount
+    if claimed != 1:
+        log.info("job %s was claimed by another worker", job_id)
+        return None
+    session.refresh(job)
+    status_event(session, job_id, RUNNING, attempt=seen_attempts + 1)
     session.flush()
-    return requeued, failed
+    return seen_attempts + 1
+
+
+def heartbeat(session: Session, job_id: str, attempt: int, now: datetime) -> None:
+    """The attempt is alive (LostOwnership when the job is no longer its)."""
+    owned(session, job_id, attempt).heartbeat_at = now
+    session.flush()
+
+
+def finish(session: Session, job_id: str, attempt: int,
+           produce: Callable[[Job], dict[str, Any]]) -> str:
+    """End a successful attempt in the caller's transaction: `succeeded` with the result that
+    `produce(job)` returns (it adds the job's new rows to the same session), or `canceled` when
+    a cancel was requested first (`produce` is not called).
+
+    It starts with a compare-and-set on the row (running, this attempt, no cancel requested),
+    which takes the row lock (PostgreSQL) or the write lock (SQLite) before anything else, so a
+    concurrent `request_cancel` (a compare-and-set on the status) either lands first (the job
+    ends canceled) or waits and finds the job succeeded (the cancel gets 409)."""
+    won = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt,
+                          Job.cancel_requested.is_(False))
+        .values(stage="storing results")
+        .execution_options(synchronize_session=False)).rowcount
+    job = owned(session, job_id, attempt, lock=True)
+    if not won:  # ours, so a cancel was requested first
+        mark_canceled(job)
+        job.checkpoint = None
+        session.flush()
+        return CANCELED
+    mark_succeeded(job, produce(job))
+    job.checkpoint = None
+    session.flush()
+    return SUCCEEDED
+
+
+def fail(session: Session, job_id: str, attempt: int, code: str, message: str) -> None:
+    """The attempt failed: the job is failed (LostOwnership when it is no longer the
+    attempt's)."""
+    job = owned(session, job_id, attempt, lock=True)
+    mark_failed(job, code, message)
+    job.checkpoint = None
+    session.flush()
+
+
+def cancel_attempt(session: Session, job_id: str, attempt: int) -> None:
+    """The attempt stopped at a requested cancel: the job is canceled (LostOwnership when it is
+    no longer the attempt's)."""
+    job = owned(session, job_id, attempt, lock=True)
+    mark_canceled(job)
+    job.checkpoint = None
+    session.flush()

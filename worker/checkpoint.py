@@ -30,11 +30,13 @@ import torch
 from sqlalchemy import delete, func, select
 
 from core import models as zoo
+from jobs import states
 from jobs.db import session_scope
 from jobs.dbretry import is_unavailable
 from jobs.orm import JobEvent, utcnow
 from jobs.settings import Settings
 from jobs.store import ObjectStore
+from worker.reporter import json_safe
 
 log = logging.getLogger(__name__)
 OBJECTS = ("model.safetensors", "state.pt", "state.json")
@@ -84,8 +86,6 @@ class Checkpointer:
              snapshot: Snapshot) -> bool:
         """Store a checkpoint and point the job at it. Returns False (and leaves the previous
         checkpoint in place) when the database is unreachable; LostOwnership propagates."""
-        from worker.runner import _owned, json_safe  # the runner imports this module
-
         seq = (self.pointer or {}).get("seq", 0) + 1
         prefix = self._prefix(seq)
         folder = self.workdir / "checkpoint"
@@ -111,7 +111,7 @@ class Checkpointer:
                    "epoch": train.epochs_done if train else 0, "at": utcnow().isoformat()}
         try:
             with session_scope(self.settings) as session:
-                job = _owned(session, self.job_id, self.attempt)
+                job = states.owned(session, self.job_id, self.attempt)
                 pointer["events_through"] = session.scalar(
                     select(func.max(JobEvent.id)).where(JobEvent.job_id == self.job_id)) or 0
                 job.checkpoint = pointer

@@ -42,7 +42,8 @@ def test_upgrade_on_postgresql_and_basic_use(pg_url, tmp_path):
     from jobs.auth import create_api_key, resolve_key
     from jobs.db import session_scope
     from jobs.orm import Job
-    from jobs.states import mark_running, recover_stale_jobs
+    from jobs.reconcile import reap_lost_workers
+    from jobs.states import mark_running
 
     s = Settings(home=tmp_path, database_url=pg_url)
     upgrade_db(s)
@@ -54,6 +55,6 @@ def test_upgrade_on_postgresql_and_basic_use(pg_url, tmp_path):
         session.add(job)
         session.flush()
         mark_running(job)
-        assert recover_stale_jobs(session, 3600, 3) == ([], [])
+        assert reap_lost_workers(session, 3600, 3) == ([], [])
     with session_scope(s) as session:
         assert session.get(Job, job.id).started_at.tzinfo is not None

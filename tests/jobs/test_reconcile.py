@@ -7,8 +7,9 @@ import pytest
 
 from jobs.celery_config import filesystem_folders
 from jobs.db import dispose_engines, session_scope, upgrade_db
+from jobs.events import list_events
 from jobs.orm import Job, Tenant, utcnow
-from jobs.reconcile import Reconciler, reconcile_once
+from jobs.reconcile import Reconciler, reap_lost_workers, reconcile_once
 from jobs.settings import Settings
 from jobs.states import mark_running
 
@@ -89,6 +90,30 @@ def test_lost_workers_requeued_then_sent_then_failed(settings):
         job.heartbeat_at = utcnow() - timedelta(seconds=31)
     assert reconcile_once(settings).failed == [job_id]
     assert row(settings, job_id).error_code == "WorkerLost"
+
+
+def test_stale_jobs_are_requeued_then_failed_after_max_attempts(settings):
+    created = [add_job(settings) for _ in range(3)]
+    with session_scope(settings) as session:
+        stale, fresh, last = (session.get(Job, job_id) for job_id in created)
+        for job in (stale, fresh, last):
+            mark_running(job)
+        last.attempts = 3
+        stale.heartbeat_at = last.heartbeat_at = utcnow() - timedelta(seconds=600)
+        ids = (stale.id, fresh.id, last.id)
+    with session_scope(settings) as session:
+        assert reap_lost_workers(session, 300, max_attempts=3) == ([ids[0]], [ids[2]])
+    with session_scope(settings) as session:
+        stale, fresh, last = (session.get(Job, i) for i in ids)
+        assert stale.status == "queued" and stale.dispatched_at is None
+        assert "stopped reporting" in stale.stage
+        assert last.status == "failed" and last.error_code == "WorkerLost"
+        assert "SLIMLINE_JOB_MAX_ATTEMPTS=3" in last.error_message and last.finished_at
+        assert fresh.status == "running"
+        statuses = [e.data for e in list_events(session, stale.id) if e.kind == "status"]
+        assert [d["status"] for d in statuses] == ["running", "queued"]
+        assert statuses[-1]["attempts"] == 1 and "checkpoint" in statuses[-1]["reason"]
+        assert [e.data["status"] for e in list_events(session, last.id)] == ["running", "failed"]
 
 
 def test_unreachable_database_resets_the_reachability_clock(tmp_path):

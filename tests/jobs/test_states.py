@@ -1,20 +1,17 @@
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 
 from jobs.db import dispose_engines, session_scope, upgrade_db
 from jobs.errors import InvalidTransition, JobNotCancelable
 from jobs.events import list_events, record_event, set_progress
-from jobs.orm import Job, Tenant, utcnow
+from jobs.orm import Job, Tenant
 from jobs.settings import Settings
 from jobs.states import (
     mark_canceled,
     mark_failed,
     mark_running,
     mark_succeeded,
-    recover_stale_jobs,
     request_cancel,
 )
 
@@ -64,33 +61,6 @@ def test_cancel_queued_and_running(settings):
         assert running.status == "running" and running.cancel_requested
 
 
-def test_stale_jobs_are_requeued_then_failed_after_max_attempts(settings):
-    with session_scope(settings) as session:
-        stale, fresh = new_job(session), Job(tenant_id=None, spec={})
-        fresh.tenant_id = stale.tenant_id
-        last = Job(tenant_id=stale.tenant_id, spec={})
-        session.add_all([fresh, last])
-        session.flush()
-        for job in (stale, fresh, last):
-            mark_running(job)
-        last.attempts = 3
-        stale.heartbeat_at = last.heartbeat_at = utcnow() - timedelta(seconds=600)
-        ids = (stale.id, fresh.id, last.id)
-    with session_scope(settings) as session:
-        assert recover_stale_jobs(session, 300, max_attempts=3) == ([ids[0]], [ids[2]])
-    with session_scope(settings) as session:
-        stale, fresh, last = (session.get(Job, i) for i in ids)
-        assert stale.status == "queued" and stale.dispatched_at is None
-        assert "stopped reporting" in stale.stage
-        assert last.status == "failed" and last.error_code == "WorkerLost"
-        assert "SLIMLINE_JOB_MAX_ATTEMPTS=3" in last.error_message and last.finished_at
-        assert fresh.status == "running"
-        statuses = [e.data for e in list_events(session, stale.id) if e.kind == "status"]
-        assert [d["status"] for d in statuses] == ["running", "queued"]
-        assert statuses[-1]["attempts"] == 1 and "checkpoint" in statuses[-1]["reason"]
-        assert [e.data["status"] for e in list_events(session, last.id)] == ["running", "failed"]
-
-
 def test_every_transition_records_a_status_event(settings):
     with session_scope(settings) as session:
         a, b = new_job(session), None
@@ -133,3 +103,44 @@ def test_session_scope_rolls_back_and_undoes(settings):
     assert undone == [1]
     with session_scope(settings) as session:
         assert session.query(Job).count() == 0
+
+
+def test_claim_finish_and_fail_are_compare_and_sets_on_the_attempt(settings):
+    from datetime import timedelta
+
+    from jobs.orm import utcnow
+    from jobs.states import LostOwnership, claim, fail, finish
+
+    limits = {"heartbeat_timeout_s": 30, "max_attempts": 2}
+    with session_scope(settings) as session:
+        job = new_job(session)
+        job_id = job.id
+    with session_scope(settings) as session:
+        assert claim(session, job_id, now=utcnow(), **limits) == 1
+        # a second delivery while the first attempt heart-beats runs nothing
+        assert claim(session, job_id, now=utcnow(), **limits) is None
+        # once its heartbeat is stale, the job is taken over by attempt 2
+        later = utcnow() + timedelta(seconds=31)
+        assert claim(session, job_id, now=later, **limits) == 2
+    with session_scope(settings) as session, pytest.raises(LostOwnership):
+        fail(session, job_id, 1, "X", "attempt 1 no longer owns the job")
+    with session_scope(settings) as session:
+        session.get(Job, job_id).cancel_requested = True
+    with session_scope(settings) as session:  # a cancel requested first wins over the finish
+        assert finish(session, job_id, 2, lambda job: pytest.fail("not produced")) == "canceled"
+    with session_scope(settings) as session:
+        tenant = session.get(Job, job_id).tenant_id
+        second, third = Job(tenant_id=tenant, spec={}, attempts=2), Job(tenant_id=tenant, spec={})
+        session.add_all([second, third])
+        session.flush()
+        second, third = second.id, third.id
+    with session_scope(settings) as session:  # out of attempts while queued: failed
+        assert claim(session, second, now=utcnow(), **limits) is None
+        assert session.get(Job, second).status == "failed"
+    with session_scope(settings) as session:
+        assert claim(session, third, now=utcnow(), **limits) == 1
+        assert finish(session, third, 1, lambda job: {"ok": True}) == "succeeded"
+    with session_scope(settings) as session:
+        assert session.get(Job, third).result == {"ok": True}
+        kinds = [e.data["status"] for e in list_events(session, job_id) if e.kind == "status"]
+    assert kinds == ["running", "running", "canceled"]

@@ -19,7 +19,8 @@ from jobs.db import session_scope
 from jobs.orm import Artifact, Dataset, Job, JobEvent, Model, utcnow
 from jobs.states import request_cancel
 from tests.worker.conftest import TINY_MLP, get_job, stored_files
-from worker import runner, steps
+from worker import finish, runner, steps
+from worker.reporter import json_safe
 
 PIPELINE = [
     {"op": "train", "epochs": 3, "batch_size": 32, "lr": 0.003, "track": ["effective_dim"]},
@@ -208,7 +209,7 @@ def test_failure_while_storing_outputs_leaves_nothing_behind(settings, store, su
     def broken_add_artifact(session, store_, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runner, "add_artifact", broken_add_artifact)
+    monkeypatch.setattr(finish, "add_artifact", broken_add_artifact)
     job_id = submit(tiny_spec([{"op": "train", "epochs": 1}]))
     assert runner.run_job(job_id, settings) == "failed"
     job = get_job(settings, job_id)
@@ -288,4 +289,4 @@ def test_unknown_op_is_refused_by_the_registry():
 
 def test_json_safe_drops_non_finite_floats():
     value = {"loss": float("nan"), "h": [1.0, float("inf"), {"x": -float("inf")}], "n": 3}
-    assert runner.json_safe(value) == {"loss": None, "h": [1.0, None, {"x": None}], "n": 3}
+    assert json_safe(value) == {"loss": None, "h": [1.0, None, {"x": None}], "n": 3}

@@ -1,0 +1,113 @@
+"""The end of an attempt: a successful run's model, report, curves and plots stored and the job
+marked succeeded in one transaction (`store_outcome`), or the job marked failed or canceled
+(`end_attempt`). The status changes themselves are `jobs.states.finish`, `fail` and
+`cancel_attempt`; both ends are retried while the database is unreachable."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import models as zoo
+from jobs import states
+from jobs.artifacts import add_artifact, artifact_key, put_files
+from jobs.db import session_scope
+from jobs.dbretry import is_unavailable, retry_while_unavailable
+from jobs.model_registry import model_key, register_model
+from jobs.orm import Artifact, Job, new_id
+from jobs.settings import Settings
+from jobs.states import LostOwnership
+from jobs.store import ObjectStore
+from worker.reporter import JobReporter, json_safe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What a successful run hands to the final transaction."""
+
+    result: dict[str, Any]
+    model_name: str
+    model: torch.nn.Module
+    curves: dict[str, Any]
+    plots: list[Path] = field(default_factory=list)  # PNG files, stored as "plot" artifacts
+
+
+def _write_json(path: Path, value: Any) -> Path:
+    path.write_text(json.dumps(value, indent=2))
+    return path
+
+
+def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
+                  outcome: Outcome, workdir: Path, reporter: JobReporter) -> str:
+    """One transaction: the new Model, its Artifacts, the result, and `succeeded` — or
+    `canceled` when a cancel was accepted first (`jobs.states.finish` orders the two). Objects
+    stored inside the transaction are deleted again by `session_scope` if it rolls back; it is
+    retried while the database is unreachable. Returns the job's final status."""
+    model_path = workdir / "model.safetensors"
+    zoo.save(outcome.model, model_path)
+    result = json_safe(outcome.result)
+    result["after"]["checkpoint_bytes"] = model_path.stat().st_size
+
+    def produce(session: Any, job: Job) -> dict[str, Any]:
+        tenant_id, model_id = job.tenant_id, new_id()
+        report = {"job_id": job_id, "spec": job.spec, **result, "model_id": model_id}
+        files = {"report.json": _write_json(workdir / "report.json", report),
+                 "curves.json": _write_json(workdir / "curves.json", json_safe(outcome.curves)),
+                 **{path.name: path for path in outcome.plots}}
+        put_files(session, store, {model_key(tenant_id, model_id): model_path} | {
+            artifact_key(tenant_id, job_id, name): path for name, path in files.items()})
+        model = register_model(session, store, tenant_id=tenant_id,
+                               name=outcome.model_name[:200], arch=outcome.model.slimline_arch,
+                               fmt="safetensors", params=result["after"]["params"],
+                               path=model_path, source_job_id=job_id, model_id=model_id,
+                               stored=True)
+        result["model_id"] = model.id
+        # the model artifact is the Model's own object (one copy in the store)
+        session.add(Artifact(job_id=job_id, name="model.safetensors", kind="model",
+                             size_bytes=model.size_bytes, sha256=model.sha256,
+                             storage_key=model.storage_key))
+        for name, path in files.items():
+            add_artifact(session, store, tenant_id=tenant_id, job_id=job_id, name=name,
+                         path=path, stored=True,
+                         kind="plot" if path.suffix == ".png" else name.split(".")[0])
+        return result
+
+    def commit() -> str:
+        reporter.flush(tolerate=False)
+        with session_scope(settings) as session:
+            return states.finish(session, job_id, attempt, lambda job: produce(session, job))
+
+    return retry_while_unavailable(commit, tolerance_s=settings.db_outage_tolerance_s,
+                                   what=f"job {job_id}: storing the result")
+
+
+def end_attempt(job_id: str, attempt: int, settings: Settings, status: str,
+                error: tuple[str, str] | None = None) -> bool:
+    """Mark the job canceled, or failed with `error` (code, message), if it is still this
+    attempt's (retried while the database is unreachable; past that the reconciler re-queues
+    the job once its heartbeat is stale). True when the job was marked."""
+    def mark() -> None:
+        with session_scope(settings) as session:
+            if status == states.CANCELED:
+                states.cancel_attempt(session, job_id, attempt)
+            else:
+                states.fail(session, job_id, attempt, *(error or ("InternalError", "unknown")))
+
+    try:
+        retry_while_unavailable(mark, tolerance_s=settings.db_outage_tolerance_s,
+                                what=f"job {job_id}: marking it {status}")
+        return True
+    except LostOwnership:
+        log.warning("job %s: not marking it %s, another attempt owns it", job_id, status)
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        log.error("job %s: could not mark it %s (database unreachable); the reconciler "
+                  "re-queues it once its heartbeat is stale", job_id, status)
+    return False
