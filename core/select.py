@@ -42,7 +42,10 @@ def top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=flat.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
-    kth = torch.topk(flat, k, sorted=False).values.min()  # the k-th largest value
+    if k <= n - k + 1:  # the k-th largest value, from the smaller side
+        kth = torch.topk(flat, k, sorted=False).values.min()
+    else:  # = the (n - k + 1)-th smallest
+        kth = torch.topk(flat, n - k + 1, largest=False, sorted=False).values.max()
     above = flat > kth
     tied = flat == kth
     need = k - int(above.sum())  # how many of the tied entries are kept: the first ones
