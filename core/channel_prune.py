@@ -1,0 +1,414 @@
+"""Structured channel pruning: whole output units / channels are removed, so the model is
+physically narrower (fewer parameters and MACs, less latency), not masked.
+
+Units go per coupled group (`core.pcn_graph.unit_groups`): one producer's units and the next
+layer's inputs, or a ResNet residual stream (every block's conv2 + bn2, the projection shortcut +
+its BN and every reader of the stream) together, by `core.pcn_graph.prune_units`' surgery.
+Layout: score (`l1_scores`, `taylor_scores`) -> select (`select_keeps`: per-group keep counts
+meeting a param/MAC budget counted on the real pruned model; `core.select.top_k_indices`) ->
+apply (`prune_units`).
+
+* l1: per unit, the L1 norm of each producer's output row `W[c]`, times `|gamma_c| /
+  sqrt(var_c + eps)` where a BatchNorm follows, summed over the producers (Li et al. 2017).
+* taylor: per unit, |sum over the batch and positions of a * dL/da| for the tensor `a` carrying
+  it (after the BN, if any), summed over producers, accumulated over calibration batches
+  (first-order Taylor estimate of the loss change on removal; Molchanov et al. 2017).
+* scope global: all groups ranked on one scale (scores / their group's mean, Torch-Pruning's
+  `mean` normaliser); layerwise: every group loses the same fraction (as near as units allow).
+
+The result lands at or just below the target; a group keeps a multiple of `round_to` units (or
+all of them), never fewer than `max(round_to, 1)`. The structural edit is
+`{"op": "channel_prune", "keep": {group: n}}`, replayed by `replay_channel_prune`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.data import ArrayDataset
+from core.edits import register_edit
+from core.errors import SpecError
+from core.metrics import count_macs, param_counts
+from core.pcn import PCNConv2d, PCNLinear
+from core.pcn_graph import UnitGroup, group_units, prune_units, unit_groups, unit_rows
+from core.select import top_k_indices
+from core.surgery import get_layer, with_edit
+
+CRITERIA = ("l1", "taylor")
+SCOPES = ("global", "layerwise")
+TARGETS = ("param_ratio", "mac_ratio")
+ROUND_TO = (1, 8, 16)
+_TAYLOR_BATCH = 64
+_UNIT_LAYERS = (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d)
+
+
+@dataclass(frozen=True)
+class ChannelPruneConfig:
+    """The `channel_prune` step's fields (JSON-able via `to_dict` / `from_dict`)."""
+
+    target: dict[str, float]  # {"param_ratio": r} | {"mac_ratio": r}, r in (0, 1]
+    criterion: str = "l1"  # l1 | taylor
+    scope: str = "global"  # global | layerwise
+    layers: tuple[str, ...] | None = None  # unit groups (or a producer of one); None: all
+    round_to: int = 1  # kept counts are multiples of this (or a group's full width)
+    samples: int = 512  # taylor: calibration samples
+
+    def __post_init__(self) -> None:
+        target = self.target
+        if not isinstance(target, Mapping) or len(target) != 1 or \
+                next(iter(target)) not in TARGETS:
+            raise SpecError(f"channel_prune target must be {{'param_ratio': r}} or "
+                            f"{{'mac_ratio': r}}, got {target!r}")
+        (kind, ratio), = target.items()
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
+                not 0 < ratio <= 1:
+            raise SpecError(f"channel_prune target {kind} must be in (0, 1], got {ratio!r}")
+        object.__setattr__(self, "target", {kind: float(ratio)})
+        if self.layers is not None:
+            if isinstance(self.layers, str) or not self.layers or \
+                    not all(isinstance(n, str) for n in self.layers):
+                raise SpecError(f"channel_prune layers must be null or a non-empty list of "
+                                f"unit groups, got {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(self.layers))
+        for name, value, valid in (("criterion", self.criterion, CRITERIA),
+                                   ("scope", self.scope, SCOPES),
+                                   ("round_to", self.round_to, ROUND_TO)):
+            if isinstance(value, bool) or value not in valid:
+                raise SpecError(f"channel_prune {name} must be one of "
+                                f"{', '.join(map(str, valid))}, got {value!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or \
+                self.samples < 1:
+            raise SpecError(f"channel_prune samples must be a positive integer, "
+                            f"got {self.samples!r}")
+
+    @property
+    def target_kind(self) -> str:
+        return next(iter(self.target))
+
+    @property
+    def target_ratio(self) -> float:
+        return next(iter(self.target.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ChannelPruneConfig:
+        """From the JSON step (its `op` key is ignored); SpecError names a bad field."""
+        d = {k: v for k, v in d.items() if k != "op"}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SpecError(f"unknown channel_prune fields {unknown}; valid: {sorted(names)}")
+        if "target" not in d:
+            raise SpecError("channel_prune needs a target: {'param_ratio': r} or "
+                            "{'mac_ratio': r}")
+        return cls(**d)
+
+
+# ---- groups -----------------------------------------------------------------------------
+
+def _unprunable(model: nn.Module, group: UnitGroup) -> str | None:
+    """Why `group` cannot be pruned by layer surgery (None: it can)."""
+    for name in (*group.producers, *group.reader_layers):
+        layer = get_layer(model, name)
+        if not isinstance(layer, _UNIT_LAYERS):
+            return f"{name!r} is a {type(layer).__name__}, not a Linear/Conv2d/PCN layer"
+    return None
+
+
+def prunable_groups(model: nn.Module, layers: tuple[str, ...] | None = None
+                    ) -> dict[str, UnitGroup]:
+    """The unit groups to prune: every group whose layers allow it (`layers=None`), or the
+    named ones (a group name, or a producer of one: `stage1.1.conv2` means `stage1`)."""
+    try:
+        groups = unit_groups(model)
+    except SpecError as exc:
+        raise SpecError(f"channel_prune: {exc}") from None
+    if layers is None:
+        return {n: g for n, g in groups.items() if _unprunable(model, g) is None}
+    by_producer = {p: g for g in groups.values() for p in g.producers}
+    chosen: dict[str, UnitGroup] = {}
+    for name in layers:
+        group = groups.get(name) or by_producer.get(name)
+        if group is None:
+            raise SpecError(f"channel_prune: {name!r} is no prunable unit group; valid: "
+                            f"{', '.join(groups)}")
+        reason = _unprunable(model, group)
+        if reason is not None:
+            raise SpecError(f"channel_prune: group {group.name!r} cannot be pruned: {reason}")
+        chosen[group.name] = group
+    return chosen
+
+
+# ---- score ------------------------------------------------------------------------------
+
+def l1_scores(model: nn.Module, groups: Mapping[str, UnitGroup]) -> dict[str, torch.Tensor]:
+    """Per group, (units,) float64: sum over producers of |W[c]|_1 (x |gamma_c|/sqrt(var_c+eps)
+    where a BatchNorm follows)."""
+    scores = {}
+    for name, group in groups.items():
+        total = torch.zeros(group_units(model, group), dtype=torch.float64)
+        for producer, norm in zip(group.producers, group.norms, strict=True):
+            w = get_layer(model, producer).weight.detach().to("cpu", torch.float64)
+            s = w.abs().reshape(w.shape[0], -1).sum(dim=1)  # (units,) row L1 norms
+            if norm is not None:
+                bn = get_layer(model, norm)
+                scale = torch.ones_like(s)
+                if bn.affine:
+                    scale = bn.weight.detach().to("cpu", torch.float64).abs()
+                if bn.track_running_stats and bn.running_var is not None:
+                    scale = scale / (bn.running_var.detach().to("cpu", torch.float64)
+                                     + bn.eps).sqrt()
+                s = s * scale
+            total += s
+        scores[name] = total
+    return scores
+
+
+def taylor_scores(model: nn.Module, groups: Mapping[str, UnitGroup], data: ArrayDataset, *,
+                  samples: int, batch_size: int = _TAYLOR_BATCH,
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Per group, (units,) float64: sum over calibration batches of |sum over producers, the
+    batch and positions of a * dL/da| (`a`: the tensor carrying the unit, after the producer's
+    BN if any; L: mean cross-entropy of the batch; BN in eval mode). The first `samples`
+    items of `data` are used; `model` is not modified (a copy takes the gradients)."""
+    n = min(samples, len(data))
+    if n < 1:
+        raise SpecError("channel_prune criterion 'taylor' needs calibration data")
+    work = copy.deepcopy(model).to(device).eval()
+    modules = dict(work.named_modules())
+    totals = {g: torch.zeros(group_units(work, groups[g]), dtype=torch.float64) for g in groups}
+    batch: dict[str, torch.Tensor] = {}
+
+    def watch(group: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+        def forward_hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            act = output.detach()
+            reduce = [0, *range(2, output.ndim)]  # all but the unit dim
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                batch[group] += (act * grad).sum(dim=reduce).to("cpu", torch.float64)
+            output.register_hook(grad_hook)
+        return forward_hook
+
+    handles = [modules[norm or producer].register_forward_hook(watch(name))
+               for name, group in groups.items()
+               for producer, norm in zip(group.producers, group.norms, strict=True)]
+    dtype = next(work.parameters()).dtype
+    try:
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            x = data.x[start:stop].to(device, dtype).requires_grad_(True)
+            y = data.y[start:stop].to(device)
+            batch.update({g: torch.zeros_like(t) for g, t in totals.items()})
+            work.zero_grad(set_to_none=True)
+            F.cross_entropy(work(x), y).backward()
+            for g, t in totals.items():
+                t += batch[g].abs()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals
+
+
+# ---- select -----------------------------------------------------------------------------
+
+def _round_keep(keep: int, total: int, round_to: int) -> int:
+    return min(total, math.ceil(keep / round_to) * round_to)
+
+
+def removal_order(scores: Mapping[str, torch.Tensor], min_keep: Mapping[str, int], scope: str
+                  ) -> list[tuple[float, str]]:
+    """Every removable unit as (key, group), least important first.
+
+    global: key = the unit's score / its group's mean score (one scale for all groups);
+    layerwise: key = the fraction of its group removed with it (groups shrink in step).
+    A group's `min_keep` best units are never removable."""
+    keys, names = [], []
+    for name, s in scores.items():
+        removable = s.numel() - min_keep[name]
+        if scope == "global":
+            mean = float(s.mean())
+            norm = s / mean if mean > 0 else torch.zeros_like(s)
+            key = torch.sort(norm, stable=True).values[:removable]
+        else:
+            key = torch.arange(1, removable + 1, dtype=torch.float64) / s.numel()
+        keys.append(key.to(torch.float64))
+        names += [name] * removable
+    if not names:
+        return []
+    flat = torch.cat(keys)
+    order = torch.sort(flat, stable=True).indices.tolist()
+    return [(float(flat[i]), names[i]) for i in order]
+
+
+def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
+                 scores: Mapping[str, torch.Tensor], config: ChannelPruneConfig,
+                 input_shape: list[int]) -> tuple[dict[str, int], int, int]:
+    """Per group keep counts that meet the target with the least removed, counted on the real
+    pruned model. Returns (keeps, size before, size after).
+
+    Bisection on k, the number of units removed in `removal_order` (keep counts rounded up to
+    `round_to`, so sizes fall monotonically with k), then a fill-up pass: a group whose best
+    removed units fit back into the budget (round_to at a time) gets them back, so the rounding
+    does not leave the result far below the target."""
+    kind, ratio = config.target_kind, config.target_ratio
+    totals = {n: int(s.numel()) for n, s in scores.items()}
+    step = max(config.round_to, 1)
+    min_keep = {n: min(t, step) for n, t in totals.items()}
+    order = removal_order(scores, min_keep, config.scope)
+    before = _size(model, kind, input_shape)
+    budget = ratio * before
+    cache: dict[tuple[int, ...], int] = {}
+
+    def size_of(keeps: dict[str, int]) -> int:
+        key = tuple(keeps.values())
+        if key not in cache:  # sizes depend on the counts only
+            trial = _pruned(model, groups, {n: torch.arange(c) for n, c in keeps.items()})
+            cache[key] = _size(trial, kind, input_shape)
+        return cache[key]
+
+    def keeps_at(k: int) -> dict[str, int]:
+        removed = dict.fromkeys(totals, 0)
+        for _, name in order[:k]:
+            removed[name] += 1
+        return {n: _round_keep(totals[n] - removed[n], totals[n], step) for n in totals}
+
+    if size_of(keeps_at(len(order))) > budget:
+        raise SpecError(f"channel_prune: {kind} {ratio} is out of reach: keeping {step} "
+                        f"unit(s) per pruned group gives "
+                        f"{size_of(keeps_at(len(order))) / before:.4f}; prune more groups "
+                        "(layers) or raise the target")
+    lo, hi = 0, len(order)  # keeps_at(hi) meets the budget: find the smallest such k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if size_of(keeps_at(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    keeps = keeps_at(hi)
+    best_removed = {n: -math.inf for n in totals}  # the key of each group's best removed unit
+    for key, name in order[:hi]:
+        best_removed[name] = key
+    grew = True
+    while grew:  # fill-up: the best removed unit first (global), the least kept group (layerwise)
+        ranked = sorted((n for n in totals if keeps[n] < totals[n]),
+                        key=lambda n, k=keeps: -best_removed[n] if config.scope == "global"
+                        else k[n] / totals[n])
+        grew = False
+        for name in ranked:
+            grown = {**keeps, name: _round_keep(keeps[name] + step, totals[name], step)}
+            if size_of(grown) <= budget:
+                keeps, grew = grown, True
+                break
+    return keeps, before, size_of(keeps)
+
+
+def _size(model: nn.Module, kind: str, input_shape: list[int]) -> int:
+    return param_counts(model)["total"] if kind == "param_ratio" else \
+        count_macs(model, input_shape)
+
+
+def _pruned(model: nn.Module, groups: Mapping[str, UnitGroup], keep: Mapping[str, torch.Tensor]
+            ) -> nn.Module:
+    new = copy.deepcopy(model)
+    for name, idx in keep.items():
+        if idx.numel() < group_units(new, groups[name]):
+            prune_units(new, groups[name], idx)
+    return new
+
+
+# ---- the step ---------------------------------------------------------------------------
+
+def _slice_masks(model: nn.Module, groups: Mapping[str, UnitGroup],
+                 keep: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """Pruning masks cut like the weights they mask (producer rows, reader input columns)."""
+    out = dict(masks)
+    for name, idx in keep.items():
+        group = groups[name]
+        units = group_units(model, group)
+        for producer in group.producers:
+            if producer in out:
+                out[producer] = out[producer][idx.to(out[producer].device)]
+        for reader in group.reader_layers:
+            if reader in out and isinstance(get_layer(model, reader), (nn.Linear, nn.Conv2d)):
+                in_dim = out[reader].shape[1]
+                rows = unit_rows(idx, units, in_dim, reader)
+                out[reader] = out[reader][:, rows.to(out[reader].device)]
+    return out
+
+
+def channel_prune(model: nn.Module, config: ChannelPruneConfig, *,
+                  data: ArrayDataset | None = None, device: str | torch.device = "cpu"
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune whole units of `model` to `config.target`; returns (a pruned copy, report).
+
+    `data`: calibration samples for `criterion="taylor"` (the first `config.samples`).
+    The copy carries the arch with one `channel_prune` edit (when `model` has an arch) and its
+    pruning masks (`slimline_masks`) cut to the new shapes. Report: `{"criterion", "scope",
+    "target", "round_to", "groups": {group: {"total", "kept", "keep": [unit indices]}},
+    "params": {"before", "after"}, "macs": {"before", "after"}, "ratio"}` (`ratio`: the
+    target's quantity after / before, counted on the returned model).
+    """
+    arch = getattr(model, "slimline_arch", None)
+    input_shape = list(arch["input_shape"]) if arch else (data.input_shape if data else None)
+    if input_shape is None:
+        raise SpecError("channel_prune needs a model built by core.models.build (or data) "
+                        "to know its input shape")
+    groups = prunable_groups(model, config.layers)
+    if not groups:
+        raise SpecError("channel_prune: the model has no prunable unit group")
+    if config.criterion == "taylor":
+        if data is None:
+            raise SpecError("channel_prune criterion 'taylor' needs calibration data")
+        scores = taylor_scores(model, groups, data, samples=config.samples, device=device)
+    else:
+        scores = l1_scores(model, groups)
+    keeps, before, _ = select_keeps(model, groups, scores, config, input_shape)
+    keep = {n: top_k_indices(scores[n], keeps[n]) for n in groups}
+    new_model = _pruned(model, groups, keep)
+    masks = getattr(model, "slimline_masks", None)
+    if masks:
+        new_model.slimline_masks = _slice_masks(model, groups, keep, masks)
+    changed = {n: keeps[n] for n in groups if keeps[n] < scores[n].numel()}
+    if arch is not None:
+        new_model.slimline_arch = with_edit(model, {"op": "channel_prune", "keep": changed})
+    sizes = {"params": (param_counts(model)["total"], param_counts(new_model)["total"]),
+             "macs": (count_macs(model, input_shape), count_macs(new_model, input_shape))}
+    quantity = "params" if config.target_kind == "param_ratio" else "macs"
+    return new_model, {
+        "criterion": config.criterion, "scope": config.scope, "round_to": config.round_to,
+        "target": dict(config.target),
+        "groups": {n: {"total": int(scores[n].numel()), "kept": keeps[n],
+                       "keep": keep[n].tolist()} for n in groups},
+        **{q: {"before": b, "after": a} for q, (b, a) in sizes.items()},
+        "ratio": sizes[quantity][1] / sizes[quantity][0]}
+
+
+@register_edit("channel_prune")
+def replay_channel_prune(model: nn.Module, edit: dict[str, Any]) -> None:
+    """Structural replay of `{"op": "channel_prune", "keep": {group: n}}` (shapes only)."""
+    keep = edit.get("keep")
+    if not isinstance(keep, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in keep.values()):
+        raise SpecError(f"channel_prune edit needs 'keep': {{group: int}}, got {edit}")
+    groups = unit_groups(model)
+    for name, n in keep.items():
+        if name not in groups:
+            raise SpecError(f"channel_prune edit: unknown unit group {name!r}; valid: "
+                            f"{', '.join(groups)}")
+        units = group_units(model, groups[name])
+        if not 1 <= n <= units:
+            raise SpecError(f"channel_prune edit: keep must be in [1, {units}] for {name!r}, "
+                            f"got {n}")
+        prune_units(model, groups[name], torch.arange(n))
