@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.configs import DCTpSConfig
 from core.edits import register_edit
 from core.errors import CheckpointError, SpecError
 from core.layers import conv_macs, linear_macs
@@ -414,12 +415,21 @@ def dctps_transform(model: nn.Module, density: float, allocation: str = "epl",
             "total_weights": total, "total_nnz": nnz, "density": nnz / total}
 
 
+def dctps_apply(model: nn.Module, config: DCTpSConfig,
+                generator: torch.Generator | None = None) -> dict[str, Any]:
+    """`dctps_transform` by `config` (`DCTpSConfig.from_dict(step.model_dump())`); "all" layers =
+    every plain Linear/Conv2d."""
+    layers = None if config.layers == "all" else list(config.layers)
+    return dctps_transform(model, config.density, config.allocation, config.alpha, layers,
+                           generator)
+
+
 def fixed_dct_params(model: nn.Module) -> int:
     """Entries of the fixed DCT matrices D of the model's DCTpS layers (not in
     `core.metrics.param_counts`: D is rebuilt from the layer shape, never stored nor trained)."""
     return sum(m.D.numel() for m in model.modules() if isinstance(m, DCTpSLayer))
 
 
-__all__ = ["ALLOCATIONS", "DCTpSConv2d", "DCTpSLayer", "DCTpSLinear", "allocate", "dct_matrix",
-           "dct_weight", "dctps_layer", "dctps_transform", "fixed_dct_params", "random_support",
-           "replay_dctps"]
+__all__ = ["ALLOCATIONS", "allocate", "dct_matrix", "dct_weight", "dctps_apply", "dctps_layer",
+           "dctps_transform", "DCTpSConfig", "DCTpSConv2d", "DCTpSLayer", "DCTpSLinear",
+           "fixed_dct_params", "random_support", "replay_dctps"]

@@ -42,8 +42,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
+from core.configs import LowRankConfig
+from core.errors import SpecError
 from core.lowrank_layer import (
     ALDS_GROUPS,
     BLOCKINGS,
@@ -70,7 +73,7 @@ from core.lowrank_scores import (
     output_scores_naive,
     select_ranks,
 )
-from core.surgery import get_layer, set_layer, with_edit
+from core.surgery import get_layer, prunable_layers, set_layer, with_edit
 
 
 def lowrank_transform(model: nn.Module, plan: dict[str, dict[str, Any]]
@@ -100,8 +103,64 @@ def lowrank_transform(model: nn.Module, plan: dict[str, dict[str, Any]]
     return new_model, report
 
 
-__all__ = ["ALDS_GROUPS", "BLOCKINGS", "SCORES", "Block", "LowRankLayer", "block_layout",
-           "block_matrices", "block_params", "block_shapes", "block_svds", "factorize_layer",
-           "full_ranks", "is_factored", "layer_matrix", "layer_positions", "layer_scores",
-           "lowrank_transform", "output_scores", "output_scores_naive", "replay_lowrank",
-           "select_ranks"]
+def lowrank_layers(model: nn.Module, layers: str | list[str] = "all") -> list[str]:
+    """"all" = every plain Linear / groups-1 Conv2d in forward order, else the names (checked)."""
+    plain = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
+             and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+    chosen = plain if layers == "all" else list(dict.fromkeys(layers))
+    bad = [n for n in chosen if n not in plain]
+    if bad:
+        raise SpecError(f"lowrank cannot factor {bad}; plain Linear/Conv2d layers: "
+                        f"{', '.join(plain)}")
+    if not chosen:
+        raise SpecError("lowrank found no plain Linear/Conv2d layer to factor")
+    return chosen
+
+
+def _given_ranks(model: nn.Module, config: LowRankConfig, layers: list[str]
+                 ) -> dict[str, list[int]]:
+    ranks: dict[str, list[int]] = {}
+    unknown = sorted(set(config.target["ranks"]) - set(layers))
+    if unknown:
+        raise SpecError(f"target.ranks names layers that are not factored: {unknown}; "
+                        f"factored layers: {', '.join(layers)}")
+    for name, given in config.target["ranks"].items():
+        full = full_ranks(get_layer(model, name), config.blocking)
+        wanted = [given] * len(full) if isinstance(given, int) else list(given)
+        if len(wanted) != len(full):
+            raise SpecError(f"target.ranks[{name!r}] has {len(wanted)} ranks; layer {name} has "
+                            f"{len(full)} block(s) with blocking {config.blocking!r}")
+        too_big = [(w, f) for w, f in zip(wanted, full) if w > f]
+        if too_big:
+            raise SpecError(f"target.ranks[{name!r}]: rank {too_big[0][0]} exceeds the block's "
+                            f"full rank {too_big[0][1]} (full ranks: {full})")
+        ranks[name] = wanted
+    return ranks
+
+
+def lowrank_plan(model: nn.Module, config: LowRankConfig, *, input_shape: list[int],
+                 inputs: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
+    """The `lowrank_transform` plan `{layer: {"blocking", "ranks"}}` for `config`
+    (`LowRankConfig.from_dict(step.model_dump())`): given ranks, or scores (`inputs`: the
+    calibration images of the output_* scores) selected to the param or MAC ratio."""
+    layers = lowrank_layers(model, config.layers)
+    target = config.target
+    if len(target) != 1 or next(iter(target)) not in ("param_ratio", "mac_ratio", "ranks"):
+        raise SpecError("target must be exactly one of param_ratio, mac_ratio, ranks; got "
+                        f"{target!r}")
+    if "ranks" in target:
+        ranks = _given_ranks(model, config, layers)
+    else:
+        scores = layer_scores(model, layers, config.blocking, config.score, inputs)
+        shapes = {n: block_shapes(get_layer(model, n), config.blocking) for n in layers}
+        weights = (layer_positions(model, layers, input_shape) if "mac_ratio" in target
+                   else None)
+        ranks = select_ranks(scores, shapes, float(next(iter(target.values()))), weights)
+    return {name: {"blocking": config.blocking, "ranks": r} for name, r in ranks.items()}
+
+
+__all__ = ["ALDS_GROUPS", "BLOCKINGS", "SCORES", "Block", "block_layout", "block_matrices",
+           "block_params", "block_shapes", "block_svds", "factorize_layer", "full_ranks",
+           "is_factored", "layer_matrix", "layer_positions", "layer_scores", "lowrank_layers",
+           "lowrank_plan", "lowrank_transform", "LowRankConfig", "LowRankLayer", "output_scores",
+           "output_scores_naive", "replay_lowrank", "select_ranks"]

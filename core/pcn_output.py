@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.configs import PCNConfig
 from core.edits import register_edit
 from core.errors import SpecError
 from core.layers import as_layer
@@ -146,11 +147,19 @@ def _shared_stats(model: nn.Module, stats: dict[str, LayerStats], chosen: list[s
     return stats, shared
 
 
-def plan_pcn(model: nn.Module, stats: dict[str, LayerStats], select: dict[str, Any],
-             layers: list[str] | str = "auto", *,
+def plan_pcn(model: nn.Module, stats: dict[str, LayerStats],
+             select: PCNConfig | dict[str, Any], layers: list[str] | str = "auto", *,
              output: dict[str, dict[str, Any]] | str | None = None) -> PCNPlan:
     """What `pcn_transform` keeps: dims per layer and kept units per output group (see there).
-    Nothing is modified."""
+    Nothing is modified. `select` may be a `core.configs.PCNConfig`
+    (`PCNConfig.from_dict(step.model_dump())`): its selector, layers and `output_based`
+    ("auto" output) are used and `layers`/`output` must be left out."""
+    if isinstance(select, PCNConfig):
+        if select.target is not None:
+            raise SpecError("select.target needs a search: use core.pcn_select."
+                            "pcn_transform_to_target")
+        select, layers, output = (select.selector(), select.layers,
+                                  "auto" if select.output_based else None)
     chosen = chosen_layers(model, layers)
     if isinstance(select, dict) and "target" in select:
         raise SpecError("select['target'] needs a search: use core.pcn_select.pcn_transform_to_"

@@ -14,12 +14,13 @@ Only the `weight` of Linear and Conv2d layers is pruned; biases, BatchNorm and P
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.configs import PruneConfig
 from core.errors import SpecError
 from core.masks import (
     SPARSE_SUFFIXES,
@@ -37,11 +38,11 @@ from core.masks import (
 from core.select import SCOPES, keep_count, masks_from_scores
 from core.select import check_sparsity as _check_sparsity
 
-__all__ = ["LABELS", "SCOPES", "SPARSE_SUFFIXES", "Masks", "Scores", "apply_masks",
-           "collapsed_layers", "dense_from_sparse", "keep_count", "layer_report",
-           "magnitude_scores", "masked_parameters", "masks_from_scores", "pack_mask",
-           "prunable", "random_scores", "snip_scores", "sparse_state", "synflow_masks",
-           "unpack_mask"]
+__all__ = ["LABELS", "SCOPES", "SPARSE_SUFFIXES", "apply_masks", "collapsed_layers",
+           "dense_from_sparse", "keep_count", "layer_report", "magnitude_scores",
+           "masked_parameters", "Masks", "masks_from_scores", "pack_mask", "prunable",
+           "prune_masks", "PruneConfig", "random_scores", "Scores", "snip_scores", "sparse_state",
+           "synflow_masks", "unpack_mask"]
 
 Scores = dict[str, torch.Tensor]
 LABELS = ("true", "uniform")
@@ -172,3 +173,46 @@ def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int],
         masks = masks_from_scores(scores, sparsity if k == rounds else 1.0 - density,
                                   scope=scope)
     return masks
+
+
+# ---- one entry point ----
+
+def prune_masks(model: nn.Module, config: PruneConfig, *,
+                batches: Iterable[object] | None = None,
+                generator: torch.Generator | None = None,
+                input_shape: Iterable[int] | None = None,
+                previous: Mapping[str, torch.Tensor] | None = None) -> Masks:
+    """Score and select by `config` (`PruneConfig.from_dict(step.model_dump())`): snip needs
+    `batches` (labelled, `config.batches` of `config.batch_size`), random a `generator`,
+    synflow the `input_shape`. `previous` masks (an earlier pruning) stay pruned: their weights
+    score below every live one and are and-ed into the result. The model is not modified
+    (apply the masks with `apply_masks`; `config.init`/`repair` are `core.sigprop`'s)."""
+    previous = dict(previous or {})
+    if config.op == "synflow":
+        if input_shape is None:
+            raise SpecError("synflow needs the model's input_shape")
+        net = model
+        if previous:
+            net = copy.deepcopy(model)
+            apply_masks(net, previous)
+        masks = synflow_masks(net, config.sparsity, input_shape, rounds=config.rounds,
+                              scope=config.scope)
+    else:
+        if config.op == "snip":
+            if batches is None:
+                raise SpecError("snip needs labelled batches")
+            scores = snip_scores(model, batches, labels=config.labels)
+        elif config.op == "magnitude":
+            scores = magnitude_scores(model)
+        elif config.op == "random":
+            if generator is None:
+                raise SpecError("random pruning needs a generator")
+            scores = random_scores(model, generator)
+        else:
+            raise SpecError(f"unknown pruning op {config.op!r}; valid: snip, random, "
+                            "magnitude, synflow")
+        if previous:  # already pruned weights score below every live one
+            scores = {n: torch.where(previous[n].to(s.device), s, torch.full_like(s, -1.0))
+                      if n in previous else s for n, s in scores.items()}
+        masks = masks_from_scores(scores, config.sparsity, scope=config.scope)
+    return {n: m & previous[n].to(m.device) if n in previous else m for n, m in masks.items()}
