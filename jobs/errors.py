@@ -47,10 +47,6 @@ class Unprocessable(SlimlineError):
     status = 422
 
 
-class TooManyRequests(SlimlineError):
-    status = 429
-
-
 class Unavailable(SlimlineError):
     status = 503
 
@@ -91,10 +87,6 @@ class BrokerUnavailable(Unavailable):
     pass
 
 
-class NotReady(Unavailable):
-    pass
-
-
 class DatabaseUnavailable(Unavailable):
     pass
 
@@ -103,5 +95,5 @@ class Overloaded(Unavailable):
     pass
 
 
-class QuotaExceeded(TooManyRequests):
-    pass
+class QuotaExceeded(SlimlineError):
+    status = 429
