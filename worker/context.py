@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from core.data import ArrayDataset, Splits
@@ -126,12 +127,25 @@ class TrainHook(ABC):
 
 
 def config_from_spec(config_type: type[C], step: MethodSpec) -> C:
-    """The frozen core config of a step: the spec's fields of the same names (a core config's
-    field names are the spec's), as plain data (`from_dict` where the config has one)."""
-    names = {f.name for f in dataclasses.fields(config_type)}  # type: ignore[arg-type]
-    data = step.model_dump(include=names)
+    """The frozen core config of a step, built from the spec's fields of the same names (a
+    core config's field names are the spec's): values as they are, nested spec models as dicts
+    without their unset (None) entries (`{"param_ratio": 0.5}`); `from_dict` where the config
+    has one."""
+    names = [f.name for f in dataclasses.fields(config_type)]  # type: ignore[arg-type]
+    data = {name: _plain(getattr(step, name)) for name in names
+            if name in type(step).model_fields}
     from_dict = getattr(config_type, "from_dict", None)
     return from_dict(data) if from_dict is not None else config_type(**data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def model_metrics(model: nn.Module, input_shape: list[int], test: ArrayDataset,
