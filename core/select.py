@@ -2,9 +2,9 @@
 
 Deterministic ties: among equal scores the lower flat index wins (in a global selection over
 several layers, the earlier layer in the mapping's order, then the lower index) — the result a
-stable descending sort gives, found in O(n) with `torch.topk` for the k-th largest value plus
-a cumulative count of the entries equal to it (a stable sort of every score cost SNIP ~9x a
-training step; see benchmarks/selection.py).
+stable descending sort gives, found in O(n) with `torch.topk` for the k-th largest value (the
+entries tied with it past k, if any, dropped from the highest index down). A stable sort of
+every score made SNIP's selection cost several training steps (benchmarks/selection.py).
 """
 from __future__ import annotations
 
@@ -46,10 +46,12 @@ def top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
         kth = torch.topk(flat, k, sorted=False).values.min()
     else:  # = the (n - k + 1)-th smallest
         kth = torch.topk(flat, n - k + 1, largest=False, sorted=False).values.max()
-    above = flat > kth
-    tied = flat == kth
-    need = k - int(above.sum())  # how many of the tied entries are kept: the first ones
-    return above | (tied & (torch.cumsum(tied, 0) <= need))
+    mask = flat >= kth
+    extra = int(mask.sum()) - k  # entries tied with the k-th value beyond k
+    if extra > 0:  # the tied entries with the highest indices go
+        tied = torch.nonzero(flat == kth).flatten()
+        mask[tied[tied.numel() - extra:]] = False
+    return mask
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
