@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import CursorResult, Update, update
 from sqlalchemy.orm import Session, object_session
 
 from jobs.errors import InvalidTransition, JobNotCancelable
@@ -107,6 +107,13 @@ class LostOwnership(Exception):
     """The job row is no longer this attempt's (reaped, re-claimed by another worker, or gone)."""
 
 
+def _rows_updated(session: Session, statement: Update) -> int:
+    """Rows an UPDATE changed (a compare-and-set: 0 or 1); the session's objects are not
+    synchronised (callers re-read the row)."""
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    return cast("CursorResult[Any]", result).rowcount
+
+
 def owned(session: Session, job_id: str, attempt: int, *, lock: bool = False) -> Job:
     """The job, if attempt `attempt` still runs it (`lock`: take its row lock and re-read it);
     else LostOwnership."""
@@ -152,12 +159,10 @@ def claim(session: Session, job_id: str, *, now: datetime, heartbeat_timeout_s: 
             session.flush()
         return None
     seen_status, seen_attempts = job.status, job.attempts or 0
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts)
+    claimed = _rows_updated(session, update(Job).where(
+        Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts)
         .values(status=RUNNING, attempts=seen_attempts + 1, heartbeat_at=now,
-                started_at=job.started_at or now, stage="starting")
-        .execution_options(synchronize_session=False)).rowcount
+                started_at=job.started_at or now, stage="starting"))
     if claimed != 1:
         log.info("job %s was claimed by another worker", job_id)
         return None
@@ -183,11 +188,9 @@ def finish(session: Session, job_id: str, attempt: int,
     which takes the row lock (PostgreSQL) or the write lock (SQLite) before anything else, so a
     concurrent `request_cancel` (a compare-and-set on the status) either lands first (the job
     ends canceled) or waits and finds the job succeeded (the cancel gets 409)."""
-    won = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt,
-                          Job.cancel_requested.is_(False))
-        .values(stage="storing results")
-        .execution_options(synchronize_session=False)).rowcount
+    won = _rows_updated(session, update(Job).where(
+        Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt,
+        Job.cancel_requested.is_(False)).values(stage="storing results"))
     job = owned(session, job_id, attempt, lock=True)
     if not won:  # ours, so a cancel was requested first
         mark_canceled(job)
