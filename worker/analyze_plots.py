@@ -31,7 +31,7 @@ def _analysis_panels(curves: dict[str, Any], kind: str, title: str
     for ax in axes[len(layers):]:
         ax.set_visible(False)
     fig.suptitle(title)
-    return fig, [(ax, name, recs) for ax, (name, recs) in zip(axes, layers.items())]
+    return fig, [(ax, name, recs) for ax, (name, recs) in zip(axes, layers.items(), strict=False)]
 
 
 def _analysis_plot(curves: dict[str, Any], path: Path, kind: str, title: str,
@@ -63,8 +63,8 @@ def _unit_pruning_panel(ax: Axes, name: str, recs: list[dict[str, Any]]) -> None
         mean = [p["accuracy_mean"] for p in rand]
         std = [p["accuracy_std"] for p in rand]
         ax.plot(xs, mean, "^--", markersize=3, label="random (mean ± std)" + sfx)
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)],
-                        [m + s for m, s in zip(mean, std)], alpha=0.2)
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std, strict=False)],
+                        [m + s for m, s in zip(mean, std, strict=False)], alpha=0.2)
     ax.set_title(f"{name} ({recs[-1].get('units')} units)", fontsize="medium")
     ax.set_xlabel("units removed")
     ax.set_ylabel("validation accuracy")

@@ -66,7 +66,7 @@ def training_plot(curves: dict[str, Any], path: Path) -> bool:
     loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, (train_key, val_key, label) in zip(
             (loss_ax, acc_ax), (("loss", "val_loss", "loss"),
-                                ("accuracy", "val_accuracy", "accuracy"))):
+                                ("accuracy", "val_accuracy", "accuracy")), strict=False):
         ax.plot(*_xy(training, train_key), marker="o", label=f"train {label}")
         ax.plot(*_xy(training, val_key), marker="s", label=f"validation {label}")
         mark_transforms(ax, curves)

@@ -17,7 +17,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from core.dctps import dctps_transform
+from core.configs import DCTpSConfig
+from core.dctps import dctps_apply
 from core.errors import SpecError
 from core.metrics import fixed_dct_params
 from core.models import get_layer, save
@@ -26,6 +27,7 @@ from jobs.methods.dctps import DCTpSStep
 from worker.context import (
     StepContext,
     chosen_layers,
+    config_from_spec,
     dense_layers,
     keep_valid_masks,
 )
@@ -60,8 +62,8 @@ def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
     dense_bytes = sum(get_layer(ctx.model, n).weight.numel()
                       * get_layer(ctx.model, n).weight.element_size()
                       for n in (layers or dense_layers(ctx.model)))
-    report = dctps_transform(ctx.model, step.density, step.allocation, step.alpha, layers,
-                             generator=ctx.generator)
+    report = dctps_apply(ctx.model, config_from_spec(DCTpSConfig, step),
+                         generator=ctx.generator)
     ctx.model.to(ctx.device)
     dropped_masks = keep_valid_masks(ctx)
     ctx.reporter.progress(0.5, "dctps: measuring the transformed model")
@@ -99,7 +101,7 @@ def dctps_plot(curves: dict[str, Any], path: Path) -> bool:
         return False
     fig = Figure(figsize=(11, 3.6 * len(records)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(records), 2, squeeze=False)
-    for (nnz_ax, density_ax), rec in zip(axes, records):
+    for (nnz_ax, density_ax), rec in zip(axes, records, strict=False):
         names = list(rec["layers"])
         xs = list(range(len(names)))
         nnz = [max(rec["layers"][n]["nnz"], 0.5) for n in names]
@@ -108,7 +110,7 @@ def dctps_plot(curves: dict[str, Any], path: Path) -> bool:
         nnz_ax.set_yscale("log")
         nnz_ax.set_ylim(0.5, max(nnz) * 3)  # bars from the bottom, not auto-zoomed to equal
         nnz_ax.set_ylabel("trainable entries of S (nnz)")
-        for x, v in zip(xs, nnz):
+        for x, v in zip(xs, nnz, strict=False):
             nnz_ax.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize="x-small")
         density_ax.bar(xs, density, color="tab:orange")
         density_ax.set_yscale("log")

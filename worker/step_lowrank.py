@@ -14,15 +14,9 @@ from typing import Any
 from matplotlib.figure import Figure
 from torch import nn
 
+from core.configs import LowRankConfig
 from core.errors import SpecError
-from core.lowrank import (
-    block_shapes,
-    full_ranks,
-    layer_positions,
-    layer_scores,
-    lowrank_transform,
-    select_ranks,
-)
+from core.lowrank import layer_positions, lowrank_plan, lowrank_transform
 from core.models import get_layer
 from core.train import evaluate
 from jobs.methods.lowrank import LowRankStep
@@ -30,6 +24,7 @@ from worker.context import (
     StepContext,
     calibration_set,
     chosen_layers,
+    config_from_spec,
     dense_layers,
     keep_valid_masks,
     model_metrics,
@@ -50,51 +45,22 @@ def _layers(ctx: StepContext, step: LowRankStep) -> list[str]:
     return layers
 
 
-def _given_ranks(ctx: StepContext, step: LowRankStep, layers: list[str]
-                 ) -> dict[str, list[int]]:
-    ranks: dict[str, list[int]] = {}
-    assert step.target.ranks is not None
-    unknown = sorted(set(step.target.ranks) - set(layers))
-    if unknown:
-        raise SpecError(f"target.ranks names layers that are not factored: {unknown}; "
-                        f"factored layers: {', '.join(layers)}")
-    for name, given in step.target.ranks.items():
-        full = full_ranks(get_layer(ctx.model, name), step.blocking)
-        wanted = [given] * len(full) if isinstance(given, int) else list(given)
-        if len(wanted) != len(full):
-            raise SpecError(f"target.ranks[{name!r}] has {len(wanted)} ranks; layer {name} has "
-                            f"{len(full)} block(s) with blocking {step.blocking!r}")
-        too_big = [(w, f) for w, f in zip(wanted, full) if w > f]
-        if too_big:
-            raise SpecError(f"target.ranks[{name!r}]: rank {too_big[0][0]} exceeds the block's "
-                            f"full rank {too_big[0][1]} (full ranks: {full})")
-        ranks[name] = wanted
-    return ranks
-
-
 @handler(LowRankStep)
 def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
     layers = _layers(ctx, step)
     positions = layer_positions(ctx.model, layers, ctx.input_shape)
+    config = config_from_spec(LowRankConfig, step)
     start = time.perf_counter()
-    if step.target.ranks is not None:
-        ranks = _given_ranks(ctx, step, layers)
-    else:
+    inputs = None
+    if step.target.ranks is None:
         ctx.reporter.progress(0.0, f"lowrank: scoring ({step.score})")
-        inputs = None
         if step.score in ("output_perturbation", "output_variance"):
             inputs = calibration_set(ctx, step.samples).x.to(ctx.device)
-        scores = layer_scores(ctx.model, layers, step.blocking, step.score, inputs)
-        shapes = {n: block_shapes(get_layer(ctx.model, n), step.blocking) for n in layers}
-        if step.target.mac_ratio is not None:
-            ranks = select_ranks(scores, shapes, step.target.mac_ratio, positions)
-        else:
-            assert step.target.param_ratio is not None
-            ranks = select_ranks(scores, shapes, step.target.param_ratio)
+    # given ranks checked against the layers, or scores selected to the param or MAC ratio
+    plan = lowrank_plan(ctx.model, config, input_shape=ctx.input_shape, inputs=inputs)
     scoring_wall_s = time.perf_counter() - start
     ctx.check_cancel()
     ctx.reporter.progress(0.5, "lowrank: factoring layers")
-    plan = {name: {"blocking": step.blocking, "ranks": r} for name, r in ranks.items()}
     new_model, report = lowrank_transform(ctx.model, plan)
     ctx.model = new_model.to(ctx.device)
     dropped_masks = keep_valid_masks(ctx)
@@ -145,7 +111,7 @@ def lowrank_plot(curves: dict[str, Any], path: Path) -> bool:
         return False
     fig = Figure(figsize=(10, 3.6 * len(records)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(records), 1, squeeze=False)
-    for (ax,), rec in zip(axes, records):
+    for (ax,), rec in zip(axes, records, strict=False):
         names = list(rec["layers"])
         rank = [sum(rec["layers"][n]["ranks"]) / max(1, sum(rec["layers"][n]["full_ranks"]))
                 for n in names]

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.configs import PCNConfig
 from core.errors import SpecError
 from core.models import get_layer
 from core.pca import LayerStats, collect_input_stats
 from core.pcn import layer_selector
 from core.pcn_graph import shared_input_sets
-from core.pcn_output import pcn_transform
+from core.pcn_output import apply_pcn, plan_pcn
 from core.pcn_select import pcn_transform_to_target
 from core.train import evaluate
 from jobs.methods.pcn import PCNStep
@@ -27,6 +28,7 @@ from worker.context import (
     TrainHook,
     calibration_set,
     chosen_layers,
+    config_from_spec,
     keep_valid_masks,
     model_metrics,
 )
@@ -34,16 +36,6 @@ from worker.registry import handler, train_hook
 
 PLATEAU_DELTA = 0.005
 PLATEAU_MIN_EPOCHS = 1
-
-
-def _core_select(step: PCNStep) -> dict[str, Any]:
-    def plain(selector: Any) -> dict[str, Any]:
-        return {k: v for k, v in selector.model_dump().items() if v is not None}
-
-    select = plain(step.select)
-    if step.per_layer:
-        select["per_layer"] = {name: plain(s) for name, s in step.per_layer.items()}
-    return select
 
 
 def _chosen_layers(ctx: StepContext, step: PCNStep) -> list[str]:
@@ -57,7 +49,7 @@ def _chosen_layers(ctx: StepContext, step: PCNStep) -> list[str]:
     return layers
 
 
-def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str],
+def _collect_stats(ctx: StepContext, config: PCNConfig, layers: list[str],
                    timings: dict[str, float] | None = None) -> dict[str, LayerStats]:
     """One forward pass; one PCA per tensor (layers reading one tensor share it: core fills in
     the partners).
@@ -69,10 +61,10 @@ def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str],
     N < m). `top_k` / `solver` override both."""
     shared = {n: tensor[0] for tensor in shared_input_sets(ctx.model) for n in tensor}
     stat_layers = list(dict.fromkeys(shared.get(n, n) for n in layers))
-    top_k, keep = step.top_k, None
-    if top_k is None and step.solver == "auto":
-        if step.select.target is None:
-            select = _core_select(step)
+    top_k, keep = config.top_k, None
+    if top_k is None and config.solver == "auto":
+        if config.target is None:
+            select = config.selector()
             keep = {}
             for name in layers:
                 layer = get_layer(ctx.model, name)
@@ -81,10 +73,10 @@ def _collect_stats(ctx: StepContext, step: PCNStep, layers: list[str],
                     layer_selector(select, name, kind))
         else:
             top_k = max(get_layer(ctx.model, n).weight.shape[1] for n in stat_layers)
-    return collect_input_stats(ctx.model, stat_layers, calibration_set(ctx, step.samples),
-                               samples=step.samples, batch_size=step.batch_size,
-                               device=ctx.device, top_k=top_k, solver=step.solver, keep=keep,
-                               max_rows=step.max_rows, timings=timings,
+    return collect_input_stats(ctx.model, stat_layers, calibration_set(ctx, config.samples),
+                               samples=config.samples, batch_size=config.batch_size,
+                               device=ctx.device, top_k=top_k, solver=config.solver, keep=keep,
+                               max_rows=config.max_rows, timings=timings,
                                generator=torch.Generator().manual_seed(
                                    ctx.generator.initial_seed()))
 
@@ -105,27 +97,27 @@ def _search_summary(search: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def apply_pcn(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any]:
+def transform(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any]:
     """Statistics → transform (input, and output-based where it pays) → metrics right after it.
     Replaces ctx.model; returns the pcn step's op-specific result."""
     ctx.reporter.progress(0.0, "pcn: collecting activation statistics")
     layers = _chosen_layers(ctx, step)
     start = time.perf_counter()
     timings: dict[str, float] = {}
-    stats = _collect_stats(ctx, step, layers, timings)
+    config = config_from_spec(PCNConfig, step)
+    stats = _collect_stats(ctx, config, layers, timings)
     stats_wall_s = time.perf_counter() - start
     ctx.check_cancel()
     ctx.reporter.progress(0.5, "pcn: transforming layers")
-    output = "auto" if step.output_based else None
+    output = "auto" if config.output_based else None
     start = time.perf_counter()
-    if step.select.target is not None:
-        target = step.select.target.model_dump(exclude_none=True)
+    if config.target is not None:
         new_model, report = pcn_transform_to_target(
-            ctx.model, stats, target, layers, output=output, val_dataset=ctx.splits.val,
+            ctx.model, stats, config.target, layers, output=output, val_dataset=ctx.splits.val,
             device=ctx.device)
     else:
-        new_model, report = pcn_transform(ctx.model, stats, _core_select(step), layers,
-                                          output=output)
+        plan = plan_pcn(ctx.model, stats, config.selector(), layers, output=output)
+        new_model, report = apply_pcn(ctx.model, plan, stats)
     surgery_wall_s = time.perf_counter() - start
     ctx.model = new_model.to(ctx.device)
     dropped_masks = keep_valid_masks(ctx)
@@ -179,7 +171,7 @@ def run_pcn(ctx: StepContext, step: PCNStep) -> dict[str, Any]:
                             "directly follow a train step")
         val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
         return details | {"val_accuracy": val}
-    details = apply_pcn(ctx, step, ctx.step_index)
+    details = transform(ctx, step, ctx.step_index)
     record_transform(ctx, ctx.step_index, details)
     return details | {"val_accuracy": details["after_transform"]["val_accuracy"]}
 
@@ -252,7 +244,7 @@ class PlateauHook(TrainHook):
     def apply(self, ctx: StepContext, after_epoch: int, epochs: int) -> None:
         watch = self.watch
         assert watch is not None
-        applied = apply_pcn(ctx, self.step, self.step_index)
+        applied = transform(ctx, self.step, self.step_index)
         plateau_info: dict[str, Any] = {"delta": watch.delta, "min_epochs": watch.min_epochs,
                                         "fired": watch.fired_at is not None}
         if watch.fired_at is None:

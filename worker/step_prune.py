@@ -161,7 +161,7 @@ def pruning_plot(curves: dict[str, Any], path: Path) -> bool:
     fig = Figure(figsize=(11, 3.6 * len(records)), dpi=DPI, layout="constrained")
     axes = fig.subplots(len(records), 2, squeeze=False,
                         gridspec_kw={"width_ratios": [2.2, 1]})
-    for (bars, heat), rec in zip(axes, records):
+    for (bars, heat), rec in zip(axes, records, strict=False):
         names = list(rec["layers"])
         fractions = [rec["layers"][n]["fraction"] for n in names]
         colors = ["tab:red" if n in rec.get("collapsed", []) else "tab:blue" for n in names]
