@@ -259,8 +259,8 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
 
     Bisection on k, the number of units removed in `removal_order` (keep counts rounded up to
     `round_to`, so sizes fall monotonically with k), then a fill-up pass: a group whose best
-    removed units fit back into the budget (round_to at a time) gets them back, so the rounding
-    does not leave the result far below the target."""
+    removed units fit back into the budget gets them back (as many as fit, round_to at a time),
+    so rounding and costly last units do not leave the result far below the target."""
     kind, ratio = config.target_kind, config.target_ratio
     totals = {n: int(s.numel()) for n, s in scores.items()}
     step = max(config.round_to, 1)
@@ -299,17 +299,17 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
     best_removed = {n: -math.inf for n in totals}  # the key of each group's best removed unit
     for key, name in order[:hi]:
         best_removed[name] = key
-    grew = True
-    while grew:  # fill-up: the best removed unit first (global), the least kept group (layerwise)
-        ranked = sorted((n for n in totals if keeps[n] < totals[n]),
-                        key=lambda n, k=keeps: -best_removed[n] if config.scope == "global"
-                        else k[n] / totals[n])
-        grew = False
-        for name in ranked:
-            grown = {**keeps, name: _round_keep(keeps[name] + step, totals[name], step)}
-            if size_of(grown) <= budget:
-                keeps, grew = grown, True
-                break
+    ranked = sorted((n for n in totals if keeps[n] < totals[n]),  # the best removed unit first
+                    key=lambda n: -best_removed[n] if config.scope == "global"
+                    else keeps[n] / totals[n])  # layerwise: the least kept group first
+    for name in ranked:  # fill-up: each group takes back as many units as the budget allows
+        grown = [{**keeps, name: _round_keep(keeps[name] + extra * step, totals[name], step)}
+                 for extra in range(math.ceil((totals[name] - keeps[name]) / step) + 1)]
+        lo, hi = 0, len(grown) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if size_of(grown[mid]) <= budget else (lo, mid - 1)
+        keeps = grown[lo]
     return keeps, before, size_of(keeps)
 
 
