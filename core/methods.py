@@ -2,13 +2,31 @@
 (`core.edits.register_edit`). Checkpoint I/O (`core.models.checkpoint`) imports this module
 before it rebuilds a model; `core.arch.build` itself never imports a method.
 
-Adding a method with an edit: register the replay in its module and import the module here.
+A new method needs no line here: every module directly under `core/` (not the `core.models`
+facade, not this module) is imported, so registering the replay in the method's own module is
+enough.
 """
 from __future__ import annotations
 
-from core import channel_prune, dctps, lowrank, pcn, pcn_output
+import importlib
+import pkgutil
+from types import ModuleType
+
+import core
 from core.edits import EDIT_OPS
 
-METHOD_MODULES = (pcn, pcn_output, lowrank, dctps, channel_prune)
+_SKIP = frozenset({"methods"})
+
+
+def _import_all() -> tuple[ModuleType, ...]:
+    found = []
+    for info in sorted(pkgutil.iter_modules(core.__path__), key=lambda m: m.name):
+        if info.ispkg or info.name in _SKIP or info.name.startswith("_"):
+            continue
+        found.append(importlib.import_module(f"core.{info.name}"))
+    return tuple(found)
+
+
+METHOD_MODULES = _import_all()
 
 __all__ = ["EDIT_OPS", "METHOD_MODULES"]

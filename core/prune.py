@@ -181,9 +181,11 @@ def prune_masks(model: nn.Module, config: PruneConfig, *,
                 batches: Iterable[object] | None = None,
                 generator: torch.Generator | None = None,
                 input_shape: Iterable[int] | None = None,
-                previous: Mapping[str, torch.Tensor] | None = None) -> Masks:
+                previous: Mapping[str, torch.Tensor] | None = None,
+                device: str | torch.device = "cpu") -> Masks:
     """Score and select by `config` (`PruneConfig.from_dict(step.model_dump())`): snip needs
-    `batches` (labelled, `config.batches` of `config.batch_size`), random a `generator`,
+    `batches` (labelled, `config.batches` of `config.batch_size`; scored on `device`), random a
+    `generator`,
     synflow the `input_shape`. `previous` masks (an earlier pruning) stay pruned: their weights
     score below every live one and are and-ed into the result. The model is not modified
     (apply the masks with `apply_masks`; `config.init`/`repair` are `core.sigprop`'s)."""
@@ -201,7 +203,7 @@ def prune_masks(model: nn.Module, config: PruneConfig, *,
         if config.op == "snip":
             if batches is None:
                 raise SpecError("snip needs labelled batches")
-            scores = snip_scores(model, batches, labels=config.labels)
+            scores = snip_scores(model, batches, labels=config.labels, device=device)
         elif config.op == "magnitude":
             scores = magnitude_scores(model)
         elif config.op == "random":

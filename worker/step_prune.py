@@ -18,18 +18,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from core.configs import PruneConfig
 from core.errors import SpecError
-from core.prune import (
-    apply_masks,
-    collapsed_layers,
-    layer_report,
-    magnitude_scores,
-    masks_from_scores,
-    prunable,
-    random_scores,
-    snip_scores,
-    synflow_masks,
-)
+from core.prune import apply_masks, collapsed_layers, layer_report, prunable, prune_masks
 from core.sigprop import (
     approximate_isometry,
     init_ldi,
@@ -39,7 +30,7 @@ from core.sigprop import (
     retained_input_heatmap,
 )
 from jobs.methods.prune import PruneStep
-from worker.context import StepContext
+from worker.context import StepContext, config_from_spec
 from worker.plots import DPI, plot
 from worker.registry import handler
 
@@ -55,15 +46,6 @@ def _scoring_batches(ctx: StepContext, step: PruneStep) -> list[tuple[torch.Tens
                         f"training split has {len(train)}; lower batches or batch_size")
     order = torch.randperm(len(train), generator=ctx.generator)[:need]
     return [(train.x[idx], train.y[idx]) for idx in order.split(step.batch_size)]
-
-
-def _scores(ctx: StepContext, step: PruneStep) -> dict[str, torch.Tensor]:
-    if step.op == "snip":
-        return snip_scores(ctx.model, _scoring_batches(ctx, step), labels=step.labels,
-                           device=ctx.device)
-    if step.op == "magnitude":
-        return magnitude_scores(ctx.model)
-    return random_scores(ctx.model, ctx.generator)
 
 
 def _jacobian(ctx: StepContext) -> dict[str, Any]:
@@ -98,23 +80,12 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
     ctx.reporter.progress(0.0, f"{step.op}: scoring")
     _init(ctx, step)
     jacobian_dense = _jacobian(ctx)
-    previous = ctx.masks
     start = time.perf_counter()
-    if step.op == "synflow":
-        if previous:
-            apply_masks(ctx.model, previous)
-        masks = synflow_masks(ctx.model, step.sparsity, ctx.input_shape, rounds=step.rounds,
-                              scope=step.scope)
-    else:
-        scores = _scores(ctx, step)
-        if previous:  # already pruned weights score below every live one
-            scores = {n: torch.where(previous[n].to(s.device), s, torch.full_like(s, -1.0))
-                      if n in previous else s for n, s in scores.items()}
-        masks = masks_from_scores(scores, step.sparsity, scope=step.scope)
+    masks = prune_masks(ctx.model, config_from_spec(PruneConfig, step),
+                        batches=_scoring_batches(ctx, step) if step.op == "snip" else None,
+                        generator=ctx.generator, input_shape=ctx.input_shape,
+                        previous=ctx.masks, device=ctx.device)
     scoring_wall_s = time.perf_counter() - start
-    if previous:
-        masks = {n: m & previous[n].to(m.device) if n in previous else m
-                 for n, m in masks.items()}
     report = layer_report(masks)
     collapsed = collapsed_layers(masks)
     if collapsed and not step.allow_collapse:
