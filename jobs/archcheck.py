@@ -19,7 +19,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import jobs.methods  # noqa: F401 - registers every method (their edit ops)
 from jobs.errors import InvalidSpec
+from jobs.registry import edit_ops
 
 _COMMON: dict[str, Any] = {"input_shape": [1, 28, 28], "num_classes": 10, "init": "glorot"}
 # the zoo's names and default kwargs (core.models.zoo.ZOO; a test keeps them equal)
@@ -33,7 +35,9 @@ ZOO_DEFAULTS: dict[str, dict[str, Any]] = {
 ZOO_NAMES = tuple(sorted(ZOO_DEFAULTS))
 INITS = ("glorot", "kaiming", "torch")
 ACTIVATIONS = ("relu", "tanh", "linear")
-EDIT_OPS = ("dctps", "lowrank", "pcn_input", "pcn_output")
+# the edit ops the registered methods declare (`MethodSpec.edit_ops`; a test keeps them equal
+# to core.edits.EDIT_OPS)
+EDIT_OPS = edit_ops()
 
 # sane ranges (the size limits then bound the product); well beyond any model this service
 # trains, but small enough that nothing overflows or takes long to count

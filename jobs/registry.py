@@ -39,6 +39,9 @@ class MethodSpec(Strict):
     needs_dense_weights: ClassVar[bool] = False
     # replaces dense weights by something that has none (dctps: alpha * D + S)
     removes_dense_weights: ClassVar[bool] = False
+    # the structural edits (`{"op": ...}` entries of a model's arch `edits`) the method's core
+    # module registers; the torch-free arch check (jobs.archcheck) accepts exactly these
+    edit_ops: ClassVar[tuple[str, ...]] = ()
     # event kind -> curves key: every event of that kind the step emits is appended as is to
     # the list `curves[key]` (a richer fold is registered with `@curve_fold`)
     curve_records: ClassVar[dict[str, str]] = {}
@@ -121,6 +124,17 @@ def spec_for(op: str) -> type[MethodSpec] | None:
 
 def dense_weight_ops() -> tuple[str, ...]:
     return tuple(op for op, cls in _BY_OP.items() if cls.needs_dense_weights)
+
+
+def edit_ops() -> tuple[str, ...]:
+    """Every structural edit op a registered method writes into a model's arch, sorted."""
+    return tuple(sorted({op for cls in _MODELS for op in cls.edit_ops}))
+
+
+def dense_weightless_edit_ops() -> tuple[str, ...]:
+    """Edit ops after which a model has no dense weights (those of removes_dense_weights)."""
+    return tuple(sorted({op for cls in _MODELS if cls.removes_dense_weights
+                         for op in cls.edit_ops}))
 
 
 def dense_weights_refusal(op: str, where: str, source: str) -> str | None:

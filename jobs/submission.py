@@ -31,7 +31,7 @@ from jobs.events import record_event
 from jobs.model_registry import get_model
 from jobs.orm import Job, Model
 from jobs.quotas import check_job_quota
-from jobs.registry import dense_weights_refusal
+from jobs.registry import dense_weightless_edit_ops, dense_weights_refusal
 from jobs.settings import Settings
 from jobs.spec import JobSpec, control_character
 from jobs.states import QUEUED, RUNNING, STATUSES, TERMINAL, request_cancel
@@ -124,10 +124,12 @@ def dispatch(job_id: str, job_queue: str, settings: Settings) -> bool:
 
 
 def check_model_fits_steps(model: Model, spec: JobSpec) -> None:
-    """A model whose arch has a dctps edit has no dense weights: ops that need them are a 422
-    before anything is queued (the worker checks the same for models it builds)."""
+    """A model whose arch has a dctps edit (any edit of a method that removes dense weights)
+    has no dense weights: ops that need them are a 422 before anything is queued (the worker
+    checks the same for models it builds)."""
     edits = (model.arch or {}).get("edits") or []
-    if not any(isinstance(e, dict) and e.get("op") == "dctps" for e in edits):
+    weightless = dense_weightless_edit_ops()
+    if not any(isinstance(e, dict) and e.get("op") in weightless for e in edits):
         return
     for i, step in enumerate(spec.steps):
         refusal = dense_weights_refusal(step.op, f"steps[{i}]",

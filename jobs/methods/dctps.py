@@ -21,6 +21,7 @@ class DCTpSStep(MethodSpec):
 
     removes_dense_weights: ClassVar[bool] = True
     curve_records: ClassVar[dict[str, str]] = {"dctps": "dctps"}
+    edit_ops: ClassVar[tuple[str, ...]] = ("dctps",)
 
     op: Literal["dctps"]
     density: float = 0.01

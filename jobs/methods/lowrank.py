@@ -37,6 +37,7 @@ class LowRankStep(MethodSpec):
 
     needs_dense_weights: ClassVar[bool] = True
     curve_records: ClassVar[dict[str, str]] = {"lowrank": "lowrank"}
+    edit_ops: ClassVar[tuple[str, ...]] = ("lowrank",)
 
     op: Literal["lowrank"]
     target: LowRankTarget

@@ -64,6 +64,7 @@ class PCNSelect(PCNLayerSelect):
 class PCNStep(MethodSpec):
     needs_dense_weights: ClassVar[bool] = True
     curve_records: ClassVar[dict[str, str]] = {"pcn": "transforms"}
+    edit_ops: ClassVar[tuple[str, ...]] = ("pcn_input", "pcn_output")
 
     op: Literal["pcn"]
     select: PCNSelect
