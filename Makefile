@@ -26,14 +26,16 @@ services:
 demo: $(STAMP) data
 	$(VENV)/bin/slimline demo
 
-test: $(STAMP) data services
+test: $(STAMP) data services lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-core: $(STAMP)
 	$(PY) -m pytest -q tests/core
 
+# ruff (rules in pyproject.toml) and mypy (api/, cli/, jobs/, worker/, core/; see pyproject.toml)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check api core jobs worker tests benchmarks
+	$(VENV)/bin/ruff check api cli core jobs worker tests benchmarks migrations
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .slimline .slimline-demo .pytest_cache
