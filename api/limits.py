@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -88,10 +89,8 @@ class LoadShedder:
             self._forget(waiter)
 
     def _forget(self, waiter: asyncio.Future[bool]) -> None:
-        try:
+        with contextlib.suppress(ValueError):
             self.waiters.remove(waiter)
-        except ValueError:
-            pass
 
     def release(self) -> None:
         """Hand the slot to the longest-waiting request, or free it."""

@@ -64,7 +64,8 @@ def check_safetensors_header_size(path: str | Path, max_header_bytes: int,
     length = safetensors_header_length(path) or 0
     if length > max_header_bytes:
         raise UploadTooLarge(f"the {what}'s safetensors header is {length} bytes, over the limit "
-                             f"of {max_header_bytes} bytes (SLIMLINE_MAX_SAFETENSORS_HEADER_BYTES); "
+                             f"of {max_header_bytes} bytes "
+                             "(SLIMLINE_MAX_SAFETENSORS_HEADER_BYTES); "
                              "a header holds tensor names, dtypes and shapes and is normally a "
                              "few KiB: re-save the file with safetensors")
 

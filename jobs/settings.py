@@ -94,7 +94,7 @@ class Settings(BaseSettings):
 
     @property
     def broker_folder(self) -> Path:
-        """Root of the Celery filesystem transport's folders (used when broker_url is filesystem)."""
+        """Root of the Celery filesystem transport's folders (when broker_url is filesystem)."""
         return self.home / "broker"
 
     @property

@@ -484,7 +484,8 @@ def test_open_streams_do_not_slow_the_api(tmp_path):
             latencies.append(time.perf_counter() - started)
             assert r.status_code == 200
         p50 = statistics.median(latencies)
-        print(f"GET /v1/jobs with 40 open streams: p50 {p50 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+        print(f"GET /v1/jobs with 40 open streams: p50 {p50 * 1000:.1f} ms, "
+              f"max {max(latencies) * 1000:.1f} ms")
         assert p50 < 0.2, f"GET /v1/jobs p50 {p50:.3f}s with 40 open streams"
         c.close()
     finally:

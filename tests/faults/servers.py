@@ -77,10 +77,8 @@ def child_pids(pid: int) -> list[int]:
 
 
 def sigkill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # ---- PostgreSQL ----

@@ -20,7 +20,7 @@ from jobs.errors import InvalidSpec
 
 
 def test_the_mirror_of_the_zoo_is_exact():
-    assert ZOO_DEFAULTS == {name: defaults for name, (defaults, _) in ZOO.items()}
+    assert {name: defaults for name, (defaults, _) in ZOO.items()} == ZOO_DEFAULTS
     assert CHECK_INITS == INITS
     assert set(CHECK_ACTIVATIONS) == set(ACTIVATIONS)
     assert set(CHECK_EDIT_OPS) == set(EDIT_OPS)

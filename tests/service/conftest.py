@@ -133,7 +133,9 @@ def full_stack(tmp_path_factory, pg_database, s3_endpoint) -> Iterator[Stack]:
     bucket = f"slimline-{uuid.uuid4().hex[:8]}"
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
              "AWS_DEFAULT_REGION": "us-east-1"}
-    boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+    boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
+                 aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
     db = _redis_db()
     broker = f"{REDIS_HOST}/{db}"
     redis.Redis.from_url(broker).flushdb()
