@@ -56,10 +56,6 @@ SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
 
 # ---- a minimal HTTP/1.1 client (keep-alive connections, Content-Length or chunked bodies) ----
 
-class HttpError(Exception):
-    pass
-
-
 @dataclass
 class Conn:
     reader: asyncio.StreamReader
@@ -486,7 +482,8 @@ def tables(results: list[dict[str, Any]], label: str) -> str:
     over = [r for r in results if r["overload"]]
     if over:
         out += ["", ("| database | API processes | overload req/s | 2xx answered/s | answers "
-                     "(status: count) | shed p99 ms | recovery after load stops | SIGTERM → exit |"),
+                     "(status: count) | shed p99 ms | recovery after load stops "
+                     "| SIGTERM → exit |"),
                 "|---|---|---|---|---|---|---|---|"]
         for r in over:
             o = r["overload"]

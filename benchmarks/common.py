@@ -57,7 +57,7 @@ def grouped_stats(rows: list[dict[str, Any]], by: tuple[str, ...], keys: tuple[s
     dense_acc = statistics.fmean(r["test_accuracy"] for r in rows if r["method"] == "dense")
     out = []
     for values, rs in groups.items():
-        s: dict[str, Any] = dict(zip(by, values)) | {"n": len(rs)}
+        s: dict[str, Any] = dict(zip(by, values, strict=True)) | {"n": len(rs)}
         for key in keys:
             if all(r.get(key) is not None for r in rs):
                 s[key] = stat([float(r[key]) for r in rs])

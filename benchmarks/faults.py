@@ -19,6 +19,7 @@ Prints a Markdown table; JSON in benchmarks/out/faults.json. About 5 minutes on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -89,10 +90,8 @@ def outcome(client: httpx.Client, ids: list[str], trickle: Trickle, fault: str,
         return any(r["t"] >= t_end and r["op"] != "healthz" and r["status"]
                    and 200 <= r["status"] < 300 for r in list(trickle.records))
 
-    try:
+    with contextlib.suppress(AssertionError):  # reported as no first 2xx
         wait_until(answered_after, 60, "a 2xx after the fault")
-    except AssertionError:
-        pass  # reported as no first 2xx
     time.sleep(1.0)
     trickle.stop()
     ids = ids + trickle.accepted
@@ -217,7 +216,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     head = ("| fault | accepted | succeeded | failed | lost | resumed | DB-backed answers during "
             "the fault | 5xx ≠ 503 | first 2xx after (s) | killed job re-queued / resumed "
-            "after (s) | all jobs done after (s) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "after (s) | all jobs done after (s) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         jobs = r["at_fault"].get("jobs")

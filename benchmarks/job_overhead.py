@@ -164,8 +164,8 @@ def main() -> None:
                      f"{1000 * r['client']:.0f} ms |")
     meta = run_meta(args, complete=True, runtime=time.perf_counter() - began)
     print(dump_results(args.out, meta, results, [], "\n".join(lines)))
-    print(f"\nmedian of {args.jobs} jobs after one warm-up; {meta['processor'] or meta['platform']}, "
-          f"{meta['date_utc']}")
+    print(f"\nmedian of {args.jobs} jobs after one warm-up; "
+          f"{meta['processor'] or meta['platform']}, {meta['date_utc']}")
 
 
 if __name__ == "__main__":

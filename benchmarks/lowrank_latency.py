@@ -60,7 +60,7 @@ def round_robin_ms(nets: list[torch.nn.Module], x: torch.Tensor, repeats: int) -
         for net in nets:
             net.eval()
         for turn in range(repeats + 3):
-            for net, ts in zip(nets, times):
+            for net, ts in zip(nets, times, strict=True):
                 t = time.perf_counter()
                 net(x)
                 if turn >= 3:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         nets.append(cut)
         print({k: v for k, v in row.items() if k != "ranks"}, flush=True)
-    for row, ms in zip(rows, round_robin_ms(nets, x, args.repeats)):
+    for row, ms in zip(rows, round_robin_ms(nets, x, args.repeats), strict=True):
         row["latency_ms"] = ms
     dense = rows[0]
     lines = [("| target | params | MACs | MACs ratio | latency ms (batch 256) | speed-up "

@@ -193,8 +193,9 @@ def table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines.append(f"one training epoch: {res['epoch_s']:.1f} s")
     lat = res["latency"]
     lines += [(f"latency (batch 256, median of 25): dense {lat['dense_ms']:.2f} ms, factored "
-              f"(ratio 0.1) {lat['factored_ms']:.2f} ms ({lat['dense_ms'] / lat['factored_ms']:.2f}x"
-              f"); MACs ratio {lat['dense_macs'] / lat['factored_macs']:.2f}x; params "
+              f"(ratio 0.1) {lat['factored_ms']:.2f} ms "
+              f"({lat['dense_ms'] / lat['factored_ms']:.2f}x); "
+              f"MACs ratio {lat['dense_macs'] / lat['factored_macs']:.2f}x; params "
               f"{lat['dense_params']:,} → {lat['factored_params']:,}")]
     return "\n".join(lines)
 
@@ -209,7 +210,7 @@ def plot(results: list[dict[str, Any]], args: argparse.Namespace, path: str) -> 
     dense = statistics.mean(r["dense_accuracy"] for r in results)
     fig, axes = plt.subplots(1, len(args.blockings), figsize=(4.2 * len(args.blockings), 3.6),
                              sharey=True, squeeze=False)
-    for ax, b in zip(axes[0], args.blockings):
+    for ax, b in zip(axes[0], args.blockings, strict=True):
         for i, s in enumerate(args.scores):
             for key, style in (("accuracy_cut", "--"), ("accuracy_finetuned", "-")):
                 ys = [100 * statistics.mean(r[key] for r in rows if r["blocking"] == b

@@ -83,7 +83,7 @@ def history_summary(model: torch.nn.Module, splits: data.Splits, config: TrainCo
         tests.append(evaluate(model, splits.test)["accuracy"])
 
     history = train(model, splits, config, generator=generator, on_epoch=on_epoch)
-    for record, acc in zip(history, tests):
+    for record, acc in zip(history, tests, strict=True):
         record["test_accuracy"] = acc
     best = max(history, key=lambda r: r["val_accuracy"]) if history else None
     return {
@@ -214,7 +214,8 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
         shape = ("300-100" if s["method"] == "dense" else
                  "/".join("-".join(map(str, d)) for d in s.get("dims", s.get("widths", []))))
         tr = s["trainable"]["mean"]
-        transform = (f"{s['transform_s']['median']:.2f} ({s['transform_epoch_fraction']['median']:.2f}"
+        transform = (f"{s['transform_s']['median']:.2f} "
+                     f"({s['transform_epoch_fraction']['median']:.2f}"
                      f", max {s['transform_epoch_fraction']['max']:.2f})"
                      if "transform_s" in s else "–")
         lines.append(

@@ -202,7 +202,7 @@ def figures(res: dict[str, Any], folder: str, threads: int) -> list[str]:
     paths = []
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, layer in zip(axes, LAYERS):
+    for ax, layer in zip(axes, LAYERS, strict=True):
         up = res["unit_pruning"][f"seed0/{layer}"]
         for i, key in enumerate(ORDERS):
             ax.plot([p["removed"] for p in up[key]], [100 * p["accuracy"] for p in up[key]],
@@ -220,7 +220,7 @@ def figures(res: dict[str, Any], folder: str, threads: int) -> list[str]:
     paths.append(_save(fig, plt, folder, "redundancy_unit_pruning.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, layer in zip(axes, (*LAYERS, "fc3")):
+    for ax, layer in zip(axes, (*LAYERS, "fc3"), strict=True):
         for when, color in (("init", "C0"), ("trained", "C3")):
             s = res["spectrum"][f"{when}/{layer}"]
             eig = torch.tensor(s["eigenvalues"]).clamp(min=1e-12)

@@ -115,13 +115,13 @@ def plot(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
     fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
     ax = fig.subplots()
-    for color, config in zip(("tab:blue", "tab:orange", "tab:green"), CONFIGS):
+    for color, config in zip(("tab:blue", "tab:orange", "tab:green"), CONFIGS, strict=True):
         runs = [r["loss"] for r in results if r["config"] == config]
         steps = [args.every * (i + 1) for i in range(len(runs[0]))]
-        mean = [statistics.mean(v) for v in zip(*runs)]
+        mean = [statistics.mean(v) for v in zip(*runs, strict=True)]
         ax.plot(steps, mean, color=color, label=f"{config} (mean of {len(runs)} seeds)")
-        ax.fill_between(steps, [min(v) for v in zip(*runs)], [max(v) for v in zip(*runs)],
-                        color=color, alpha=0.2)
+        ax.fill_between(steps, [min(v) for v in zip(*runs, strict=True)],
+                        [max(v) for v in zip(*runs, strict=True)], color=color, alpha=0.2)
     ax.set_xlabel("SGD step")
     ax.set_ylabel(f"training loss (mean over {args.every} steps)")
     ax.set_yscale("log")

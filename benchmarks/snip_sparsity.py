@@ -75,7 +75,7 @@ def step_time(model: torch.nn.Module, splits: data.Splits, generator: torch.Gene
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = splits.train.x, splits.train.y
     times = []
-    for i in range(40):
+    for _ in range(40):
         idx = torch.randint(len(y), (100,), generator=generator)
         t = time.perf_counter()
         opt.zero_grad()

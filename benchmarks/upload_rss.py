@@ -38,8 +38,8 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.common import dump_results, run_meta
+sys.path.insert(0, str(ROOT))  # also runs as `python benchmarks/upload_rss.py`
+from benchmarks.common import dump_results, run_meta  # noqa: E402
 
 MB = 1000 * 1000
 MiB = 1024 * 1024
