@@ -7,7 +7,6 @@ models flatten their input, so an MLP with `input_shape=[1, 1, D]` reads them di
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,10 +20,14 @@ from torch.utils.data import Dataset
 from core.errors import DatasetError
 
 FASHION_MNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    "train-images-idx3-ubyte.gz":
+        "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz":
+        "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz":
+        "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz":
+        "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
 }
 
 SYNTHETIC = ("synthetic-blobs", "synthetic-tiny")
@@ -120,17 +123,6 @@ def _find_idx(directory: Path, name: str) -> Path:
     raise DatasetError(f"{directory} has neither {name}.gz nor {name}")
 
 
-def verify_fashion_mnist(directory: str | os.PathLike[str]) -> None:
-    """Check the four .gz files against `FASHION_MNIST_SHA256`; raise DatasetError on mismatch."""
-    for name, digest in FASHION_MNIST_SHA256.items():
-        path = Path(directory) / name
-        if not path.exists():
-            raise DatasetError(f"{path} is missing")
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
-        if actual != digest:
-            raise DatasetError(f"{path} has sha256 {actual}, expected {digest}")
-
-
 def fashion_mnist(directory: str | os.PathLike[str]) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) from the four IDX files in `directory`; pixels scaled to [0, 1]."""
     directory = Path(directory)
@@ -156,7 +148,8 @@ def _as_numpy(name: str, value: Any) -> np.ndarray:
         return value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):
         return value
-    raise DatasetError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+    raise DatasetError(f"{name} must be a numpy array or a torch tensor, "
+                       f"got {type(value).__name__}")
 
 
 def _images(name: str, value: Any) -> torch.Tensor:

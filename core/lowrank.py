@@ -96,8 +96,9 @@ def lowrank_transform(model: nn.Module, plan: dict[str, dict[str, Any]]
         report[name] = {"blocking": blocking, "ranks": ranks,
                         "full_ranks": full_ranks(layer, blocking),
                         "weight_params_before": int(layer.weight.numel()),
-                        "weight_params_after": sum(block_params(p, q, r)
-                                                   for (p, q), r in zip(shapes, ranks))}
+                        "weight_params_after": sum(
+                            block_params(p, q, r)
+                            for (p, q), r in zip(shapes, ranks, strict=True))}
         new_model.slimline_arch = with_edit(new_model, {"op": "lowrank", "layer": name,
                                                         "blocking": blocking, "ranks": ranks})
     return new_model, report
@@ -130,7 +131,7 @@ def _given_ranks(model: nn.Module, config: LowRankConfig, layers: list[str]
         if len(wanted) != len(full):
             raise SpecError(f"target.ranks[{name!r}] has {len(wanted)} ranks; layer {name} has "
                             f"{len(full)} block(s) with blocking {config.blocking!r}")
-        too_big = [(w, f) for w, f in zip(wanted, full) if w > f]
+        too_big = [(w, f) for w, f in zip(wanted, full, strict=True) if w > f]
         if too_big:
             raise SpecError(f"target.ranks[{name!r}]: rank {too_big[0][0]} exceeds the block's "
                             f"full rank {too_big[0][1]} (full ranks: {full})")

@@ -122,7 +122,7 @@ class LowRankLayer(nn.Module):
                                             for r in ranks):
             raise SpecError(f"lowrank: {blocking!r} blocking of this layer has {len(layout)} "
                             f"blocks; 'ranks' must be that many ints, got {ranks!r}")
-        for r, f in zip(ranks, fulls):
+        for r, f in zip(ranks, fulls, strict=True):
             if not 1 <= r <= f:
                 raise SpecError(f"lowrank: every rank must be in [1, block's full rank]; got "
                                 f"{ranks} for full ranks {fulls}")
@@ -136,7 +136,7 @@ class LowRankLayer(nn.Module):
         k = _unit(layer)
         self.blocks = nn.ModuleList()
         kw: dict[str, Any] = {"dtype": layer.weight.dtype, "device": layer.weight.device}
-        for (r0, r1, c0, c1), r in zip(layout, ranks):
+        for (r0, r1, c0, c1), r in zip(layout, ranks, strict=True):
             p, c = r1 - r0, c1 - c0
             factored = is_factored(p, c * k, r)
             if self.conv:
@@ -219,7 +219,7 @@ class LowRankLayer(nn.Module):
         ref = next(self.blocks.parameters())
         w = torch.zeros(self.out_channels, self.in_channels * k, dtype=ref.dtype,
                         device=ref.device)  # (out, in*kh*kw)
-        for (r0, r1, c0, c1), block in zip(self.layout, self.blocks):
+        for (r0, r1, c0, c1), block in zip(self.layout, self.blocks, strict=True):
             if isinstance(block, nn.Sequential):
                 first, second = block[0].weight, block[1].weight
                 part = second.reshape(second.shape[0], -1) @ first.reshape(first.shape[0], -1)
@@ -239,7 +239,8 @@ def factorize_layer(layer: nn.Module, blocking: str, ranks: list[int]) -> LowRan
     new = LowRankLayer(layer, blocking, ranks)
     dtype = layer.weight.dtype
     with torch.no_grad():
-        for (u, s, vh), r, block in zip(block_svds(layer, blocking), ranks, new.blocks):
+        for (u, s, vh), r, block in zip(block_svds(layer, blocking), ranks, new.blocks,
+                                        strict=True):
             left, right = u[:, :r] * s[:r], vh[:r]  # (p, r), (r, q)
             if isinstance(block, nn.Sequential):
                 first, second = block[0], block[1]

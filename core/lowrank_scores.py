@@ -68,7 +68,8 @@ def output_scores(model: nn.Module, name: str, blocking: str,
     (`core.tail.TailRunner`), keeping the layer's input `a` and output `z`; removing vector i
     changes the layer output by `delta_i = -s_i u_i (v_i^T a)` (no weight is touched), and up to
     `chunk` such `z + delta_i` (and at most `max_elements` values in all) are stacked and
-    pushed through the part of the network *after* the layer only. Untraceable models fall back to full forwards of the repeated batch.
+    pushed through the part of the network *after* the layer only. Untraceable models fall back
+    to full forwards of the repeated batch.
     Runs in eval mode, no_grad. Returns float64 tensors per block (layout order), indexed like
     the block's singular values.
     """
@@ -89,11 +90,12 @@ def output_scores(model: nn.Module, name: str, blocking: str,
                 # stack at most `max_elements` layer-output values: big stacks thrash the cache
                 step = max(1, min(chunk, max_elements // max(1, z.numel())))
                 if not sums:
+                    n_out = y_flat.shape[1]
                     sums = [[torch.zeros(s.numel(), dtype=torch.float64, device=y.device),
-                             torch.zeros(s.numel(), y_flat.shape[1], dtype=torch.float64, device=y.device),
-                             torch.zeros(s.numel(), y_flat.shape[1], dtype=torch.float64, device=y.device)]
+                             torch.zeros(s.numel(), n_out, dtype=torch.float64, device=y.device),
+                             torch.zeros(s.numel(), n_out, dtype=torch.float64, device=y.device)]
                             for _, s, _ in svds]
-                for (u, s, vh), block, acc in zip(svds, layout, sums):
+                for (u, s, vh), block, acc in zip(svds, layout, sums, strict=True):
                     for start in range(0, s.numel(), step):
                         sl = slice(start, min(start + step, s.numel()))
                         delta = _block_deltas(layer, a, block, u[:, sl], s[sl], vh[sl], out_dim)
@@ -105,7 +107,7 @@ def output_scores(model: nn.Module, name: str, blocking: str,
                 seen += x.shape[0]
     finally:
         model.train(was_training)
-    parts = [_finish(*acc, seen) for acc in sums]
+    parts = [_finish(sq, total, totsq, seen) for sq, total, totsq in sums]
     pert = [p.cpu() for p, _ in parts]
     var = [v.cpu() for _, v in parts]
     return {"output_perturbation": pert, "output_variance": var}
@@ -129,14 +131,15 @@ def output_scores_naive(model: nn.Module, name: str, blocking: str,
         with torch.no_grad():
             refs = [model(x).reshape(x.shape[0], -1) for x in batches]
             for (r0, r1, c0, c1), (u, s, vh) in zip(block_layout(layer, blocking),
-                                                  block_svds(layer, blocking)):
+                                                  block_svds(layer, blocking), strict=True):
                 bp, bv = [], []
                 for i in range(s.numel()):
                     w = original.to(torch.float64).reshape(original.shape[0], -1).clone()
                     w[r0:r1, c0 * k:c1 * k] -= s[i] * torch.outer(u[:, i], vh[i])
                     layer.weight.copy_(w.reshape(original.shape).to(original.dtype))
                     diffs = torch.cat([(ref - model(x).reshape(x.shape[0], -1))
-                                       for ref, x in zip(refs, batches)]).to(torch.float64)
+                                       for ref, x in zip(refs, batches, strict=True)])
+                    diffs = diffs.to(torch.float64)
                     bp.append(diffs.pow(2).sum(1).mean())
                     bv.append(diffs.var(0, unbiased=False).sum())
                 pert.append(torch.stack(bp))
@@ -201,7 +204,8 @@ def select_ranks(scores: dict[str, list[torch.Tensor]],
     Cost counted as `sum_b w_l min(r_b (p_b + q_b), p_b q_b)` over all blocks of all layers l
     (the real cost: a block stays dense where factoring would not save parameters, see
     `block_params`); target `ratio * sum_b w_l p_b q_b`. Removing a vector from a block still
-    above the break-even rank saves nothing yet, so the budget is not over-shot. With `weights=None` (w = 1) the cost is the parameter count;
+    above the break-even rank saves nothing yet, so the budget is not over-shot. With
+    `weights=None` (w = 1) the cost is the parameter count;
     with `weights = layer_positions(...)` it is the MACs per sample. Truncation keeps the top
     singular vectors, so only a block's current last kept vector can be removed: repeatedly
     remove, over all blocks, the removable vector with the lowest score (ties: first layer,

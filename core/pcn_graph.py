@@ -201,7 +201,7 @@ def prune_units(model: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
             torch.unique(keep).numel() != keep.numel():
         raise SpecError(f"group {group.name!r}: keep must be distinct unit indices in "
                         f"[0, {units}), got {keep.tolist()[:20]}")
-    for producer, norm in zip(group.producers, group.norms):
+    for producer, norm in zip(group.producers, group.norms, strict=True):
         set_layer(model, producer, _slice_output(get_layer(model, producer), keep))
         if norm is not None:
             bn = get_layer(model, norm)

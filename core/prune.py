@@ -100,16 +100,16 @@ def snip_scores(model: nn.Module, batches: Iterable[object], *, labels: str = "t
                         raise SpecError("labels='true' needs (x, y) batches")
                     loss = F.cross_entropy(logits, y.to(device), reduction="sum")
                 grads = torch.autograd.grad(loss, weights)
-                for a, g, w in zip(acc, grads, weights):
+                for a, g, w in zip(acc, grads, weights, strict=True):
                     a += (g.detach() * w.detach()).double()  # signed; |.| at the end
                 seen += len(x)
     finally:
-        for w, req in zip(weights, needed):
+        for w, req in zip(weights, needed, strict=True):
             w.requires_grad_(req)
         model.train(was_training)
     if seen == 0:
         raise SpecError("snip_scores needs at least one non-empty batch")
-    return _normalised({name: a.abs() for (name, _), a in zip(layers, acc)})
+    return _normalised({name: a.abs() for (name, _), a in zip(layers, acc, strict=True)})
 
 
 def _normalised(scores: Scores) -> Scores:
@@ -156,19 +156,19 @@ def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int],
     weights = [m.weight for _, m in layers]
     names = [n for n, _ in layers]
     originals = [w.detach().clone() for w in weights]
-    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in zip(names, weights)}
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in zip(names, weights, strict=True)}
     x = torch.ones(1, *input_shape, dtype=torch.float64, device=weights[0].device)
     for w in weights:
         w.requires_grad_(True)
     for k in range(1, rounds + 1):
         density = (1.0 - sparsity) ** (k / rounds)
         with torch.no_grad():
-            for w, w0, n in zip(weights, originals, names):
+            for w, w0, n in zip(weights, originals, names, strict=True):
                 w.copy_(w0 * masks[n])
         grads = torch.autograd.grad(net(x).sum(), weights)
         # Pruned weights get -1 (< every real score) so they are never chosen again.
         scores = {n: torch.where(masks[n], (g * w).detach().abs(), -1.0)
-                  for n, g, w in zip(names, grads, weights)}
+                  for n, g, w in zip(names, grads, weights, strict=True)}
         # The last round asks for `sparsity` itself, so exactly kappa survive.
         masks = masks_from_scores(scores, sparsity if k == rounds else 1.0 - density,
                                   scope=scope)

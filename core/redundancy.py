@@ -102,9 +102,9 @@ def frame_potential_greedy(w: torch.Tensor | nn.Module, largest_first: bool = Fa
     """Greedy FP removal of all m units: (order, potentials).
 
     The Gram matrix G = Ŵ Ŵ^T is computed once (O(m² n)); each step removes k = argmin c
-    (argmax with `largest_first`; ties within 1e-9 relative: lowest index) and updates c_j -= G_jk² and
-    FP -= 2 c_k - G_kk² in O(m). `potentials[t]` is the FP of the matrix left after t removals
-    (length m + 1, ending at 0).
+    (argmax with `largest_first`; ties within 1e-9 relative: lowest index) and updates
+    c_j -= G_jk² and FP -= 2 c_k - G_kk² in O(m). `potentials[t]` is the FP of the matrix left
+    after t removals (length m + 1, ending at 0).
     """
     with torch.no_grad():
         wh = _normalised_rows(w)

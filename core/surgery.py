@@ -6,7 +6,7 @@ module does its layer surgery through these functions. `core.models` re-exports 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,6 +22,24 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     except AttributeError:
         valid = [n for n, _ in prunable_layers(model)]
         raise SpecError(f"unknown layer {name!r}; valid layers: {', '.join(valid)}") from None
+
+
+def layer_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The `weight` of the layer called `name` (torch types a submodule's attribute as
+    `Tensor | Module`)."""
+    return cast(torch.Tensor, get_layer(model, name).weight)
+
+
+def model_arch(model: nn.Module) -> dict[str, Any]:
+    """`model.slimline_arch`, the normalized arch `core.models.build` attached (AttributeError
+    when the model has none)."""
+    return cast("dict[str, Any]", model.slimline_arch)
+
+
+def set_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
+    """Attach the pruning masks `core.models.save` stores sparsely (`model.slimline_masks`)."""
+    # torch types Module.__setattr__'s value as Tensor | Module; any value is accepted
+    model.slimline_masks = masks  # type: ignore[assignment]
 
 
 def set_layer(model: nn.Module, name: str, module: nn.Module) -> None:

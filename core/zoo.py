@@ -27,8 +27,10 @@ def _conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or any(s < 1 for s in shape):
-        raise SpecError(f"input_shape must be [C, H, W] with positive entries, got {list(input_shape)}")
-    return shape  # type: ignore[return-value]
+        raise SpecError("input_shape must be [C, H, W] with positive entries, "
+                        f"got {list(input_shape)}")
+    c, h, w = shape
+    return c, h, w
 
 
 def _positive_ints(name: str, values: Sequence[int], *, allow_empty: bool = True) -> list[int]:
@@ -84,7 +86,7 @@ class MLP(nn.Module):
         self.activation = activation
         dims = [c * h * w, *widths, num_classes]
         self.layer_names = [f"fc{i + 1}" for i in range(len(dims) - 1)]
-        for name, (d_in, d_out) in zip(self.layer_names, itertools.pairwise(dims)):
+        for name, (d_in, d_out) in zip(self.layer_names, itertools.pairwise(dims), strict=True):
             setattr(self, name, nn.Linear(d_in, d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,7 @@ class ConvNet(nn.Module):
         super().__init__()
         c, h, w = _check_input_shape(input_shape)
         self.conv_names = [f"conv{i + 1}" for i in range(len(channels))]
-        for i, (name, out) in enumerate(zip(self.conv_names, channels)):
+        for i, (name, out) in enumerate(zip(self.conv_names, channels, strict=True)):
             setattr(self, name, nn.Conv2d(c, out, 3, padding=1))
             c = out
             if i % 2 == 1:
@@ -136,7 +138,7 @@ class ConvNet(nn.Module):
                             f"{len(channels) // 2} max-pools")
         dims = [c * h * w, *fc, num_classes]
         self.fc_names = [f"fc{i + 1}" for i in range(len(dims) - 1)]
-        for name, (d_in, d_out) in zip(self.fc_names, itertools.pairwise(dims)):
+        for name, (d_in, d_out) in zip(self.fc_names, itertools.pairwise(dims), strict=True):
             setattr(self, name, nn.Linear(d_in, d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

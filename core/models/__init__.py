@@ -12,7 +12,15 @@ from __future__ import annotations
 from core.arch import build, input_shape, normalize_arch
 from core.edits import EDIT_OPS, register_edit
 from core.models.checkpoint import from_state_dict, from_tensors, load, read_arch, save
-from core.surgery import get_layer, prunable_layers, set_layer, with_edit
+from core.surgery import (
+    get_layer,
+    layer_weight,
+    model_arch,
+    prunable_layers,
+    set_layer,
+    set_masks,
+    with_edit,
+)
 from core.zoo import ZOO
 
 __all__ = [
@@ -23,12 +31,15 @@ __all__ = [
     "from_tensors",
     "get_layer",
     "input_shape",
+    "layer_weight",
     "load",
+    "model_arch",
     "normalize_arch",
     "prunable_layers",
     "read_arch",
     "register_edit",
     "save",
     "set_layer",
+    "set_masks",
     "with_edit",
 ]

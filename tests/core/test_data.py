@@ -80,7 +80,8 @@ def test_from_arrays_shapes_and_scaling():
                                "x_test": np.zeros((2, 3, 2, 2)), "y_test": np.array([0, 1])})
     assert train.x.shape == (4, 3, 2, 2) and test.x.shape == (2, 3, 2, 2)
     assert test.x.dtype == torch.float32 and test.y.dtype == torch.int64
-    flat, _ = from_arrays({"x_train": np.ones((3, 7), dtype=np.float64), "y_train": np.array([0, 1, 2])})
+    flat, _ = from_arrays({"x_train": np.ones((3, 7), dtype=np.float64),
+                           "y_train": np.array([0, 1, 2])})
     assert flat.x.shape == (3, 1, 1, 7)
 
 

@@ -121,7 +121,7 @@ def test_blocked_truncation_is_per_block():
     layer = _double(nn.Conv2d(8, 6, 3, padding=1))
     ranks = [2, 1, 3, 2]
     new = factorize_layer(layer, "alds", ranks)
-    for blk, (u, s, vh), r in zip(new.blocks, block_svds(layer, "alds"), ranks):
+    for blk, (u, s, vh), r in zip(new.blocks, block_svds(layer, "alds"), ranks, strict=True):
         assert torch.allclose(_product(blk), (u[:, :r] * s[:r]) @ vh[:r], atol=1e-12)
     # the layer computes x -> sum over blocks of the truncated blocks, + bias
     w = torch.cat([_product(b) for b in new.blocks], dim=1).reshape(6, 8, 3, 3)
@@ -179,12 +179,12 @@ def test_batched_output_scores_match_naive(layer, blocking):
     naive = output_scores_naive(model, layer, blocking, batches)
     for key in ("output_perturbation", "output_variance"):
         assert [t.shape for t in batched[key]] == [t.shape for t in naive[key]]
-        for b, n in zip(batched[key], naive[key]):
+        for b, n in zip(batched[key], naive[key], strict=True):
             assert torch.allclose(b, n, rtol=1e-5, atol=1e-10)
             assert (n > 0).all()
     # the model is left untouched
     ref = double_model(TINY_CONV4)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters(), strict=True))
 
 
 def test_magnitude_and_relative_error_scores():
@@ -192,7 +192,7 @@ def test_magnitude_and_relative_error_scores():
     mag = layer_scores(model, ["conv2", "fc1"], "alds", "magnitude")
     rel = layer_scores(model, ["conv2", "fc1"], "alds", "relative_error")
     for name in ("conv2", "fc1"):
-        for s, r in zip(mag[name], rel[name]):
+        for s, r in zip(mag[name], rel[name], strict=True):
             assert torch.allclose(r, s.pow(2) / s.pow(2).sum())
             assert torch.allclose(r.sum(), torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(SpecError):
@@ -222,7 +222,8 @@ def test_score_select_factor_pipeline_shrinks_model():
     ranks = select_ranks(scores, shapes, 0.5)
     new, report = lowrank_transform(model, {n: {"blocking": "square", "ranks": ranks[n]}
                                             for n in layers})
-    counted = sum(r * (p + q) for n in layers for r, (p, q) in zip(ranks[n], shapes[n]))
+    counted = sum(r * (p + q)
+                  for n in layers for r, (p, q) in zip(ranks[n], shapes[n], strict=True))
     assert counted <= 0.5 * sum(p * q for n in layers for p, q in shapes[n])
     assert sum(report[n]["weight_params_after"] for n in layers) <= counted
     assert new(x).shape == model(x).shape
@@ -239,7 +240,7 @@ def test_layer_positions_and_mac_weighted_selection():
     scores = layer_scores(model, layers, "none", "relative_error")
     by_macs = select_ranks(scores, shapes, 0.5, pos)
     macs = sum(pos[n] * min(r * (p + q), p * q) for n in layers
-               for r, (p, q) in zip(by_macs[n], shapes[n]))
+               for r, (p, q) in zip(by_macs[n], shapes[n], strict=True))
     assert macs <= 0.5 * sum(pos[n] * p * q for n in layers for p, q in shapes[n])
     assert by_macs != select_ranks(scores, shapes, 0.5)
 
@@ -254,7 +255,8 @@ def test_select_ranks_counts_the_real_cost_and_stops_at_the_target(blocking, rat
     shapes = {n: block_shapes(get_layer(model, n), blocking) for n in layers}
     scores = layer_scores(model, layers, blocking, "relative_error")
     ranks = select_ranks(scores, shapes, ratio)
-    real = sum(block_params(p, q, r) for n in layers for r, (p, q) in zip(ranks[n], shapes[n]))
+    real = sum(block_params(p, q, r)
+               for n in layers for r, (p, q) in zip(ranks[n], shapes[n], strict=True))
     dense = sum(p * q for n in layers for p, q in shapes[n])
     # within budget, and no further below it than one vector's saving (<= p + q): blocks above
     # the break-even rank cost p*q, so trimming them saves nothing and must not over-shoot

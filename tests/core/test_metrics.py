@@ -20,7 +20,8 @@ def test_conv4_macs_by_formula():
     model = build({"name": "conv4"})
     c = [1, 64, 64, 128, 128]
     sizes = [28, 28, 14, 14]  # "same" convs; pool after conv2
-    convs = sum(s * s * c_out * c_in * 9 for s, c_in, c_out in zip(sizes, c[:-1], c[1:]))
+    convs = sum(s * s * c_out * c_in * 9
+                for s, c_in, c_out in zip(sizes, c[:-1], c[1:], strict=True))
     fcs = 128 * 7 * 7 * 256 + 256 * 256 + 256 * 10
     assert count_macs(model, [1, 28, 28]) == convs + fcs
 

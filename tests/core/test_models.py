@@ -65,7 +65,7 @@ def test_lenet5_param_count():
 
 def test_conv4_param_count_by_formula():
     c = [64, 64, 128, 128]
-    convs = sum(c_in * c_out * 9 + c_out for c_in, c_out in zip([1, *c[:-1]], c))
+    convs = sum(c_in * c_out * 9 + c_out for c_in, c_out in zip([1, *c[:-1]], c, strict=True))
     flat = 128 * 7 * 7  # 28 -> 14 -> 7 after two 2x2 pools ("same" convs keep the size)
     fcs = (flat * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
     model = build({"name": "conv4"})

@@ -108,7 +108,7 @@ def test_effective_dimensionality_bad_selectors(kwargs):
 
 
 def test_stats_of_a_pcn_layer_are_those_of_its_original_input():
-    """After a transform, tracking a PCN layer sees the same m-dim input as the layer it replaced."""
+    """After a transform, tracking a PCN layer sees the m-dim input of the layer it replaced."""
     from core.models import build
     from core.pcn import PCNLinear, pcn_input_transform
 

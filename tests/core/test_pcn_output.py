@@ -49,8 +49,8 @@ def test_output_pruning_removes_lowest_score_units_hand_computed():
     stats = {"fc2": LayerStats(mu, eigvals, V, 100, "linear")}
     new, report = pcn_transform(model, stats, {"dims": 2}, ["fc2"],
                                 output={"fc1": {"keep": 3}})
-    scores = [abs(float(V[l, 0])) + abs(float(V[l, 1])) for l in range(5)]
-    kept = sorted(sorted(range(5), key=lambda l: -scores[l])[:3])
+    scores = [abs(float(V[u, 0])) + abs(float(V[u, 1])) for u in range(5)]
+    kept = sorted(sorted(range(5), key=lambda u: -scores[u])[:3])
     assert report["output"]["fc1"]["kept"] == kept
     assert report["output"]["fc1"]["scores"] == pytest.approx(scores)
     k = torch.tensor(kept)

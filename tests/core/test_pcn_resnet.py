@@ -85,7 +85,7 @@ def test_truncated_stage_prunes_the_same_filters_everywhere(trained_resnet, tmp_
         kept = torch.tensor(report["output"][stage]["kept"])
         assert kept.numel() == keep
         for producer, norm in zip(unit_groups(model)[stage].producers,
-                                  unit_groups(model)[stage].norms):
+                                  unit_groups(model)[stage].norms, strict=True):
             assert new.get_submodule(producer).out_channels == keep
             old_bn, new_bn = model.get_submodule(norm), new.get_submodule(norm)
             # identical filter indices in every layer whose output is added
