@@ -1,6 +1,7 @@
 """Job artifacts: files a job produced (compressed model, report, plots, exports)."""
 from __future__ import annotations
 
+import functools
 import mimetypes
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def put_files(session: Session, store: ObjectStore, files: dict[str, Path],
     from concurrent.futures import ThreadPoolExecutor
 
     for key in files:
-        on_rollback(session, lambda key=key: store.delete(key))
+        on_rollback(session, functools.partial(store.delete, key))
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
         for future in [pool.submit(store.put_file, key, path) for key, path in files.items()]:
             future.result()

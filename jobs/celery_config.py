@@ -9,7 +9,7 @@ TASK_NAME = "slimline.run_job"
 QUEUES = ("cpu", "gpu")
 
 
-def filesystem_folders(settings: Settings) -> dict[str, str]:
+def filesystem_folders(settings: Settings) -> dict[str, Any]:
     """The filesystem transport's folders (created here): in = out, processed messages kept,
     and the exchange table (kombu's `control_folder`, which defaults to ./control in the cwd)."""
     queue = settings.broker_folder / "queue"

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Delete, Engine, Update, create_engine, event
 from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
@@ -130,6 +130,13 @@ def rollback(session: Session) -> None:
 
 AFTER_COMMIT = "after_commit"
 ON_ROLLBACK = "on_rollback"
+
+
+def rows_changed(session: Session, statement: Update | Delete) -> int:
+    """Rows an UPDATE or DELETE changed; the session's objects are not synchronised (callers
+    re-read what they need)."""
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    return cast("CursorResult[Any]", result).rowcount  # DML answers with a CursorResult
 
 
 def after_commit(session: Session, action: Callable[[], object]) -> None:

@@ -149,7 +149,3 @@ class JobSpec(Strict):
     def other_model_ids(self) -> list[str]:
         """Model ids named by steps (analyze's `other_model`), in step order."""
         return [model_id for s in self.steps for model_id in s.referenced_models()]
-
-    @property
-    def builtin_dataset(self) -> bool:
-        return self.dataset in BUILTIN_DATASETS or self.dataset.startswith("synthetic-")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, Update, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, object_session
 
+from jobs.db import rows_changed
 from jobs.errors import InvalidTransition, JobNotCancelable
 from jobs.orm import Job, JobEvent, utcnow
 
@@ -107,13 +108,6 @@ class LostOwnership(Exception):
     """The job row is no longer this attempt's (reaped, re-claimed by another worker, or gone)."""
 
 
-def _rows_updated(session: Session, statement: Update) -> int:
-    """Rows an UPDATE changed (a compare-and-set: 0 or 1); the session's objects are not
-    synchronised (callers re-read the row)."""
-    result = session.execute(statement.execution_options(synchronize_session=False))
-    return cast("CursorResult[Any]", result).rowcount
-
-
 def owned(session: Session, job_id: str, attempt: int, *, lock: bool = False) -> Job:
     """The job, if attempt `attempt` still runs it (`lock`: take its row lock and re-read it);
     else LostOwnership."""
@@ -159,7 +153,7 @@ def claim(session: Session, job_id: str, *, now: datetime, heartbeat_timeout_s: 
             session.flush()
         return None
     seen_status, seen_attempts = job.status, job.attempts or 0
-    claimed = _rows_updated(session, update(Job).where(
+    claimed = rows_changed(session, update(Job).where(
         Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts)
         .values(status=RUNNING, attempts=seen_attempts + 1, heartbeat_at=now,
                 started_at=job.started_at or now, stage="starting"))
@@ -188,7 +182,7 @@ def finish(session: Session, job_id: str, attempt: int,
     which takes the row lock (PostgreSQL) or the write lock (SQLite) before anything else, so a
     concurrent `request_cancel` (a compare-and-set on the status) either lands first (the job
     ends canceled) or waits and finds the job succeeded (the cancel gets 409)."""
-    won = _rows_updated(session, update(Job).where(
+    won = rows_changed(session, update(Job).where(
         Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt,
         Job.cancel_requested.is_(False)).values(stage="storing results"))
     job = owned(session, job_id, attempt, lock=True)

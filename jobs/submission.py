@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from jobs import queue
 from jobs.archcheck import check_arch
 from jobs.datasets import check_dataset_ref
-from jobs.db import after_commit, session_scope
+from jobs.db import after_commit, rows_changed, session_scope
 from jobs.errors import (
     BadRequest,
     BrokerUnavailable,
@@ -203,9 +203,9 @@ def cancel_job(session: Session, tenant_id: str, job_id: str, settings: Settings
     if job.status in TERMINAL:
         raise JobNotCancelable(f"job {job.id} is already {job.status}; only queued or running "
                                "jobs can be canceled")
-    won = session.execute(
-        update(Job).where(Job.id == job.id, Job.status.in_((QUEUED, RUNNING)))
-        .values(cancel_requested=True).execution_options(synchronize_session=False)).rowcount
+    won = rows_changed(session, update(Job)
+                       .where(Job.id == job.id, Job.status.in_((QUEUED, RUNNING)))
+                       .values(cancel_requested=True))
     session.refresh(job)
     if not won:
         raise JobNotCancelable(f"job {job.id} is already {job.status}; only queued or running "

@@ -15,6 +15,12 @@ from jobs.registry import (
     register_step,
 )
 
+AnalysisKind = Literal["unit_pruning", "spectrum", "elbow", "angles"]
+
+
+def _default_kinds() -> list[AnalysisKind]:
+    return ["unit_pruning", "spectrum", "elbow"]
+
 
 @register_step
 class AnalyzeStep(MethodSpec):
@@ -26,9 +32,8 @@ class AnalyzeStep(MethodSpec):
     row spaces of each layer and the same layer of `other_model`."""
 
     op: Literal["analyze"]
-    kinds: Annotated[list[Literal["unit_pruning", "spectrum", "elbow", "angles"]],
-                     Field(min_length=1, max_length=4)] = \
-        Field(default_factory=lambda: ["unit_pruning", "spectrum", "elbow"])
+    kinds: Annotated[list[AnalysisKind], Field(min_length=1, max_length=4)] = \
+        Field(default_factory=_default_kinds)
     # "auto" = the widest layers (core.pcn_select.auto_layers), or a list of layer names
     layers: Literal["auto"] | LayerList = "auto"
     other_model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
