@@ -31,7 +31,7 @@ from sqlalchemy import delete, func, select
 
 from core import models as zoo
 from jobs import states
-from jobs.db import session_scope
+from jobs.db import rows_changed, session_scope
 from jobs.dbretry import is_unavailable
 from jobs.orm import JobEvent, utcnow
 from jobs.settings import Settings
@@ -155,10 +155,9 @@ class Checkpointer:
         except status events; returns how many."""
         through = int((self.pointer or {}).get("events_through") or 0)
         with session_scope(self.settings) as session:
-            return session.execute(
-                delete(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.id > through,
-                                       JobEvent.kind.not_in(KEEP_EVENT_KINDS))
-                .execution_options(synchronize_session=False)).rowcount
+            return rows_changed(session, delete(JobEvent).where(
+                JobEvent.job_id == self.job_id, JobEvent.id > through,
+                JobEvent.kind.not_in(KEEP_EVENT_KINDS)))
 
     def _delete(self, keys: Any) -> None:
         for key in keys:

@@ -63,7 +63,7 @@ def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectSt
         put_files(session, store, {model_key(tenant_id, model_id): model_path} | {
             artifact_key(tenant_id, job_id, name): path for name, path in files.items()})
         model = register_model(session, store, tenant_id=tenant_id,
-                               name=outcome.model_name[:200], arch=outcome.model.slimline_arch,
+                               name=outcome.model_name[:200], arch=zoo.model_arch(outcome.model),
                                fmt="safetensors", params=result["after"]["params"],
                                path=model_path, source_job_id=job_id, model_id=model_id,
                                stored=True)

@@ -124,7 +124,7 @@ def load_dataset(spec: JobSpec, tenant_id: str, settings: Settings, store: Objec
 def check_compatible(model: nn.Module, train: datasets.ArrayDataset,
                      test: datasets.ArrayDataset | None) -> list[int]:
     """The model's input shape, after checking the data fits it (shape and label range)."""
-    arch = model.slimline_arch
+    arch = zoo.model_arch(model)
     shape = [int(s) for s in arch["input_shape"]]
     for part, ds in (("training", train), ("test", test)):
         if ds is None:

@@ -23,6 +23,7 @@ import torch
 
 from core.data import split
 from core.errors import Cancelled, CheckpointError, DatasetError, SpecError
+from core.models import model_arch, set_masks
 from jobs import states
 from jobs.db import session_scope
 from jobs.dbretry import is_unavailable, retry_while_unavailable
@@ -155,7 +156,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     source = load_input_model(spec, tenant_id, settings, store, workdir)
     reporter.progress(0.0, f"loading dataset {spec.dataset}")
     train_set, test_set = load_dataset(spec, tenant_id, settings, store, workdir,
-                                       int(source.model.slimline_arch["num_classes"]))
+                                       int(model_arch(source.model)["num_classes"]))
     input_shape = check_compatible(source.model, train_set, test_set)
     splits = split(train_set, test_set, spec.seed)
     ctx = StepContext(model=source.model.to(device), splits=splits, input_shape=input_shape,
@@ -229,7 +230,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
               "resumes": resumes, "checkpoints": checkpointer.saved}
     plots = render_plots(ctx.curves, workdir)
     model = ctx.model.cpu()
-    model.slimline_masks = ctx.masks  # stored sparsely by core.models.save
+    set_masks(model, ctx.masks)  # stored sparsely by core.models.save
     return Outcome(result, f"{source.name}-{job_id[-8:]}", model, ctx.curves, plots)
 
 

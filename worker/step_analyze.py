@@ -33,12 +33,12 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from core.dctps import DCTpSConv2d, DCTpSLayer
+from core.dctps import DCTpSConv2d, DCTpSLayer, DCTpSLinear
 from core.errors import SpecError
 from core.models import get_layer, set_layer
 from core.models.zoo import init_weights
@@ -70,7 +70,7 @@ INIT_NOTES = {
 }
 
 
-def _r(value: float) -> float:
+def _r(value: float | torch.Tensor) -> float:
     """6 significant digits: enough for plots, keeps events and curves small."""
     return float(f"{float(value):.6g}")
 
@@ -97,12 +97,13 @@ def dense_view(model: nn.Module) -> nn.Module:
                               dilation=layer.dilation, groups=layer.groups,
                               bias=layer.bias is not None, padding_mode=layer.padding_mode)
         else:
+            assert isinstance(layer, DCTpSLinear)  # the other DCTpS layer
             dense = nn.Linear(layer.in_features, layer.out_features,
                               bias=layer.bias is not None)
         dense = dense.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             dense.weight.copy_(weight)
-            if layer.bias is not None:
+            if layer.bias is not None and dense.bias is not None:
                 dense.bias.copy_(layer.bias)
         set_layer(view, name, dense)
     return view
@@ -174,7 +175,7 @@ def _fresh_layer(layer: nn.Module, scheme: str, generator: torch.Generator) -> n
     with torch.no_grad():
         if scheme == "torch":
             bound = (1.0 / weight_matrix(fresh).shape[1]) ** 0.5  # kaiming_uniform(a=sqrt(5))
-            fresh.weight.uniform_(-bound, bound, generator=generator)
+            cast(torch.Tensor, fresh.weight).uniform_(-bound, bound, generator=generator)
         else:
             init_weights(fresh, scheme, generator)
     return fresh

@@ -21,7 +21,7 @@ from core.configs import DCTpSConfig
 from core.dctps import dctps_apply
 from core.errors import SpecError
 from core.metrics import fixed_dct_params
-from core.models import get_layer, save
+from core.models import layer_weight, save, set_masks
 from core.train import evaluate
 from jobs.methods.dctps import DCTpSStep
 from worker.context import (
@@ -48,7 +48,7 @@ def _layers(ctx: StepContext, step: DCTpSStep) -> list[str] | None:
 def checkpoint_size(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> int:
     """Bytes of the safetensors file `core.models.save` writes for `model` (with `masks`)."""
     clone = copy.deepcopy(model).cpu()
-    clone.slimline_masks = masks
+    set_masks(clone, masks)
     with tempfile.TemporaryDirectory(prefix="slimline-dctps-") as tmp:
         path = Path(tmp) / "model.safetensors"
         save(clone, path)
@@ -59,8 +59,8 @@ def checkpoint_size(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> 
 def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
     ctx.reporter.progress(0.0, f"dctps: {step.allocation} allocation, density {step.density:g}")
     layers = _layers(ctx, step)
-    dense_bytes = sum(get_layer(ctx.model, n).weight.numel()
-                      * get_layer(ctx.model, n).weight.element_size()
+    dense_bytes = sum(layer_weight(ctx.model, n).numel()
+                      * layer_weight(ctx.model, n).element_size()
                       for n in (layers or dense_layers(ctx.model)))
     report = dctps_apply(ctx.model, config_from_spec(DCTpSConfig, step),
                          generator=ctx.generator)

@@ -14,7 +14,7 @@ from torch import nn
 
 from core.configs import PCNConfig
 from core.errors import SpecError
-from core.models import get_layer
+from core.models import get_layer, layer_weight
 from core.pca import LayerStats, collect_input_stats
 from core.pcn import layer_selector
 from core.pcn_graph import shared_input_sets
@@ -61,7 +61,8 @@ def _collect_stats(ctx: StepContext, config: PCNConfig, layers: list[str],
     N < m). `top_k` / `solver` override both."""
     shared = {n: tensor[0] for tensor in shared_input_sets(ctx.model) for n in tensor}
     stat_layers = list(dict.fromkeys(shared.get(n, n) for n in layers))
-    top_k, keep = config.top_k, None
+    top_k = config.top_k
+    keep: dict[str, list[dict[str, Any]]] | None = None
     if top_k is None and config.solver == "auto":
         if config.target is None:
             select = config.selector()
@@ -72,7 +73,7 @@ def _collect_stats(ctx: StepContext, config: PCNConfig, layers: list[str],
                 keep.setdefault(shared.get(name, name), []).append(
                     layer_selector(select, name, kind))
         else:
-            top_k = max(get_layer(ctx.model, n).weight.shape[1] for n in stat_layers)
+            top_k = max(layer_weight(ctx.model, n).shape[1] for n in stat_layers)
     return collect_input_stats(ctx.model, stat_layers, calibration_set(ctx, config.samples),
                                samples=config.samples, batch_size=config.batch_size,
                                device=ctx.device, top_k=top_k, solver=config.solver, keep=keep,

@@ -38,7 +38,7 @@ def test_param_ratio_is_met_and_the_factored_model_reloads(settings, store, subm
     assert cut["macs"] < result["steps"][0]["macs"]
     assert {"accuracy", "val_accuracy", "params", "macs"} <= set(cut["after_cut"])
     for layer in cut["layers"].values():
-        assert all(1 <= r <= f for r, f in zip(layer["ranks"], layer["full_ranks"]))
+        assert all(1 <= r <= f for r, f in zip(layer["ranks"], layer["full_ranks"], strict=True))
 
     with session_scope(settings) as session:
         key = session.get(Model, result["model_id"]).storage_key
@@ -91,4 +91,5 @@ def test_mac_ratio_target_is_met_in_real_macs(settings, submit):
     # factor pairs actually built) are within the budget the selection counted
     assert cut["layer_macs_before"] == dense["macs"]
     assert cut["macs"] <= 0.5 * dense["macs"]
-    assert cut["macs"] == cut["layer_macs_after"]  # every factor counted (the last one is functional)
+    # every factor counted (the last one is functional)
+    assert cut["macs"] == cut["layer_macs_after"]
