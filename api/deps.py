@@ -129,15 +129,20 @@ async def get_tenant_id(request: Request, settings: SettingsDep) -> str:
     cannot match anything (`check_request_values`)."""
     check_request_values(request)
     if settings.auth == "off":
-        cached = getattr(request.app.state, "default_tenant_id", None)
-        return cached or await run_in_threadpool(default_tenant_id, request, settings)
+        cached: str | None = getattr(request.app.state, "default_tenant_id", None)
+        if cached:
+            return cached
+        return await run_in_threadpool(default_tenant_id, request, settings)
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one "
                            "with `slimline keys create --name N`)")
     key = key.strip()
-    return cached_tenant_id(key) or await run_in_threadpool(tenant_of_key, settings, key)
+    tenant_id = cached_tenant_id(key)
+    if tenant_id:
+        return tenant_id
+    return await run_in_threadpool(tenant_of_key, settings, key)
 
 
 TenantDep = Annotated[str, Depends(get_tenant_id)]

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
@@ -25,9 +26,9 @@ DB_DOWN_DETAIL = "the database is unreachable; retry shortly"
 # errors that mean "the database cannot be reached now" (and not "this request is wrong"):
 # SQLAlchemy's wrappers of the driver's connection errors, the pool's checkout timeout
 # (jobs.dbretry), and the driver's own classes where one escapes unwrapped
-_DB_DOWN: tuple[type[BaseException], ...] = UNAVAILABLE
+_DB_DOWN: tuple[type[Exception], ...] = UNAVAILABLE
 # a value the database refuses (PostgreSQL: a NUL byte in text, a number out of range)
-_DB_BAD_VALUE: tuple[type[BaseException], ...] = (sa_exc.DataError,)
+_DB_BAD_VALUE: tuple[type[Exception], ...] = (sa_exc.DataError,)
 try:
     import psycopg
 
@@ -65,7 +66,7 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out or "request"
 
 
-def validation_detail(errors: list[dict[str, Any]]) -> str:
+def validation_detail(errors: Iterable[Mapping[str, Any]]) -> str:
     messages = []
     for err in errors:
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
@@ -85,11 +86,11 @@ async def slimline_error(_: Request, exc: SlimlineError) -> JSONResponse:
 
 
 async def request_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, "ValidationError", validation_detail(list(exc.errors())))
+    return error_response(422, "ValidationError", validation_detail(exc.errors()))
 
 
 async def pydantic_validation_error(_: Request, exc: ValidationError) -> JSONResponse:
-    return error_response(422, "ValidationError", validation_detail(list(exc.errors())))
+    return error_response(422, "ValidationError", validation_detail(exc.errors()))
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -125,11 +126,21 @@ async def unhandled_error(request: Request, exc: Exception) -> JSONResponse:
                           "an unexpected error occurred; it has been logged")
 
 
+# each handler takes the exception class it is registered for (Starlette types the argument as
+# any Exception)
+_Handler = Callable[[Request, Any], Awaitable[Response]]
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(SlimlineError, slimline_error)
-    app.add_exception_handler(RequestValidationError, request_validation_error)
-    app.add_exception_handler(ValidationError, pydantic_validation_error)
-    app.add_exception_handler(HTTPException, http_error)
-    for cls in (sa_exc.DBAPIError, *_DB_DOWN, *_DB_BAD_VALUE):
-        app.add_exception_handler(cls, database_error)
-    app.add_exception_handler(Exception, unhandled_error)
+    handlers: dict[type[Exception], _Handler] = {
+        SlimlineError: slimline_error,
+        RequestValidationError: request_validation_error,
+        ValidationError: pydantic_validation_error,
+        HTTPException: http_error,
+    }
+    db_errors: tuple[type[Exception], ...] = (sa_exc.DBAPIError, *_DB_DOWN, *_DB_BAD_VALUE)
+    for cls in db_errors:
+        handlers[cls] = database_error
+    handlers[Exception] = unhandled_error
+    for cls, handler in handlers.items():
+        app.add_exception_handler(cls, handler)

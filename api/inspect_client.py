@@ -170,7 +170,7 @@ class Inspector:
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True)
             try:
-                out, err, _ = await asyncio.wait_for(
+                out, err, returncode = await asyncio.wait_for(
                     asyncio.gather(_tail(proc.stdout), _tail(proc.stderr), proc.wait()),
                     timeout=self.settings.inspect_timeout_s)
             except TimeoutError:
@@ -180,7 +180,7 @@ class Inspector:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await asyncio.shield(proc.wait())
-        return _Run(proc.returncode, out.decode("utf-8", "replace"),
+        return _Run(returncode, out.decode("utf-8", "replace"),
                     err.decode("utf-8", "replace"))
 
     def _verdict(self, run: _Run, what: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +30,9 @@ from jobs.errors import (
 from jobs.quotas import check_upload_quota
 from jobs.settings import Settings
 from jobs.tmpfiles import sweep
+
+if TYPE_CHECKING:  # defined for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class _PartCollector:
         self._field: bytearray | None = None
         self.saw_file = False
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {"on_part_begin": self.part_begin, "on_header_field": self.header_field,
                 "on_header_value": self.header_value, "on_header_end": self.header_end,
                 "on_headers_finished": self.headers_finished, "on_part_data": self.part_data,

@@ -46,7 +46,9 @@ def is_operator(request: Request, settings: Settings) -> bool:
         return True
     token = bearer_token(request)
     secret = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
-    return bool(token and secret) and hmac.compare_digest(token.encode(), secret.encode())
+    if not token or not secret:
+        return False
+    return hmac.compare_digest(token.encode(), secret.encode())
 
 
 @router.get("/readyz")
