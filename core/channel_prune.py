@@ -349,13 +349,15 @@ def _slice_masks(model: nn.Module, groups: Mapping[str, UnitGroup],
 
 
 def channel_prune(model: nn.Module, config: ChannelPruneConfig, *,
-                  data: ArrayDataset | None = None, device: str | torch.device = "cpu"
+                  data: ArrayDataset | None = None, device: str | torch.device = "cpu",
+                  masks: Mapping[str, torch.Tensor] | None = None
                   ) -> tuple[nn.Module, dict[str, Any]]:
     """Prune whole units of `model` to `config.target`; returns (a pruned copy, report).
 
     `data`: calibration samples for `criterion="taylor"` (the first `config.samples`).
-    The copy carries the arch with one `channel_prune` edit (when `model` has an arch) and its
-    pruning masks (`slimline_masks`) cut to the new shapes. Report: `{"criterion", "scope",
+    The copy carries the arch with one `channel_prune` edit (when `model` has an arch) and the
+    pruning masks (`masks`, default `model.slimline_masks`) cut to the new shapes in
+    `slimline_masks`. Report: `{"criterion", "scope",
     "target", "round_to", "groups": {group: {"total", "kept", "keep": [unit indices]}},
     "params": {"before", "after"}, "macs": {"before", "after"}, "ratio"}` (`ratio`: the
     target's quantity after / before, counted on the returned model).
@@ -377,7 +379,7 @@ def channel_prune(model: nn.Module, config: ChannelPruneConfig, *,
     keeps, before, _ = select_keeps(model, groups, scores, config, input_shape)
     keep = {n: top_k_indices(scores[n], keeps[n]) for n in groups}
     new_model = _pruned(model, groups, keep)
-    masks = getattr(model, "slimline_masks", None)
+    masks = getattr(model, "slimline_masks", None) if masks is None else masks
     if masks:
         new_model.slimline_masks = _slice_masks(model, groups, keep, masks)
     changed = {n: keeps[n] for n in groups if keeps[n] < scores[n].numel()}

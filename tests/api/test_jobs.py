@@ -290,7 +290,7 @@ def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
                                         "output": {}})
     curves = client.get(f"/v1/jobs/{job_id}/curves").json()
     assert set(curves) == {"training", "effective_dim", "spectra", "transforms", "pruning",
-                           "lowrank", "dctps", "analysis"}
+                           "lowrank", "dctps", "analysis", "channel_pruning"}
     assert curves["effective_dim"] == {"fc2": [
         {"step": 0, "epoch": e, "global_epoch": e, "in_dim": 300,
          "effective_dim": {"0.1": 40 + e}, "accuracy": 0.5 + e / 10,
