@@ -70,11 +70,21 @@ def test_refused_naming_the_problem(steps, needle):
 
 def test_the_registry_derives_the_ops_the_dense_weight_rule_and_the_curves_shape():
     from jobs import curves
-    from jobs.registry import dense_weight_ops, dense_weights_refusal, step_models
+    from jobs.registry import (
+        dense_weight_ops,
+        dense_weightless_edit_ops,
+        dense_weights_refusal,
+        edit_ops,
+        step_models,
+    )
     from jobs.spec import AVAILABLE_OPS
 
-    assert AVAILABLE_OPS == ("train", "evaluate", "pcn", "snip", "random", "magnitude",
-                             "synflow", "lowrank", "dctps", "analyze")
+    # the built-ins in their historical order, then the plug-ins found in jobs/methods/
+    assert AVAILABLE_OPS[:10] == ("train", "evaluate", "pcn", "snip", "random", "magnitude",
+                                  "synflow", "lowrank", "dctps", "analyze")
+    assert "channel_prune" in AVAILABLE_OPS[10:]
+    assert set(edit_ops()) >= {"pcn_input", "pcn_output", "lowrank", "dctps", "channel_prune"}
+    assert dense_weightless_edit_ops() == ("dctps",)
     assert [m.__name__ for m in step_models()][:7] == [
         "TrainStep", "EvaluateStep", "PCNStep", "PruneStep", "LowRankStep", "DCTpSStep",
         "AnalyzeStep"]
