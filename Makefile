@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-core test-service lint venv services data bench clean
+.PHONY: demo test test-core lint venv services data bench clean
 
 venv: $(STAMP)
 
@@ -32,9 +32,9 @@ test: $(STAMP) data services lint
 test-core: $(STAMP)
 	$(PY) -m pytest -q tests/core
 
-# ruff (rules in pyproject.toml) and mypy (api/, cli/, jobs/, worker/, core/; see pyproject.toml)
+# ruff (rules in pyproject.toml) and mypy (api/, cli/, service/, worker/, core/; see pyproject.toml)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check api cli core jobs worker tests benchmarks migrations
+	$(VENV)/bin/ruff check api cli core service worker tests benchmarks migrations
 	$(VENV)/bin/mypy
 
 clean:

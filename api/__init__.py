@@ -1,1 +1,1 @@
-"""The slimline HTTP API (FastAPI). Imports jobs/ only: never torch, core or worker."""
+"""The slimline HTTP API (FastAPI). Imports service/ only: never torch, core or worker."""

@@ -14,16 +14,16 @@ from api.limits import install_limits, size_thread_pool
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, datasets, health, jobs, models
 from api.uploads import sweep_temp_loop, sweep_temp_once
-from jobs.reconcile import Reconciler
-from jobs.settings import Settings, get_settings
-from jobs.store import store_from_settings
+from service.reconcile import Reconciler
+from service.settings import Settings, get_settings
+from service.store import store_from_settings
 
 log = logging.getLogger(__name__)
 
 
 async def _reconciler_loop(settings: Settings) -> None:
     """Re-queue jobs of lost workers and re-send queued jobs whose message may be lost
-    (`jobs.reconcile`; every worker runs the same pass, so this is a safety net when no worker
+    (`service.reconcile`; every worker runs the same pass, so this is a safety net when no worker
     is up)."""
     reconciler = Reconciler(settings)
     while True:

@@ -10,12 +10,12 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from jobs.auth import cached_tenant_id, get_or_create_tenant, resolve_key
-from jobs.db import SessionFactory, rollback, session_scope
-from jobs.errors import NotFound, Unauthorized, Unprocessable
-from jobs.settings import Settings
-from jobs.spec import control_character
-from jobs.store import ObjectStore
+from service.auth import cached_tenant_id, get_or_create_tenant, resolve_key
+from service.db import SessionFactory, rollback, session_scope
+from service.errors import NotFound, Unauthorized, Unprocessable
+from service.settings import Settings
+from service.spec import control_character
+from service.store import ObjectStore
 
 MAX_ID_CHARS = 32  # the id columns are String(32); a longer id cannot exist
 MAX_NAME_CHARS = 200  # artifact names
@@ -34,7 +34,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 def end_request_transaction(session: Session, ok: bool) -> None:
     """Commit (`ok`) or roll back the request's transaction, then close the session. Actions
-    registered with `jobs.db.after_commit` (sending a new job to its queue) run inside the
+    registered with `service.db.after_commit` (sending a new job to its queue) run inside the
     commit; a commit that fails is rolled back with undo (objects stored for its rows are
     deleted) and raised."""
     try:

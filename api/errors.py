@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 
-from jobs.dbretry import UNAVAILABLE, is_unavailable
-from jobs.errors import DatabaseUnavailable, SlimlineError, Unprocessable
-from jobs.spec import AVAILABLE_OPS
+from service.dbretry import UNAVAILABLE, is_unavailable
+from service.errors import DatabaseUnavailable, SlimlineError, Unprocessable
+from service.spec import AVAILABLE_OPS
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ DB_DOWN_DETAIL = "the database is unreachable; retry shortly"
 
 # errors that mean "the database cannot be reached now" (and not "this request is wrong"):
 # SQLAlchemy's wrappers of the driver's connection errors, the pool's checkout timeout
-# (jobs.dbretry), and the driver's own classes where one escapes unwrapped
+# (service.dbretry), and the driver's own classes where one escapes unwrapped
 _DB_DOWN: tuple[type[Exception], ...] = UNAVAILABLE
 # a value the database refuses (PostgreSQL: a NUL byte in text, a number out of range)
 _DB_BAD_VALUE: tuple[type[Exception], ...] = (sa_exc.DataError,)

@@ -31,7 +31,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from jobs.errors import (
+from service.errors import (
     InvalidCheckpoint,
     InvalidDataset,
     Overloaded,
@@ -39,7 +39,7 @@ from jobs.errors import (
     UnsupportedFormat,
     UploadTooLarge,
 )
-from jobs.settings import Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]

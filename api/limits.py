@@ -26,7 +26,7 @@ import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobs.settings import Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

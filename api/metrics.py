@@ -11,10 +11,10 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobs.db import session_scope
-from jobs.orm import Job
-from jobs.settings import Settings
-from jobs.states import STATUSES
+from service.db import session_scope
+from service.orm import Job
+from service.settings import Settings
+from service.states import STATUSES
 
 log = logging.getLogger(__name__)
 

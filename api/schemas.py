@@ -4,8 +4,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from jobs.datasets import BUILTINS
-from jobs.orm import Artifact, Dataset, Model
+from service.datasets import BUILTINS
+from service.orm import Artifact, Dataset, Model
 
 
 def iso(value: datetime | None) -> str | None:

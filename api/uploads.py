@@ -3,7 +3,7 @@ written to a temporary file, so every limit holds while bytes arrive, with or wi
 Content-Length (chunked bodies): the bytes read from the stream (max_upload_bytes + OVERHEAD), the
 file part (max_upload_bytes), the number of parts (max_form_fields), each part's headers and each
 text field (FIELD_LIMIT). Text fields and the file name must be UTF-8 without control characters
-(422 naming the field). Uploads live in a `jobs.tmpfiles.temp_dir` under `<home>/tmp`, which the
+(422 naming the field). Uploads live in a `service.tmpfiles.temp_dir` under `<home>/tmp`, which the
 API sweeps at start-up and periodically (`sweep_temp_loop`) for what killed processes left."""
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from jobs.db import session_scope
-from jobs.errors import (
+from service.db import session_scope
+from service.errors import (
     BadRequest,
     SlimlineError,
     Unprocessable,
     UnsupportedMediaType,
     UploadTooLarge,
 )
-from jobs.quotas import check_upload_quota
-from jobs.settings import Settings
-from jobs.tmpfiles import sweep
+from service.quotas import check_upload_quota
+from service.settings import Settings
+from service.tmpfiles import sweep
 
 if TYPE_CHECKING:  # defined for type checkers only
     from python_multipart.multipart import MultipartCallbacks

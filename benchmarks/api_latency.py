@@ -253,21 +253,21 @@ import os
 if os.path.exists(os.path.join("cli", "app.py")):
     from cli.app import app
 else:
-    from jobs.cli import app
+    from service.cli import app
 app()
 """
 SEED = """
 import json, sys
-from jobs.auth import create_api_key
-from jobs.db import session_scope, upgrade_db
-from jobs.orm import Job
-from jobs.settings import get_settings
+from service.auth import create_api_key
+from service.db import session_scope, upgrade_db
+from service.orm import Job
+from service.settings import get_settings
 s = get_settings()
 upgrade_db(s)
 with session_scope(s) as session:
     key = create_api_key(session, "bench", "bench")
 with session_scope(s) as session:
-    from jobs.orm import ApiKey
+    from service.orm import ApiKey
     from sqlalchemy import select
     tenant = session.scalar(select(ApiKey.tenant_id))
     jobs = [Job(tenant_id=tenant, status="succeeded", progress=1.0, stage="done",

@@ -32,7 +32,7 @@ from tempfile import TemporaryDirectory
 import httpx
 
 from benchmarks.common import dump_results, run_meta
-from tests.service.conftest import REPO, SLIMLINE, free_port, spawn, stop, wait_ready
+from tests.stack.conftest import REPO, SLIMLINE, free_port, spawn, stop, wait_ready
 
 SPEC = {"model": {"arch": {"name": "mlp", "input_shape": [1, 8, 8], "widths": [16]}},
         "dataset": "synthetic-tiny", "steps": [{"op": "evaluate"}]}

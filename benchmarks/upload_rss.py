@@ -45,9 +45,9 @@ MB = 1000 * 1000
 MiB = 1024 * 1024
 _SETUP = """\
 import sys
-from jobs.auth import create_api_key
-from jobs.db import session_scope, upgrade_db
-from jobs.settings import Settings
+from service.auth import create_api_key
+from service.db import session_scope, upgrade_db
+from service.settings import Settings
 s = Settings()
 upgrade_db(s)
 with session_scope(s) as session:

@@ -37,7 +37,7 @@ from cli.processes import (
 )
 
 if TYPE_CHECKING:
-    from jobs.settings import Settings
+    from service.settings import Settings
 
 app = typer.Typer(help="slimline: compress PyTorch models behind a REST API.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -56,7 +56,7 @@ Port = Annotated[int, typer.Option(help="Port to listen on.")]
 # ---- running the stack ----
 
 def _settings() -> Settings:
-    from jobs.settings import get_settings
+    from service.settings import get_settings
 
     get_settings.cache_clear()  # the environment may have changed in this process
     return get_settings()
@@ -75,7 +75,7 @@ def up(host: Host = "127.0.0.1", port: Port = 8000,
     os.environ["SLIMLINE_HOME"] = str(settings.home)
     settings.home.mkdir(parents=True, exist_ok=True)
 
-    from jobs.db import upgrade_db
+    from service.db import upgrade_db
 
     upgrade_db(settings)
     typer.echo(f"slimline: home {settings.home}, database {settings.database_url}, "
@@ -138,7 +138,7 @@ def worker(queues: Annotated[str, typer.Option(help="Comma-separated queues: cpu
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Run the Alembic migrations (PostgreSQL or SQLite)."""
-    from jobs.db import upgrade_db
+    from service.db import upgrade_db
 
     settings = _settings()
     upgrade_db(settings, revision)
@@ -159,8 +159,8 @@ def keys_create(name: Annotated[str, typer.Option(help="A label for the key.")],
                 tenant: Annotated[str | None, typer.Option(
                     help="Tenant name (default: same as --name).")] = None) -> None:
     """Create an API key; the key is printed once, as the last line."""
-    from jobs.auth import create_api_key
-    from jobs.db import session_scope
+    from service.auth import create_api_key
+    from service.db import session_scope
 
     settings = _settings()
     with session_scope(settings) as session:

@@ -27,7 +27,7 @@ from core import models as zoo
 from core.data import fashion_mnist, split
 from core.metrics import count_macs, param_counts
 from core.train import TrainConfig, evaluate, train
-from jobs.settings import Settings
+from service.settings import Settings
 from worker.datasets import locate_fashion_mnist
 
 MARKER = ".slimline-demo"

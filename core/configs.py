@@ -1,6 +1,6 @@
 """One frozen config per method at the core boundary; field names equal the JSON spec fields of
-the job step (jobs' PCNStep, PruneStep, LowRankStep, DCTpSStep, AnalyzeStep), so a handler
-builds one in a line:
+the job step (service.methods' PCNStep, PruneStep, LowRankStep, DCTpSStep, AnalyzeStep), so a
+handler builds one in a line:
 
     config = PruneConfig.from_dict(step.model_dump())
 

@@ -1,14 +1,14 @@
 """Alembic environment: the URL comes from `-x url=`, then the config attribute set by
-`jobs.db.upgrade_db`, then jobs.settings. SQLite runs in batch mode."""
+`service.db.upgrade_db`, then service.settings. SQLite runs in batch mode."""
 from __future__ import annotations
 
 from logging.config import fileConfig
 
 from alembic import context
 
-from jobs.db import make_engine
-from jobs.orm import Base
-from jobs.settings import Settings
+from service.db import make_engine
+from service.orm import Base
+from service.settings import Settings
 
 config = context.config
 if config.config_file_name is not None and not config.attributes.get("database_url"):

@@ -16,7 +16,7 @@ def temporary_database(prefix: str) -> Iterator[str]:
     """Create `<prefix>_<random>`, yield its SQLAlchemy URL, dispose pooled connections and drop
     it afterwards."""
     psycopg = pytest.importorskip("psycopg")
-    from jobs.db import dispose_engines
+    from service.db import dispose_engines
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     try:

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.app import app
-from jobs.settings import Settings
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -47,7 +47,7 @@ def test_service_env_vars_are_settings(name):
     names = [k for k in env if k.startswith("SLIMLINE_")]
     assert names, f"{name} sets no SLIMLINE_* variables"
     unknown = [k for k in names if k.removeprefix("SLIMLINE_").lower() not in fields]
-    assert not unknown, f"{name}: {unknown} are not fields of jobs.settings.Settings"
+    assert not unknown, f"{name}: {unknown} are not fields of service.settings.Settings"
     settings = Settings(**{k.removeprefix("SLIMLINE_").lower(): v for k, v in env.items()
                            if k.startswith("SLIMLINE_")})
     assert settings.database_url.startswith("postgresql+psycopg://")

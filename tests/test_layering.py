@@ -2,7 +2,7 @@
 
 * core/ imports only the standard library, torch, numpy, safetensors and core itself, and has no
   import cycle (imports inside functions count: they hold cycles together);
-* the service layer (jobs/) imports nothing from api/, worker/ or cli/, nor torch or core, at any
+* the service layer (service/) imports nothing from api/, worker/ or cli/, nor torch or core, at any
   depth (inside functions too);
 * api/ imports neither torch nor core nor worker nor cli/;
 * worker/ never imports api/ or cli/ (the program package cli/ is imported by nothing).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = set(sys.stdlib_module_names)
-SERVICE_LAYER = "jobs"
+SERVICE_LAYER = "service"
 PROGRAMS = ("api", "worker", "cli")  # what the service layer must never import
 
 

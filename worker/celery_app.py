@@ -1,8 +1,9 @@
 """The worker's Celery app: `celery -A worker.celery_app worker -Q cpu,gpu`.
 
-Configuration is shared with the API's queue client (`jobs.celery_config`): acks_late, prefetch 1,
-queues `cpu` and `gpu`, reject on worker lost; the filesystem transport for the embedded default.
-Every worker runs the reconciler (`jobs.reconcile`) and pins torch to its share of the CPUs.
+Configuration is shared with the API's queue client (`service.celery_config`): acks_late,
+prefetch 1, queues `cpu` and `gpu`, reject on worker lost; the filesystem transport for the
+embedded default. Every worker runs the reconciler (`service.reconcile`) and pins torch to its
+share of the CPUs.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import os
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready
 
-from jobs.celery_config import celery_config
-from jobs.settings import get_settings
+from service.celery_config import celery_config
+from service.settings import get_settings
 
 app = Celery("slimline")
 app.conf.update(celery_config(get_settings()))
@@ -44,7 +45,7 @@ def _init_process(**_kwargs: object) -> None:
     share of the CPUs."""
     import torch
 
-    from jobs.db import dispose_engines
+    from service.db import dispose_engines
 
     dispose_engines()
     threads = torch_threads(get_settings().worker_threads,
@@ -59,9 +60,9 @@ logging.getLogger("worker").setLevel(logging.INFO)
 @worker_ready.connect
 def _start_reconciler(**_kwargs: object) -> None:
     """Every worker re-queues jobs of lost workers and re-sends queued jobs whose message may be
-    lost (jobs.reconcile)."""
-    from jobs.reconcile import start_reconciler
-    from jobs.tmpfiles import sweep
+    lost (service.reconcile)."""
+    from service.reconcile import start_reconciler
+    from service.tmpfiles import sweep
     from worker.runner import work_root
 
     settings = get_settings()

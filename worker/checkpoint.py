@@ -30,12 +30,12 @@ import torch
 from sqlalchemy import delete, func, select
 
 from core import models as zoo
-from jobs import states
-from jobs.db import rows_changed, session_scope
-from jobs.dbretry import is_unavailable
-from jobs.orm import JobEvent, utcnow
-from jobs.settings import Settings
-from jobs.store import ObjectStore
+from service import states
+from service.db import rows_changed, session_scope
+from service.dbretry import is_unavailable
+from service.orm import JobEvent, utcnow
+from service.settings import Settings
+from service.store import ObjectStore
 from worker.reporter import json_safe
 
 log = logging.getLogger(__name__)

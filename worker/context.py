@@ -19,9 +19,9 @@ from core.errors import Cancelled, SpecError
 from core.metrics import count_macs, param_counts
 from core.models import prunable_layers
 from core.train import evaluate
-from jobs import curves as job_curves
-from jobs.registry import MethodSpec
-from jobs.settings import Settings
+from service import curves as job_curves
+from service.registry import MethodSpec
+from service.settings import Settings
 
 C = TypeVar("C")
 
@@ -57,7 +57,7 @@ class StepContext:
     # results of steps applied inside an earlier step (a `when: "plateau"` pcn), by index
     applied: dict[int, dict[str, Any]] = field(default_factory=dict)
     global_epoch: int = 0  # epochs trained so far over all train steps
-    # the job's events folded into curves (`jobs.curves`; stored as curves.json): see `emit`
+    # the job's events folded into curves (`service.curves`; stored as curves.json): see `emit`
     curves: dict[str, Any] = field(default_factory=job_curves.empty)
     # pruning masks {layer: BoolTensor} kept through every later train step (a pruning step, or
     # a sparse input checkpoint); None = dense

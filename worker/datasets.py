@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.data import FASHION_MNIST_SHA256
 from core.errors import DatasetError
-from jobs.settings import Settings, get_settings
+from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

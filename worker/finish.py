@@ -1,6 +1,6 @@
 """The end of an attempt: a successful run's model, report, curves and plots stored and the job
 marked succeeded in one transaction (`store_outcome`), or the job marked failed or canceled
-(`end_attempt`). The status changes themselves are `jobs.states.finish`, `fail` and
+(`end_attempt`). The status changes themselves are `service.states.finish`, `fail` and
 `cancel_attempt`; both ends are retried while the database is unreachable."""
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from typing import Any
 import torch
 
 from core import models as zoo
-from jobs import states
-from jobs.artifacts import add_artifact, artifact_key, put_files
-from jobs.db import session_scope
-from jobs.dbretry import is_unavailable, retry_while_unavailable
-from jobs.model_registry import model_key, register_model
-from jobs.orm import Artifact, Job, new_id
-from jobs.settings import Settings
-from jobs.states import LostOwnership
-from jobs.store import ObjectStore
+from service import states
+from service.artifacts import add_artifact, artifact_key, put_files
+from service.db import session_scope
+from service.dbretry import is_unavailable, retry_while_unavailable
+from service.model_registry import model_key, register_model
+from service.orm import Artifact, Job, new_id
+from service.settings import Settings
+from service.states import LostOwnership
+from service.store import ObjectStore
 from worker.reporter import JobReporter, json_safe
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _write_json(path: Path, value: Any) -> Path:
 def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
                   outcome: Outcome, workdir: Path, reporter: JobReporter) -> str:
     """One transaction: the new Model, its Artifacts, the result, and `succeeded` — or
-    `canceled` when a cancel was accepted first (`jobs.states.finish` orders the two). Objects
+    `canceled` when a cancel was accepted first (`service.states.finish` orders the two). Objects
     stored inside the transaction are deleted again by `session_scope` if it rolls back; it is
     retried while the database is unreachable. Returns the job's final status."""
     model_path = workdir / "model.safetensors"

@@ -12,11 +12,11 @@ from torch import nn
 from core import data as datasets
 from core import models as zoo
 from core.errors import CheckpointError, DatasetError, SpecError
-from jobs.db import session_scope
-from jobs.orm import Dataset, Job, Model
-from jobs.settings import Settings
-from jobs.spec import JobSpec
-from jobs.store import ObjectStore
+from service.db import session_scope
+from service.orm import Dataset, Job, Model
+from service.settings import Settings
+from service.spec import JobSpec
+from service.store import ObjectStore
 from worker.datasets import locate_fashion_mnist
 
 

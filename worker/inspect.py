@@ -65,8 +65,8 @@ def read_safetensors(path: Path, max_header_bytes: int = DEFAULT_MAX_HEADER
     first (so a huge or lying header is refused before safetensors parses it)."""
     from safetensors.torch import load_file
 
-    from jobs.errors import SlimlineError
-    from jobs.filecheck import read_safetensors_layout
+    from service.errors import SlimlineError
+    from service.filecheck import read_safetensors_layout
 
     try:
         _, metadata = read_safetensors_layout(path, max_header_bytes, "checkpoint")
@@ -189,8 +189,8 @@ def inspect_dataset(path: Path, fmt: str, *, max_bytes: int = DEFAULT_MAX_DATASE
                     max_header_bytes: int = DEFAULT_MAX_HEADER) -> dict[str, Any]:
     """Validate an uploaded dataset file (numpy only, memory-mapped where it can be); returns the
     reply with its meta."""
-    from jobs.errors import SlimlineError
-    from jobs.filecheck import inspect_dataset_file
+    from service.errors import SlimlineError
+    from service.filecheck import inspect_dataset_file
 
     if not path.is_file():
         raise Rejected(422, "InvalidDataset", f"input file {path} does not exist")

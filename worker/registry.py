@@ -1,7 +1,7 @@
 """The worker's side of the method registry: each step module registers its handler
 (`@handler(SpecModel)`) and, where a method acts inside the train step before it, a train hook
 (`@train_hook(SpecModel)`); plots register with `worker.plots.plot`. worker.steps imports every
-handler module (`worker/step_<name>.py` for `jobs/methods/<name>.py`), so the tables are full
+handler module (`worker/step_<name>.py` for `service/methods/<name>.py`), so the tables are full
 once it is imported."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from core.errors import SpecError
-from jobs.registry import MethodSpec
+from service.registry import MethodSpec
 from worker.context import StepContext, TrainHook
 
 Handler = Callable[[StepContext, Any], dict[str, Any]]

@@ -8,13 +8,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Self
 
-from jobs import states
-from jobs.db import session_scope
-from jobs.dbretry import is_unavailable
-from jobs.events import record_event, set_progress
-from jobs.orm import Job, utcnow
-from jobs.settings import Settings
-from jobs.states import LostOwnership
+from service import states
+from service.db import session_scope
+from service.dbretry import is_unavailable
+from service.events import record_event, set_progress
+from service.orm import Job, utcnow
+from service.settings import Settings
+from service.states import LostOwnership
 
 if TYPE_CHECKING:
     from worker.checkpoint import Checkpointer

@@ -1,6 +1,6 @@
 """The job runner, plain Python (the Celery task only calls `run_job`).
 
-One run: claim the job row (`jobs.states.claim`, a compare-and-set on status/attempts, so a
+One run: claim the job row (`service.states.claim`, a compare-and-set on status/attempts, so a
 repeated delivery never runs a job twice concurrently nor re-runs a terminal one) → load inputs →
 measure `before` → run the steps → render the plots → `worker.finish.store_outcome`: one
 transaction that stores the new Model and Artifacts and marks the job succeeded. No transaction
@@ -24,16 +24,16 @@ import torch
 from core.data import split
 from core.errors import Cancelled, CheckpointError, DatasetError, SpecError
 from core.models import model_arch, set_masks
-from jobs import states
-from jobs.db import session_scope
-from jobs.dbretry import is_unavailable, retry_while_unavailable
-from jobs.errors import SlimlineError
-from jobs.orm import utcnow
-from jobs.settings import Settings, get_settings
-from jobs.spec import JobSpec
-from jobs.states import LostOwnership
-from jobs.store import ObjectStore, store_from_settings
-from jobs.tmpfiles import temp_dir
+from service import states
+from service.db import session_scope
+from service.dbretry import is_unavailable, retry_while_unavailable
+from service.errors import SlimlineError
+from service.orm import utcnow
+from service.settings import Settings, get_settings
+from service.spec import JobSpec
+from service.states import LostOwnership
+from service.store import ObjectStore, store_from_settings
+from service.tmpfiles import temp_dir
 from worker.checkpoint import Checkpointer, Snapshot, TrainProgress
 from worker.context import StepContext, model_metrics
 from worker.finish import Outcome, end_attempt, store_outcome
@@ -81,7 +81,7 @@ def work_root(settings: Settings) -> Path:
 
 
 def claim(job_id: str, settings: Settings) -> int | None:
-    """`jobs.states.claim` in a transaction of its own: the attempt number, or None when there
+    """`service.states.claim` in a transaction of its own: the attempt number, or None when there
     is nothing to run. Database errors propagate (the task waits for the database without
     consuming more of the queue)."""
     with session_scope(settings) as session:

@@ -55,7 +55,7 @@ from core.spectra import (
     weight_matrix,
 )
 from core.train import evaluate
-from jobs.methods.analyze import AnalyzeStep
+from service.methods.analyze import AnalyzeStep
 from worker import analyze_plots  # noqa: F401  (registers the analyze step's plots)
 from worker.context import StepContext, dctps_layers, dense_layers
 from worker.registry import handler

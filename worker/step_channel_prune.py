@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from core.channel_prune import ChannelPruneConfig, channel_prune
 from core.train import evaluate
-from jobs.methods.channel_prune import ChannelPruneStep
+from service.methods.channel_prune import ChannelPruneStep
 from worker.context import (
     StepContext,
     calibration_set,

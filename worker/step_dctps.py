@@ -23,7 +23,7 @@ from core.errors import SpecError
 from core.metrics import fixed_dct_params
 from core.models import layer_weight, save, set_masks
 from core.train import evaluate
-from jobs.methods.dctps import DCTpSStep
+from service.methods.dctps import DCTpSStep
 from worker.context import (
     StepContext,
     chosen_layers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.train import evaluate
-from jobs.methods.evaluate import EvaluateStep
+from service.methods.evaluate import EvaluateStep
 from worker.context import StepContext
 from worker.registry import handler
 

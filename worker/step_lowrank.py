@@ -19,7 +19,7 @@ from core.errors import SpecError
 from core.lowrank import layer_positions, lowrank_plan, lowrank_transform
 from core.models import get_layer
 from core.train import evaluate
-from jobs.methods.lowrank import LowRankStep
+from service.methods.lowrank import LowRankStep
 from worker.context import (
     StepContext,
     calibration_set,

@@ -21,7 +21,7 @@ from core.pcn_graph import shared_input_sets
 from core.pcn_output import apply_pcn, plan_pcn
 from core.pcn_select import pcn_transform_to_target
 from core.train import evaluate
-from jobs.methods.pcn import PCNStep
+from service.methods.pcn import PCNStep
 from worker.context import (
     SPECTRUM_MAX,
     StepContext,

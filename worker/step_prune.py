@@ -29,7 +29,7 @@ from core.sigprop import (
     orthogonality_score,
     retained_input_heatmap,
 )
-from jobs.methods.prune import PruneStep
+from service.methods.prune import PruneStep
 from worker.context import StepContext, config_from_spec
 from worker.plots import DPI, plot
 from worker.registry import handler

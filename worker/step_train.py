@@ -15,7 +15,7 @@ from core.dim_tracking import effective_dim_curve
 from core.models import get_layer
 from core.pcn import PCNConv2d, PCNLinear
 from core.train import TrainConfig, train
-from jobs.methods.train import TrainStep
+from service.methods.train import TrainStep
 from worker.checkpoint import TrainProgress
 from worker.context import (
     TRACK_EIGVALS_MAX,

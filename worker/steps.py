@@ -1,6 +1,6 @@
 """Step handlers: a registry `op -> handler(ctx, step) -> dict` (worker.registry), filled by the
 handler modules this module imports — `worker/step_<name>.py` for every method module
-`jobs/methods/<name>.py` — so the runner never grows an if-chain and a new method is found
+`service/methods/<name>.py` — so the runner never grows an if-chain and a new method is found
 without being listed here.
 
 A handler mutates `ctx.model` (or replaces it), reports progress through `ctx.reporter`, and
@@ -8,9 +8,9 @@ returns its op-specific metrics. The runner adds the common ones (`op`, `wall_s`
 `macs`, `accuracy`) after every step.
 
 Curves (`ctx.curves`, stored as `curves.json`; handlers emit events with `ctx.emit`, which
-folds each into ctx.curves with `jobs.curves.add`, the fold `GET /v1/jobs/{id}/curves` applies
+folds each into ctx.curves with `service.curves.add`, the fold `GET /v1/jobs/{id}/curves` applies
 to the stored events, so both have the same shape; each method registers its keys and folds in
-its `jobs/methods/<name>.py`):
+its `service/methods/<name>.py`):
 * `training`: one record per epoch `{step, epoch, global_epoch, loss, accuracy, val_loss,
   val_accuracy, lr, wall_s}` (event `epoch`); `global_epoch` counts epochs over all train steps.
 * `effective_dim`: `{layer: [{step, epoch, global_epoch, in_dim, effective_dim: {tau: m_e},
@@ -43,7 +43,7 @@ import time
 from typing import Any
 
 from core.errors import SpecError
-from jobs.registry import dense_weights_refusal, step_models
+from service.registry import dense_weights_refusal, step_models
 from worker.context import StepContext, dctps_layers, model_metrics
 from worker.registry import HANDLERS, Handler, handler_for
 

@@ -12,7 +12,7 @@ import logging
 
 from celery.exceptions import Reject
 
-from jobs.dbretry import is_unavailable
+from service.dbretry import is_unavailable
 from worker import runner
 from worker.celery_app import app
 

@@ -6,8 +6,8 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import SessionDep, StoreDep, TenantDep
 from api.schemas import artifact_document
-from jobs.artifacts import get_artifact, list_artifacts, media_type
-from jobs.submission import get_job
+from service.artifacts import get_artifact, list_artifacts, media_type
+from service.submission import get_job
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
 

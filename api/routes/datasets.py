@@ -11,8 +11,8 @@ from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspect_client import inspector_for
 from api.schemas import builtin_documents, dataset_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
-from jobs.datasets import dataset_format, get_dataset, list_datasets, register_dataset
-from jobs.tmpfiles import temp_dir
+from service.datasets import dataset_format, get_dataset, list_datasets, register_dataset
+from service.tmpfiles import temp_dir
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -12,10 +12,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep, tenant_of_key
 from api.metrics import tenant_registry
-from jobs.db import engine_from_settings
-from jobs.errors import Unauthorized
-from jobs.queue import broker_ping
-from jobs.settings import Settings
+from service.db import engine_from_settings
+from service.errors import Unauthorized
+from service.queue import broker_ping
+from service.settings import Settings
 
 router = APIRouter(tags=["health"])
 

@@ -17,15 +17,15 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, TenantDep
 from api.errors import is_database_down
-from jobs.curves import fold as fold_curves
-from jobs.db import session_scope
-from jobs.errors import QuotaExceeded, Unprocessable
-from jobs.events import event_dict, list_events
-from jobs.orm import Job
-from jobs.settings import Settings
-from jobs.spec import JobSpec, control_character
-from jobs.states import TERMINAL
-from jobs.submission import (
+from service.curves import fold as fold_curves
+from service.db import session_scope
+from service.errors import QuotaExceeded, Unprocessable
+from service.events import event_dict, list_events
+from service.orm import Job
+from service.settings import Settings
+from service.spec import JobSpec, control_character
+from service.states import TERMINAL
+from service.submission import (
     cancel_job,
     decode_cursor,
     get_job,
@@ -243,7 +243,7 @@ async def events(request: Request, job_id: str, session: SessionDep, settings: S
 
 @router.get("/{job_id}/curves")
 def curves(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
-    """Curves from the job's events (`jobs.curves.fold`, which also builds the worker's
+    """Curves from the job's events (`service.curves.fold`, which also builds the worker's
     curves.json): training per epoch, effective dimensionality and spectra per layer, and each
     method's records (pcn transforms, pruning masks, low-rank cuts, DCTpS allocations, the
     analyze step's analyses per kind and layer)."""

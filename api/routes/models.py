@@ -11,14 +11,14 @@ from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspect_client import inspector_for
 from api.schemas import model_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
-from jobs.model_registry import (
+from service.model_registry import (
     checkpoint_format,
     get_model,
     list_models,
     parse_arch,
     register_model,
 )
-from jobs.tmpfiles import temp_dir
+from service.tmpfiles import temp_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

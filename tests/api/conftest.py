@@ -1,5 +1,5 @@
 """API tests: SQLite (migrated with Alembic), local object store, a fake checkpoint inspector,
-and `jobs.queue.enqueue_job` replaced by a recorder."""
+and `service.queue.enqueue_job` replaced by a recorder."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs import queue
-from jobs.auth import create_api_key
-from jobs.db import dispose_engines, session_scope, upgrade_db
-from jobs.settings import Settings
+from service import queue
+from service.auth import create_api_key
+from service.db import dispose_engines, session_scope, upgrade_db
+from service.settings import Settings
 
 MAX_UPLOAD = 64 * 1024
 

@@ -5,7 +5,7 @@ import io
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs.settings import Settings
+from service.settings import Settings
 from tests.api.conftest import safetensors_bytes
 
 SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
@@ -76,7 +76,7 @@ def test_unknown_route_and_method_are_json(client):
 
 
 def test_unhandled_error_is_500_without_traceback(settings, keys, enqueued, monkeypatch):
-    from jobs import submission
+    from service import submission
 
     def boom(*a, **k):
         raise RuntimeError("secret internals")

@@ -24,9 +24,9 @@ from sqlalchemy.exc import OperationalError
 
 from api.app import create_app
 from api.deps import SessionDep
-from jobs.auth import create_api_key
-from jobs.db import dispose_engines, engine_from_settings, session_scope, upgrade_db
-from jobs.settings import Settings
+from service.auth import create_api_key
+from service.db import dispose_engines, engine_from_settings, session_scope, upgrade_db
+from service.settings import Settings
 from tests.api.conftest import MAX_UPLOAD
 from tests.pg import temporary_database
 
@@ -211,8 +211,8 @@ def test_event_ids_out_of_range_or_not_ascii_digits(backend):
         assert len(r.json()["items"]) == count, header
     # and over SSE, on a finished job so that the stream ends
     with session_scope(s) as session:
-        from jobs.orm import Job
-        from jobs.states import mark_running, mark_succeeded
+        from service.orm import Job
+        from service.states import mark_running, mark_succeeded
         job = session.get(Job, job_id)
         mark_running(job)
         mark_succeeded(job, {"model_id": None})
@@ -428,8 +428,8 @@ def test_event_streams_are_capped_per_tenant_and_released(settings, keys, enqueu
             st.close()
         wait_released(app)
         # a stream that ends by itself (terminal job) releases its slot too
-        from jobs.orm import Job
-        from jobs.states import mark_running, mark_succeeded
+        from service.orm import Job
+        from service.states import mark_running, mark_succeeded
         with session_scope(s) as session:
             job = session.get(Job, job_id)
             mark_running(job)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from jobs import queue
-from jobs.errors import BrokerUnavailable
+from service import queue
+from service.errors import BrokerUnavailable
 from tests.api.conftest import safetensors_bytes
 
 SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
@@ -202,9 +202,9 @@ def test_cancel_queued_then_409(client):
 
 
 def test_cancel_running_sets_flag(client, settings):
-    from jobs.db import session_scope
-    from jobs.orm import Job
-    from jobs.states import mark_running
+    from service.db import session_scope
+    from service.orm import Job
+    from service.states import mark_running
 
     job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
     with session_scope(settings) as s:
@@ -216,10 +216,10 @@ def test_cancel_running_sets_flag(client, settings):
 
 
 def test_events_json_sse_and_curves(client, settings):
-    from jobs.db import session_scope
-    from jobs.events import record_event, set_progress
-    from jobs.orm import Job
-    from jobs.states import mark_running, mark_succeeded
+    from service.db import session_scope
+    from service.events import record_event, set_progress
+    from service.orm import Job
+    from service.states import mark_running, mark_succeeded
 
     job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
     with session_scope(settings) as s:
@@ -251,10 +251,10 @@ def test_events_json_sse_and_curves(client, settings):
 
 
 def test_artifacts_list_and_download(client, settings, tmp_path):
-    from jobs.artifacts import add_artifact
-    from jobs.db import session_scope
-    from jobs.orm import Job
-    from jobs.store import store_from_settings
+    from service.artifacts import add_artifact
+    from service.db import session_scope
+    from service.orm import Job
+    from service.store import store_from_settings
 
     job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
     report = tmp_path / "report.json"
@@ -271,8 +271,8 @@ def test_artifacts_list_and_download(client, settings, tmp_path):
 
 
 def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
-    from jobs.db import session_scope
-    from jobs.events import record_event
+    from service.db import session_scope
+    from service.events import record_event
 
     job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
     with session_scope(settings) as s:
@@ -304,8 +304,8 @@ def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
 
 
 def test_curves_of_dctps_and_analysis_events(client, settings):
-    from jobs.db import session_scope
-    from jobs.events import record_event
+    from service.db import session_scope
+    from service.events import record_event
 
     job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
     dctps = {"step": 0, "global_epoch": 0, "density": 0.01, "allocation": "epl",

@@ -22,13 +22,13 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.limits import THREAD_HEADROOM, BodyLimit, LoadShedder
-from jobs.auth import create_api_key
-from jobs.db import dispose_engines, session_scope, upgrade_db
-from jobs.errors import Unauthorized
-from jobs.orm import ApiKey, Job
-from jobs.settings import Settings
+from service.auth import create_api_key
+from service.db import dispose_engines, session_scope, upgrade_db
+from service.errors import Unauthorized
+from service.orm import ApiKey, Job
+from service.settings import Settings
 from tests.pg import PG_ADMIN_URL, temporary_database
-from tests.service.conftest import free_port
+from tests.stack.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -216,8 +216,8 @@ def database_url(request, tmp_path) -> Iterator[str]:
 def test_a_cached_key_costs_no_query_and_a_read_one_select(settings, enqueued, keys):
     from sqlalchemy import event
 
-    from jobs.auth import forget_keys, resolve_key
-    from jobs.db import engine_from_settings
+    from service.auth import forget_keys, resolve_key
+    from service.db import engine_from_settings
 
     forget_keys()
     with session_scope(settings) as session:
@@ -258,8 +258,8 @@ def test_a_pooled_connection_killed_by_the_server_is_replaced(tmp_path, monkeypa
     import psycopg
     from sqlalchemy import exc, text
 
-    from jobs import db
-    from jobs.db import engine_from_settings
+    from service import db
+    from service.db import engine_from_settings
 
     def kill_backends(url: str) -> None:
         name = url.rsplit("/", 1)[1]

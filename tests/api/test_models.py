@@ -135,7 +135,7 @@ def test_oversize_upload_over_real_socket_gets_413(app, keys, settings):
 
 
 def test_db_failure_after_store_removes_the_object(client, settings, monkeypatch):
-    from jobs import model_registry
+    from service import model_registry
 
     def broken_flush(self, *a, **k):
         raise RuntimeError("database went away")

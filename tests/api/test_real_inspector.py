@@ -6,7 +6,7 @@ import io
 import pytest
 
 from api.app import create_app
-from jobs.settings import Settings
+from service.settings import Settings
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from sqlalchemy import select
 
 from api.app import create_app
 from api.inspect_client import inspector_for
-from jobs import queue
-from jobs.auth import forget_keys
-from jobs.db import engine_from_settings, session_scope
-from jobs.errors import BrokerUnavailable
-from jobs.orm import Job, Model
+from service import queue
+from service.auth import forget_keys
+from service.db import engine_from_settings, session_scope
+from service.errors import BrokerUnavailable
+from service.orm import Job, Model
 from tests.api.conftest import safetensors_bytes
 
 SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",

@@ -23,9 +23,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from jobs.auth import create_api_key
-from jobs.db import dispose_engines, session_scope, upgrade_db
-from jobs.settings import Settings
+from service.auth import create_api_key
+from service.db import dispose_engines, session_scope, upgrade_db
+from service.settings import Settings
 from tests.api.conftest import safetensors_bytes, stored_objects
 from tests.upload_bombs import huge_header_safetensors, zip_bomb_npz
 

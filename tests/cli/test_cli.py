@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from api.app import create_app
 from cli import app as cli_app
 from core import models as zoo
-from jobs import queue
-from jobs.auth import resolve_key
-from jobs.db import session_scope
-from jobs.settings import get_settings
+from service import queue
+from service.auth import resolve_key
+from service.db import session_scope
+from service.settings import get_settings
 from tests.worker.conftest import TINY_MLP
 from worker import runner
 

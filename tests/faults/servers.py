@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from tests.service.conftest import REPO, SLIMLINE, free_port, spawn, stop, wait_ready
+from tests.stack.conftest import REPO, SLIMLINE, free_port, spawn, stop, wait_ready
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from jobs.auth import get_or_create_tenant
-from jobs.db import dispose_engines, session_scope, upgrade_db
-from jobs.orm import Job
-from jobs.settings import Settings
-from jobs.spec import JobSpec
-from jobs.store import LocalStore
-from jobs.submission import create_job
+from service.auth import get_or_create_tenant
+from service.db import dispose_engines, session_scope, upgrade_db
+from service.orm import Job
+from service.settings import Settings
+from service.spec import JobSpec
+from service.store import LocalStore
+from service.submission import create_job
 
 TINY_MLP = {"name": "mlp", "input_shape": [1, 8, 8], "widths": [64, 32]}
 TINY_CONV4 = {"name": "conv4", "input_shape": [1, 8, 8], "channels": [4, 4, 8, 8],
@@ -88,7 +88,7 @@ def run_ok(settings: Settings, submit: Any, spec_: dict[str, Any]) -> tuple[str,
 def stored_model_path(settings: Settings, store: LocalStore, tmp_path: Path, model_id: str
                       ) -> Path:
     """Download a model's checkpoint from the store into tmp_path."""
-    from jobs.orm import Model
+    from service.orm import Model
 
     with session_scope(settings) as session:
         key = session.get(Model, model_id).storage_key

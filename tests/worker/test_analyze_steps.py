@@ -10,11 +10,11 @@ import torch
 from sqlalchemy import select
 
 from core import models as zoo
-from jobs.db import session_scope
-from jobs.errors import NotFound
-from jobs.events import list_events
-from jobs.model_registry import register_model
-from jobs.orm import Artifact
+from service.db import session_scope
+from service.errors import NotFound
+from service.events import list_events
+from service.model_registry import register_model
+from service.orm import Artifact
 from tests.worker.conftest import PNG_MAGIC, TINY_MLP, get_job, run_ok, spec, stored_model_path
 from worker import runner
 
@@ -109,7 +109,7 @@ def test_principal_angles_against_the_tenants_other_models(settings, store, subm
     # unknown or another tenant's model: refused at submission
     with pytest.raises(NotFound, match="other_model"):
         submit(spec(first["model_id"], [angles | {"other_model": "01nosuchmodel"}]))
-    from jobs.auth import get_or_create_tenant
+    from service.auth import get_or_create_tenant
 
     with session_scope(settings) as session:
         mallory = get_or_create_tenant(session, "mallory").id
@@ -164,7 +164,7 @@ def test_principal_angles_against_the_tenants_other_models(settings, store, subm
 def test_bad_dctps_and_analyze_specs_are_rejected(step, needle):
     from pydantic import ValidationError
 
-    from jobs.spec import JobSpec
+    from service.spec import JobSpec
 
     with pytest.raises(ValidationError) as info:
         JobSpec.model_validate(spec(TINY_MLP, [step]))

@@ -14,8 +14,8 @@ from core import models as zoo
 from core.data import synthetic
 from core.metrics import count_macs, param_counts
 from core.train import evaluate
-from jobs.db import session_scope
-from jobs.orm import Artifact
+from service.db import session_scope
+from service.orm import Artifact
 from tests.worker.conftest import (
     PNG_MAGIC,
     TINY_CONV4,

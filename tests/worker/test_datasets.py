@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from core.errors import DatasetError
-from jobs.settings import Settings
+from service.settings import Settings
 from worker import datasets
 
 

@@ -14,9 +14,9 @@ from core import models as zoo
 from core.data import synthetic
 from core.dctps import DCTpSLayer
 from core.train import evaluate
-from jobs.db import session_scope
-from jobs.errors import InvalidSpec
-from jobs.orm import Artifact
+from service.db import session_scope
+from service.errors import InvalidSpec
+from service.orm import Artifact
 from tests.worker.conftest import (
     PNG_MAGIC,
     TINY_CONV4,

@@ -17,8 +17,8 @@ from safetensors.numpy import save_file as np_save_file
 
 from api.inspect_client import Inspector
 from core import models as zoo
-from jobs.errors import InvalidCheckpoint, SlimlineError, UploadTooLarge
-from jobs.settings import Settings
+from service.errors import InvalidCheckpoint, SlimlineError, UploadTooLarge
+from service.settings import Settings
 from tests.upload_bombs import write_zip, zip_bomb_npz, zip_bomb_pt
 from worker.inspect import build_from_upload, main
 

@@ -11,8 +11,8 @@ from sqlalchemy import select
 from core import models as zoo
 from core.data import synthetic
 from core.train import evaluate
-from jobs.db import session_scope
-from jobs.orm import Artifact, Model
+from service.db import session_scope
+from service.orm import Artifact, Model
 from tests.worker.conftest import PNG_MAGIC, TINY_CONV4, TINY_MLP, get_job, run_ok, spec
 from worker import runner
 

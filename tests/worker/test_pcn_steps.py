@@ -15,8 +15,8 @@ from core import models as zoo
 from core.data import synthetic
 from core.metrics import param_counts
 from core.train import TrainConfig, evaluate
-from jobs.db import session_scope
-from jobs.orm import Artifact, Model
+from service.db import session_scope
+from service.orm import Artifact, Model
 from tests.worker.conftest import TINY_MLP, get_job
 from worker import runner
 from worker.step_pcn import PlateauWatch

@@ -3,8 +3,8 @@ op without a spec), the plateau hook is the pcn module's, plots come from regist
 the worker's fold of its own events is the API's."""
 from __future__ import annotations
 
-from jobs import curves
-from jobs.registry import available_ops, step_models
+from service import curves
+from service.registry import available_ops, step_models
 from worker import steps
 from worker.plots import PLOTS
 from worker.registry import HANDLERS, TRAIN_HOOKS

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from core import models as zoo
 from core.data import synthetic
 from core.train import evaluate
-from jobs.db import session_scope
-from jobs.orm import Artifact
+from service.db import session_scope
+from service.orm import Artifact
 from tests.worker.conftest import (
     PNG_MAGIC,
     TINY_CONV4,
@@ -142,7 +142,7 @@ def test_ldi_ai_repair_and_synflow(settings, submit):
 def test_bad_prune_specs_are_rejected(step, field):
     from pydantic import ValidationError
 
-    from jobs.spec import JobSpec
+    from service.spec import JobSpec
 
     with pytest.raises(ValidationError, match=field):
         JobSpec.model_validate(spec(TINY_MLP, [step]))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from core import models as zoo
-from jobs.db import session_scope
-from jobs.events import list_events
-from jobs.orm import Job, utcnow
-from jobs.reconcile import reconcile_once
+from service.db import session_scope
+from service.events import list_events
+from service.orm import Job, utcnow
+from service.reconcile import reconcile_once
 from tests.worker.conftest import TINY_MLP, get_job, spec, stored_files, stored_model_path
 from worker import runner
 from worker.checkpoint import Checkpointer

@@ -15,9 +15,9 @@ from core import models as zoo
 from core.data import synthetic
 from core.metrics import param_counts
 from core.train import evaluate
-from jobs.db import session_scope
-from jobs.orm import Artifact, Dataset, Job, JobEvent, Model, utcnow
-from jobs.states import request_cancel
+from service.db import session_scope
+from service.orm import Artifact, Dataset, Job, JobEvent, Model, utcnow
+from service.states import request_cancel
 from tests.worker.conftest import TINY_MLP, get_job, stored_files
 from worker import finish, runner, steps
 from worker.reporter import json_safe
@@ -235,7 +235,7 @@ def test_uploaded_dataset_and_model_chain(settings, store, submit, tenant_id, tm
     np.savez(path, x_train=train.x.numpy()[:, 0], y_train=train.y.numpy(),
              x_test=test.x.numpy()[:, 0], y_test=test.y.numpy())
     del rng
-    from jobs.datasets import register_dataset
+    from service.datasets import register_dataset
     with session_scope(settings) as session:
         ds = register_dataset(session, store, tenant_id=tenant_id, name="tiny", fmt="npz",
                               meta={}, path=path)
