@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import CheckpointError, SpecError
-from core.layers import conv_macs, linear_macs
+from core.layers import ConvDims, LinearDims, conv_macs, linear_macs
 
 # ---- the fixed DCT part -----------------------------------------------------------------
 
@@ -181,7 +181,7 @@ class DCTpSLayer(nn.Module):
             raise CheckpointError(f"dctps layer {prefix.rstrip('.')!r}: {problem}")
 
 
-class DCTpSLinear(DCTpSLayer):
+class DCTpSLinear(LinearDims, DCTpSLayer):
     """DCTpS replacement of an nn.Linear (`weight_shape = (out_features, in_features)`)."""
 
     in_features: int
@@ -194,16 +194,6 @@ class DCTpSLinear(DCTpSLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_matrix(), self.bias)
 
-    kind = "linear"
-
-    @property
-    def in_dim(self) -> int:
-        return self.in_features
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_features
-
     def macs(self, inputs: torch.Tensor, output: torch.Tensor) -> int:
         return linear_macs(output, self.in_features)
 
@@ -212,7 +202,7 @@ class DCTpSLinear(DCTpSLayer):
                 f"nnz={self.nnz}, alpha={self.alpha_mode!r}")
 
 
-class DCTpSConv2d(DCTpSLayer):
+class DCTpSConv2d(ConvDims, DCTpSLayer):
     """DCTpS replacement of an nn.Conv2d (same stride/padding/dilation/groups/padding_mode)."""
 
     kernel_size: tuple[int, int]
@@ -234,16 +224,6 @@ class DCTpSConv2d(DCTpSLayer):
             x = F.pad(x, self._pad, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    kind = "conv"
-
-    @property
-    def in_dim(self) -> int:
-        return self.in_channels
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_channels
 
     def macs(self, inputs: torch.Tensor, output: torch.Tensor) -> int:
         return conv_macs(output, self.in_channels // self.groups, self.kernel_size)

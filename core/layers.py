@@ -19,7 +19,7 @@ A masked (pruned) nn.Linear/nn.Conv2d is a dense layer: a dense runtime executes
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -60,6 +60,38 @@ def conv_macs(output: torch.Tensor, in_per_group: int, kernel_size: tuple[int, .
 def linear_macs(output: torch.Tensor, in_features: int) -> int:
     """MACs of a Linear producing `output` (..., out): `in_features` per output value."""
     return output.numel() * in_features
+
+
+class LinearDims:
+    """`kind`, `in_dim`, `out_dim` of a Linear-like layer (`in_features` / `out_features`)."""
+
+    kind = "linear"
+    in_features: int
+    out_features: int
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_features
+
+
+class ConvDims:
+    """`kind`, `in_dim`, `out_dim` of a Conv2d-like layer (`in_channels` / `out_channels`)."""
+
+    kind = "conv"
+    in_channels: int
+    out_channels: int
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_channels
 
 
 class DenseLayer:
@@ -106,6 +138,25 @@ def as_layer(module: nn.Module) -> Layer | None:
     if isinstance(module, Layer):
         return module
     return None
+
+
+def probe(model: nn.Module, input_shape: Sequence[int],
+          hooks: Iterable[torch.utils.hooks.RemovableHandle]) -> None:
+    """One eval-mode, no-grad forward of a zero sample of `input_shape` in the model's dtype and
+    on its device (to fire the forward `hooks` the caller registered); the hooks are removed and
+    the model's train/eval mode restored afterwards, whatever happens."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
+    finally:
+        model.train(was_training)
+        for handle in hooks:
+            handle.remove()
 
 
 def weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Layer]]:

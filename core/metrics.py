@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from core.dctps import fixed_dct_params
-from core.layers import weight_layers
+from core.layers import probe, weight_layers
 
 __all__ = ["count_macs", "count_params", "fixed_dct_params", "param_counts"]
 
@@ -57,16 +57,5 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
             nonlocal total
             total += int(layer.macs(inputs[0], output))
         handles.append(module.register_forward_hook(hook))
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=dtype, device=device))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    probe(model, input_shape, handles)
     return total

@@ -20,14 +20,14 @@ from torch import nn
 
 from core.edits import register_edit
 from core.errors import SpecError
-from core.layers import as_layer, conv_macs, linear_macs
+from core.layers import ConvDims, LinearDims, as_layer, conv_macs, linear_macs
 from core.pca import LayerStats, effective_dimensionality
 from core.surgery import get_layer, prunable_layers, set_layer, with_edit
 
 SELECTORS = ("threshold", "dims", "energy")
 
 
-class PCNLinear(nn.Module):
+class PCNLinear(LinearDims, nn.Module):
     """`y = ((h - mu) @ U) @ weight.T + bias` with weight (n, k), U (m, k), mu (m,)."""
 
     def __init__(self, in_features: int, dims: int, out_features: int):
@@ -46,16 +46,6 @@ class PCNLinear(nn.Module):
         return f"in_features={self.in_features}, dims={self.dims}, out_features={self.out_features}"
 
     # ---- core.layers.Layer ----
-    kind = "linear"
-
-    @property
-    def in_dim(self) -> int:
-        return self.in_features
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_features
-
     def weight_params(self) -> int:
         return self.weight.numel()
 
@@ -71,7 +61,7 @@ class PCNLinear(nn.Module):
         return self.weight @ self.U.T
 
 
-class PCNConv2d(nn.Module):
+class PCNConv2d(ConvDims, nn.Module):
     """Project channels with U (a 1x1 map of `h - mu`), then a k-channel conv.
 
     Zero-padding correction (seed 000 App. D): the original conv pads h with zeros, whose
@@ -110,16 +100,6 @@ class PCNConv2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}")
 
     # ---- core.layers.Layer ----
-    kind = "conv"
-
-    @property
-    def in_dim(self) -> int:
-        return self.in_channels
-
-    @property
-    def out_dim(self) -> int:
-        return self.out_channels
-
     def weight_params(self) -> int:
         return self.weight.numel()
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.errors import SpecError
-from core.layers import as_layer
+from core.layers import as_layer, probe
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
@@ -70,18 +70,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = {id(m): n for n, m in layers}
     handles = [m.register_forward_pre_hook(lambda mod, _inp: order.append(names[id(mod)]))
                for _, m in layers]
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *arch["input_shape"], dtype=dtype, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe(model, arch["input_shape"], handles)
     seen = dict.fromkeys(order)  # first call wins; keeps order
     by_name = dict(layers)
     return [(n, by_name[n]) for n in seen] + [(n, m) for n, m in layers if n not in seen]
