@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import dump_results, run_meta
+from benchmarks.common import dump_results, round_robin_ms, run_meta
 from core import data, metrics, models
 from core.channel_prune import ChannelPruneConfig, channel_prune
 from core.train import TrainConfig, evaluate, train
@@ -126,21 +125,6 @@ def widths(model: torch.nn.Module) -> list[int]:
             for m in layers[:-1]]
 
 
-def latency_ms(nets: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
-    """Median ms per forward of each net, timed in turns after 3 warm-up turns."""
-    times: list[list[float]] = [[] for _ in nets]
-    with torch.no_grad():
-        for net in nets:
-            net.eval()
-        for turn in range(repeats + 3):
-            for net, ts in zip(nets, times, strict=True):
-                t = time.perf_counter()
-                net(x)
-                if turn >= 3:
-                    ts.append(1000 * (time.perf_counter() - t))
-    return [statistics.median(ts) for ts in times]
-
-
 def run_model(name: str, args: argparse.Namespace, splits: data.Splits) -> list[dict[str, Any]]:
     cfg = TrainConfig(epochs=args.epochs, optimizer="adam", lr=1e-3, batch_size=60)
     ft = TrainConfig(epochs=args.ft_epochs, optimizer="adam", lr=1e-3, batch_size=60)
@@ -186,7 +170,7 @@ def run_model(name: str, args: argparse.Namespace, splits: data.Splits) -> list[
     for key, batch, repeats in (("latency_b1_ms", 1, args.repeats_b1),
                                 ("latency_b256_ms", 256, args.repeats)):
         x = splits.test.x[:batch]
-        for row, ms in zip(rows, latency_ms(nets, x, repeats), strict=True):
+        for row, ms in zip(rows, round_robin_ms(nets, x, repeats), strict=True):
             row[key] = ms
     return rows
 

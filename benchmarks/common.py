@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,19 @@ def save_figure(fig: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def round_robin_ms(nets: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median ms per forward of each net, timed in turns (net 0, 1, ..., 0, 1, ...) so drift
+    and neighbours' load hit every net alike; the first 3 turns are warm-up."""
+    times: list[list[float]] = [[] for _ in nets]
+    with torch.no_grad():
+        for net in nets:
+            net.eval()
+        for turn in range(repeats + 3):
+            for net, ts in zip(nets, times, strict=True):
+                t = time.perf_counter()
+                net(x)
+                if turn >= 3:
+                    ts.append(1000 * (time.perf_counter() - t))
+    return [statistics.median(ts) for ts in times]

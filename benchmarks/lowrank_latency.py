@@ -15,14 +15,13 @@ in turns (dense, cut 1, cut 2, ..., dense, ...) after 3 warm-up turns.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import dump_results, run_meta
+from benchmarks.common import dump_results, round_robin_ms, run_meta
 from core import data, metrics, models
 from core.lowrank import (
     block_shapes,
@@ -50,22 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
-
-
-def round_robin_ms(nets: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
-    """Median ms per forward of each net, timed in turns (net 0, 1, ..., 0, 1, ...) so drift
-    and neighbours' load hit every net alike; the first 3 turns are warm-up."""
-    times: list[list[float]] = [[] for _ in nets]
-    with torch.no_grad():
-        for net in nets:
-            net.eval()
-        for turn in range(repeats + 3):
-            for net, ts in zip(nets, times, strict=True):
-                t = time.perf_counter()
-                net(x)
-                if turn >= 3:
-                    ts.append(1000 * (time.perf_counter() - t))
-    return [statistics.median(ts) for ts in times]
 
 
 def main(argv: list[str] | None = None) -> None:
