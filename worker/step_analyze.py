@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -183,8 +184,35 @@ def _fresh_layer(layer: nn.Module, scheme: str, generator: torch.Generator) -> n
 
 # ---- the analyses (one layer each) ------------------------------------------------------
 
-def _unit_pruning(ctx: StepContext, step: AnalyzeStep, model: nn.Module, layer: str,
-                  progress: Progress) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Run:
+    """What every analysis of one analyze step reads."""
+
+    ctx: StepContext
+    step: AnalyzeStep
+    model: nn.Module  # the dense view of the job's model
+    other: nn.Module | None  # the dense view of other_model (angles)
+    scheme: tuple[str, str]  # (init scheme, where it came from)
+    generator: torch.Generator
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One kind: `run(r, layer) -> data`, the result's summary keys (+ `extra_summary`), and
+    whether it reads unit groups (unit_pruning) instead of plain Linear/Conv2d layers."""
+
+    run: Callable[[Run, str], dict[str, Any]]
+    summary_keys: tuple[str, ...]
+    extra_summary: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: {}
+    on_groups: bool = False
+
+    def summary(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {k: data[k] for k in self.summary_keys if k in data} | self.extra_summary(data)
+
+
+def _unit_pruning(r: Run, layer: str) -> dict[str, Any]:
+    ctx, step, model = r.ctx, r.step, r.model
     group = unit_groups(model)[layer]
     units = group_units(model, group)
     counts = step.counts
@@ -193,7 +221,7 @@ def _unit_pruning(ctx: StepContext, step: AnalyzeStep, model: nn.Module, layer: 
                         f"be < {units} (at least one unit stays), got {counts}; give counts "
                         "that fit every chosen layer, or leave counts out (0%, 10%, ..., 90%)")
     n_counts = len(counts if counts is not None else default_counts(units))
-    evaluate_val = _val_accuracy(ctx, progress, (2 + step.seeds) * n_counts)
+    evaluate_val = _val_accuracy(ctx, r.progress, (2 + step.seeds) * n_counts)
     seed = ctx.generator.initial_seed()
     # orders and cuts on a CPU copy (the core's greedy order keeps CPU bookkeeping tensors);
     # each pruned copy is moved to the job's device to be evaluated
@@ -210,12 +238,19 @@ def _unit_pruning(ctx: StepContext, step: AnalyzeStep, model: nn.Module, layer: 
     return data
 
 
-def _spectrum(ctx: StepContext, step: AnalyzeStep, model: nn.Module, layer: str,
-              scheme: tuple[str, str], generator: torch.Generator) -> dict[str, Any]:
-    module = get_layer(model, layer)
+def _unit_pruning_summary(data: dict[str, Any]) -> dict[str, Any]:
+    out = {o: [p["accuracy"] for p in data[o]] for o in ("magnitude", "frame_potential")}
+    out["random_mean"] = [p["accuracy_mean"] for p in data["random"]]
+    out["random_std"] = [p["accuracy_std"] for p in data["random"]]
+    return out
+
+
+def _spectrum(r: Run, layer: str) -> dict[str, Any]:
+    module = get_layer(r.model, layer)
+    scheme = r.scheme
     variance = init_variance(module, scheme[0])
     trained = spectrum(weight_matrix(module).cpu(), variance, points=SPECTRUM_POINTS)
-    fresh = spectrum(_fresh_layer(module, scheme[0], generator), variance,
+    fresh = spectrum(_fresh_layer(module, scheme[0], r.generator), variance,
                      points=SPECTRUM_POINTS)
     return {"shape": list(trained["shape"]), "init_scheme": scheme[0], "init_source": scheme[1],
             "variance": _r(variance), "lambda_minus": _r(trained["lambda_minus"]),
@@ -225,18 +260,17 @@ def _spectrum(ctx: StepContext, step: AnalyzeStep, model: nn.Module, layer: str,
             "init_eigenvalues": _rs(fresh["eigenvalues"]),
             "init_outside_fraction": _r(fresh["outside_fraction"]),
             "grid": _rs(trained["grid"]), "density": _rs(trained["density"]),
-            "dctps": isinstance(get_layer(ctx.model, layer), DCTpSLayer)}
+            "dctps": isinstance(get_layer(r.ctx.model, layer), DCTpSLayer)}
 
 
-def _elbow(ctx: StepContext, step: AnalyzeStep, model: nn.Module, layer: str,
-           progress: Progress) -> dict[str, Any]:
-    module = get_layer(model, layer)
+def _elbow(r: Run, layer: str) -> dict[str, Any]:
+    module = get_layer(r.model, layer)
     curve = elbow(weight_matrix(module).cpu())
     full = int(curve["singular_values"].numel())
     knee = int(curve["knee"])
-    ks = sorted({k for k in (1, full // 8, full // 4, full // 2, knee, min(step.k, full), full)
+    ks = sorted({k for k in (1, full // 8, full // 4, full // 2, knee, min(r.step.k, full), full)
                  if 1 <= k <= full} | ({0} if knee == 0 else set()))
-    accuracy = elbow_accuracy(model, layer, ks, _val_accuracy(ctx, progress, len(ks)))
+    accuracy = elbow_accuracy(r.model, layer, ks, _val_accuracy(r.ctx, r.progress, len(ks)))
     return {"shape": list(weight_matrix(module).shape), "full_rank": full, "knee": knee,
             "knee_residual": _r(curve["residual"][knee]),
             "singular_values": _rs(curve["singular_values"]),
@@ -244,11 +278,12 @@ def _elbow(ctx: StepContext, step: AnalyzeStep, model: nn.Module, layer: str,
             "ranks": [{"rank": p["rank"], "accuracy": _r(p["accuracy"])} for p in accuracy]}
 
 
-def _angles(ctx: StepContext, step: AnalyzeStep, model: nn.Module, other: nn.Module,
-            layer: str, generator: torch.Generator) -> dict[str, Any]:
-    mine = weight_matrix(get_layer(model, layer)).cpu()
+def _angles(r: Run, layer: str) -> dict[str, Any]:
+    step = r.step
+    assert r.other is not None  # run_analyze loads other_model when angles is asked for
+    mine = weight_matrix(get_layer(r.model, layer)).cpu()
     try:
-        theirs = weight_matrix(get_layer(other, layer)).cpu()
+        theirs = weight_matrix(get_layer(r.other, layer)).cpu()
     except SpecError:
         raise SpecError(f"analyze angles: other_model {step.other_model} has no Linear/Conv2d "
                         f"layer {layer!r}; it needs the same layers with the same shapes (the "
@@ -259,7 +294,7 @@ def _angles(ctx: StepContext, step: AnalyzeStep, model: nn.Module, other: nn.Mod
                         "the same layer shapes (the same architecture and edits)")
     k = min(step.k, *mine.shape)
     angles = principal_angles(mine, theirs, k)
-    noise = torch.randn(mine.shape, generator=generator, dtype=torch.float64)
+    noise = torch.randn(mine.shape, generator=r.generator, dtype=torch.float64)
     reference = principal_angles(mine, noise, k)
     return {"shape": list(mine.shape), "k": k, "other_model": step.other_model,
             "angles": _rs(angles), "mean": _r(angles.mean()), "min": _r(angles.min()),
@@ -267,24 +302,18 @@ def _angles(ctx: StepContext, step: AnalyzeStep, model: nn.Module, other: nn.Mod
             "random_mean": _r(reference.mean())}
 
 
-SUMMARY_KEYS = {
-    "unit_pruning": ("units", "counts", "metric"),
-    "spectrum": ("shape", "init_scheme", "init_source", "variance", "lambda_minus",
-                 "lambda_plus", "outside", "outside_fraction", "init_outside_fraction"),
-    "elbow": ("shape", "full_rank", "knee", "knee_residual", "metric", "ranks"),
-    "angles": ("shape", "k", "mean", "min", "max", "random_mean", "angles"),
+ANALYSES: dict[str, Analysis] = {
+    "unit_pruning": Analysis(_unit_pruning, ("units", "counts", "metric"),
+                             _unit_pruning_summary, on_groups=True),
+    "spectrum": Analysis(
+        _spectrum, ("shape", "init_scheme", "init_source", "variance", "lambda_minus",
+                    "lambda_plus", "outside", "outside_fraction", "init_outside_fraction"),
+        lambda data: {"top_eigenvalue": data["eigenvalues"][0] if data["eigenvalues"]
+                      else None}),
+    "elbow": Analysis(_elbow, ("shape", "full_rank", "knee", "knee_residual", "metric",
+                               "ranks")),
+    "angles": Analysis(_angles, ("shape", "k", "mean", "min", "max", "random_mean", "angles")),
 }
-
-
-def _summary(kind: str, data: dict[str, Any]) -> dict[str, Any]:
-    out = {k: data[k] for k in SUMMARY_KEYS[kind] if k in data}
-    if kind == "unit_pruning":
-        out |= {o: [p["accuracy"] for p in data[o]] for o in ("magnitude", "frame_potential")}
-        out["random_mean"] = [p["accuracy_mean"] for p in data["random"]]
-        out["random_std"] = [p["accuracy_std"] for p in data["random"]]
-    if kind == "spectrum":
-        out["top_eigenvalue"] = data["eigenvalues"][0] if data["eigenvalues"] else None
-    return out
 
 
 @handler(AnalyzeStep)
@@ -303,7 +332,7 @@ def run_analyze(ctx: StepContext, step: AnalyzeStep) -> dict[str, Any]:
     plain = set(dense_layers(model))
     scheme = _init_scheme(ctx, step)
     generator = torch.Generator().manual_seed(ctx.generator.initial_seed() + 1)
-    progress = Progress(ctx, len(step.kinds))
+    run = Run(ctx, step, model, other, scheme, generator, Progress(ctx, len(step.kinds)))
     details: dict[str, Any] = {"kinds": list(step.kinds), "layers": layers,
                                "metric": "val_accuracy", "validation_samples":
                                len(ctx.splits.val)}
@@ -314,10 +343,11 @@ def run_analyze(ctx: StepContext, step: AnalyzeStep) -> dict[str, Any]:
         details["dctps_note"] = ("DCTpS layers are analysed as the dense weight alpha*D + S "
                                  "they compute")
     for kind_index, kind in enumerate(step.kinds):
-        usable = groups if kind == "unit_pruning" else plain
+        analysis = ANALYSES[kind]
+        usable = groups if analysis.on_groups else plain
         todo = [n for n in layers if n in usable]
         skipped = {n: ("not a unit group (the output layer's units are the classes)"
-                       if kind == "unit_pruning" else "not a Linear/Conv2d layer")
+                       if analysis.on_groups else "not a Linear/Conv2d layer")
                    for n in layers if n not in usable}
         if not todo:
             valid = sorted(usable)
@@ -325,21 +355,12 @@ def run_analyze(ctx: StepContext, step: AnalyzeStep) -> dict[str, Any]:
                             f"{', '.join(valid)}")
         results: dict[str, dict[str, Any]] = {}
         for layer_index, layer in enumerate(todo):
-            progress.start(kind_index, layer_index, len(todo),
-                           f"analyze: {kind} {layer} ({layer_index + 1}/{len(todo)})")
-            if kind == "unit_pruning":
-                results[layer] = _unit_pruning(ctx, step, model, layer, progress)
-            elif kind == "spectrum":
-                results[layer] = _spectrum(ctx, step, model, layer, scheme, generator)
-            elif kind == "elbow":
-                results[layer] = _elbow(ctx, step, model, layer, progress)
-            else:
-                assert other is not None
-                results[layer] = _angles(ctx, step, model, other, layer, generator)
+            run.progress.start(kind_index, layer_index, len(todo),
+                               f"analyze: {kind} {layer} ({layer_index + 1}/{len(todo)})")
+            results[layer] = analysis.run(run, layer)
         where = {"step": ctx.step_index, "global_epoch": ctx.global_epoch}
         ctx.emit("analysis", where | {"kind": kind, "layers": results})
-        details[kind] = {n: _summary(kind, d) for n, d in results.items()}
+        details[kind] = {n: analysis.summary(d) for n, d in results.items()}
         if skipped:
             details.setdefault("skipped", {})[kind] = skipped
     return details
-

@@ -177,3 +177,12 @@ def test_unit_pruning_counts_that_do_not_fit_a_layer_fail_clearly(settings, subm
     assert runner.run_job(job_id, settings) == "failed"
     job = get_job(settings, job_id)
     assert job.error_code == "SpecError" and "fc2 has 32 units" in job.error_message
+
+
+def test_every_analysis_kind_of_the_spec_has_an_analysis():
+    from typing import get_args
+
+    from service.methods.analyze import AnalysisKind
+    from worker.step_analyze import ANALYSES
+
+    assert set(get_args(AnalysisKind)) == set(ANALYSES)
