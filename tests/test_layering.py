@@ -223,6 +223,16 @@ def test_core_has_no_import_cycle():
                               + describe(graph)
 
 
+def test_core_methods_do_not_reach_up_to_checkpoint_io():
+    """`core.models` (the facade with checkpoint I/O, which imports `core.methods` and so every
+    method) sits above every method: no other core module imports it (they use core.surgery,
+    core.arch, core.zoo)."""
+    graph = module_graph(REPO, "core")
+    users = sorted(m for m, deps in graph.items()
+                   if "core.models" in deps and not m.startswith("core.models"))
+    assert users == [], f"{users} import core.models; import core.surgery/arch/zoo instead"
+
+
 def test_service_layer_imports_no_program():
     found = violations(REPO, SERVICE_LAYER, set(PROGRAMS))
     assert not found, "the service layer must not import api/, worker/ or cli/:\n" \
