@@ -16,10 +16,12 @@ Per model (seed 0: data split, init and shuffling): dense training for `--epochs
   the output layer ignored; its pruning ratio is bisected so that the MACs are as close as
   possible to cp-l1's (equal MACs: both are counted with `core.metrics.count_macs`);
 then `--ft-epochs` epochs of fine-tuning (same optimiser, a fresh Adam, the same shuffling seed
-for every method). Accuracy on the first `--test-subset` test images, right after pruning and
-after fine-tuning. Latency: median of `--repeats` forwards at batch 256 and `--repeats-b1`
-forwards at batch 1 with `--threads` threads, every model of one architecture timed in turns
-(dense, cp-l1, ..., dense, ...) after 3 warm-up turns.
+for every method), once per `--ft-seeds` shuffling seed (default 1; the fine-tuned accuracy is
+their mean, every seed's in `acc_seeds`: one short fine-tuning swings by several points).
+Accuracy on the first `--test-subset` test images, right after pruning and after fine-tuning.
+Latency: median of `--repeats` forwards at batch 256 and `--repeats-b1` forwards at batch 1 with
+`--threads` threads, every model of one architecture timed in turns (dense, cp-l1, ..., dense,
+...) after 3 warm-up turns.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mac-ratios", type=float, nargs="+", default=[0.5, 0.25])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--ft-epochs", type=int, default=1)
+    p.add_argument("--ft-seeds", type=int, nargs="+", default=[1],
+                   help="fine-tuning shuffling seeds (the accuracy is their mean)")
     p.add_argument("--train-subset", type=int, default=6000)
     p.add_argument("--test-subset", type=int, default=2000)
     p.add_argument("--calib", type=int, default=512, help="taylor calibration images")
@@ -118,6 +122,14 @@ def tp_prune_to_macs(model: torch.nn.Module, macs: int, importance: str, steps: 
     return best[2], best[1]
 
 
+def fine_tuned_accuracy(net: torch.nn.Module, splits: data.Splits, ft: TrainConfig, seed: int
+                        ) -> float:
+    """Test accuracy of a copy of `net` after fine-tuning with shuffling seed `seed`."""
+    net = copy.deepcopy(net)
+    train(net, splits, ft, generator=torch.Generator().manual_seed(seed))
+    return evaluate(net.eval(), splits.test)["accuracy"]
+
+
 def widths(model: torch.nn.Module) -> list[int]:
     """Output widths of every Linear/Conv2d but the last, in registration order."""
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
@@ -161,9 +173,9 @@ def run_model(name: str, args: argparse.Namespace, splits: data.Splits) -> list[
                    "params": metrics.param_counts(net)["total"], "macs": macs,
                    "prune_s": prune_s, "acc_pruned": evaluate(net, splits.test)["accuracy"],
                    **extra}
-            train(net, splits, ft, generator=torch.Generator().manual_seed(1))
-            net.eval()
-            row["acc"] = evaluate(net, splits.test)["accuracy"]
+            row["acc_seeds"] = [fine_tuned_accuracy(net, splits, ft, seed)
+                                for seed in args.ft_seeds]
+            row["acc"] = sum(row["acc_seeds"]) / len(row["acc_seeds"])
             rows.append(row)
             nets.append(net)
             print({k: v for k, v in row.items() if k != "kept"}, flush=True)
@@ -183,11 +195,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         d = dense[r["model"]]
         pruned = "–" if r["acc_pruned"] is None else f"{100 * r['acc_pruned']:.1f}"
+        seeds = r.get("acc_seeds", [])
+        tuned = f"{100 * r['acc']:.1f}" + (
+            f" ({' / '.join(f'{100 * a:.1f}' for a in seeds)})" if len(seeds) > 1 else "")
         shape = "-".join(map(str, r["widths"])) if len(r["widths"]) <= 8 else \
             f"{len(r['widths'])} layers, sum {sum(r['widths'])}"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['mac_ratio']:g} | {shape} | {r['params']:,} | "
-            f"{r['macs']:,} ({r['macs'] / d['macs']:.3f}) | {pruned} | {100 * r['acc']:.1f} | "
+            f"{r['macs']:,} ({r['macs'] / d['macs']:.3f}) | {pruned} | {tuned} | "
             f"{r['latency_b1_ms']:.3f} | {r['latency_b256_ms']:.1f} | "
             f"{d['latency_b256_ms'] / r['latency_b256_ms']:.2f}x |")
     return "\n".join(lines)
