@@ -16,3 +16,8 @@ class SpecError(ValueError):
 
 class Cancelled(Exception):
     """Raised by long-running loops when their `should_cancel()` callback returns True."""
+
+
+class ExportError(ValueError):
+    """A model (or one of its layers/ops) cannot be exported to ONNX or torch.export; the
+    message names the layer or op and what to do."""

@@ -1,0 +1,102 @@
+"""DCTpS with D implicit: the DCT computed as ops at run time instead of stored (seed 002).
+
+`alpha * D` applied to an input is `alpha` times the first `m` orthonormal DCT-II coefficients
+of the (zero-padded to q) input vector (core.dctps_layer's module doc): Linear on `x`, Conv2d on
+every patch flattened in `(i, j, c)` order. The DCT-II of length q is one DFT of length q of the
+even/odd reordered input (Makhoul 1980):
+`v = [x_0, x_2, ..., x_5, x_3, x_1]`, `X_k = s_k (Re V_k cos(pi k / 2q) + Im V_k sin(pi k / 2q))`
+with `s_0 = sqrt(1/q)`, `s_k = sqrt(2/q)`. Only the `m` cos/sin/scale entries (alpha folded in)
+are stored. `S` is kept as `values` + int32 `indices` and scattered into a dense weight by the
+graph (a constant subgraph: a runtime may fold it into one dense S at load), applied as one
+Gemm/Conv next to the DCT.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.dctps_layer import DCTpSConv2d, DCTpSLayer, DCTpSLinear
+
+
+class _ImplicitDCT(nn.Module):
+    """Shared part: the DCT coefficients' constants and the sparse S."""
+
+    def __init__(self, layer: DCTpSLayer, q: int, m: int):
+        super().__init__()
+        self.q, self.m = q, m
+        dtype, device = layer.values.dtype, layer.values.device
+        k = torch.arange(m, dtype=torch.float64)
+        angle = k * (math.pi / (2 * q))
+        scale = torch.full((m,), math.sqrt(2.0 / q), dtype=torch.float64)
+        scale[0] = math.sqrt(1.0 / q)
+        alpha = float(layer.alpha.detach())
+        self.register_buffer("cos", (alpha * scale * torch.cos(angle)).to(dtype=dtype,
+                                                                         device=device))
+        self.register_buffer("sin", (alpha * scale * torch.sin(angle)).to(dtype=dtype,
+                                                                         device=device))
+        evens = torch.arange(0, q, 2)
+        odds = torch.arange(1, q, 2).flip(0)
+        self.register_buffer("order", torch.cat([evens, odds]).to(device=device))  # (q,)
+        self.weight_shape = layer.weight_shape
+        self.numel = math.prod(layer.weight_shape)
+        self.values = nn.Parameter(layer.values.detach().clone(), requires_grad=False)
+        self.register_buffer("indices", layer.indices.detach().to(torch.int32).clone())
+        self.bias = (nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+                     if layer.bias is not None else None)
+
+    def dct(self, x: torch.Tensor) -> torch.Tensor:
+        """`(..., n)` with n <= q -> `(..., m)`: alpha * the first m DCT-II coefficients."""
+        n = x.shape[-1]
+        if n < self.q:
+            x = F.pad(x, (0, self.q - n))  # (..., q)
+        v = x[..., self.order]  # (..., q) Makhoul order
+        spectrum = torch.view_as_real(torch.fft.fft(v, dim=-1))  # (..., q, 2)
+        spectrum = spectrum[..., :self.m, :]
+        return spectrum[..., 0] * self.cos + spectrum[..., 1] * self.sin  # (..., m)
+
+    def sparse_weight(self) -> torch.Tensor:
+        flat = torch.zeros(self.numel, dtype=self.values.dtype, device=self.values.device)
+        return flat.index_put((self.indices.long(),), self.values).view(self.weight_shape)
+
+
+class ImplicitDCTLinear(_ImplicitDCT):
+    """`DCT(x)[:m] * alpha + x S^T + b` for a DCTpSLinear."""
+
+    def __init__(self, layer: DCTpSLinear):
+        m, n = layer.weight_shape
+        super().__init__(layer, max(m, n), m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dct(x) + F.linear(x, self.sparse_weight(), self.bias)
+
+
+class ImplicitDCTConv2d(_ImplicitDCT):
+    """alpha * DCT of every `(i, j, c)`-flattened patch + `conv(x, S) + b` for a DCTpSConv2d
+    (groups 1; zero, reflect, replicate or circular padding)."""
+
+    def __init__(self, layer: DCTpSConv2d):
+        m, n, kh, kw = layer.weight_shape
+        if layer.groups != 1:
+            raise ValueError("implicit DCT export needs groups=1")
+        super().__init__(layer, max(m, n * kh * kw), m)
+        self.kernel_size, self.stride, self.dilation = (kh, kw), layer.stride, layer.dilation
+        self.padding_mode = layer.padding_mode
+        self.pad = tuple(layer._reversed_padding_repeated_twice)  # (left, right, top, bottom)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        if any(self.pad):
+            x = F.pad(x, self.pad, mode=mode)
+        c = x.shape[1]
+        kh, kw = self.kernel_size
+        ho = (x.shape[2] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (x.shape[3] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        patches = F.unfold(x, self.kernel_size, dilation=self.dilation,
+                           stride=self.stride)  # (N, c*kh*kw, L), (c, i, j) order
+        patches = patches.unflatten(1, (c, kh * kw)).permute(0, 3, 2, 1)  # (N, L, kh*kw, c)
+        coeffs = self.dct(patches.flatten(2))  # (N, L, m)
+        y = coeffs.transpose(1, 2).unflatten(2, (ho, wo))  # (N, m, H', W')
+        return y + F.conv2d(x, self.sparse_weight(), self.bias, self.stride, 0, self.dilation)
