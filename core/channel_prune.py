@@ -45,7 +45,6 @@ CRITERIA = ("l1", "taylor")
 SCOPES = ("global", "layerwise")
 TARGETS = ("param_ratio", "mac_ratio")
 ROUND_TO = (1, 8, 16)
-_TAYLOR_BATCH = 64
 _UNIT_LAYERS = (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d)
 
 
@@ -61,12 +60,11 @@ class ChannelPruneConfig:
     samples: int = 512  # taylor: calibration samples
 
     def __post_init__(self) -> None:
-        target = self.target
-        if not isinstance(target, Mapping) or len(target) != 1 or \
-                next(iter(target)) not in TARGETS:
+        if not isinstance(self.target, Mapping) or len(self.target) != 1 or \
+                next(iter(self.target)) not in TARGETS:
             raise SpecError(f"channel_prune target must be {{'param_ratio': r}} or "
-                            f"{{'mac_ratio': r}}, got {target!r}")
-        (kind, ratio), = target.items()
+                            f"{{'mac_ratio': r}}, got {self.target!r}")
+        (kind, ratio), = self.target.items()
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
                 not 0 < ratio <= 1:
             raise SpecError(f"channel_prune target {kind} must be in (0, 1], got {ratio!r}")
@@ -83,8 +81,7 @@ class ChannelPruneConfig:
             if isinstance(value, bool) or value not in valid:
                 raise SpecError(f"channel_prune {name} must be one of "
                                 f"{', '.join(map(str, valid))}, got {value!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or \
-                self.samples < 1:
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise SpecError(f"channel_prune samples must be a positive integer, "
                             f"got {self.samples!r}")
 
@@ -97,17 +94,14 @@ class ChannelPruneConfig:
         return next(iter(self.target.values()))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = None if self.layers is None else list(self.layers)
-        return d
+        return {**asdict(self), "layers": None if self.layers is None else list(self.layers)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ChannelPruneConfig:
         """From the JSON step (its `op` key is ignored); SpecError names a bad field."""
         d = {k: v for k, v in d.items() if k != "op"}
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
+        if unknown := sorted(set(d) - names):
             raise SpecError(f"unknown channel_prune fields {unknown}; valid: {sorted(names)}")
         if "target" not in d:
             raise SpecError("channel_prune needs a target: {'param_ratio': r} or "
@@ -143,8 +137,7 @@ def prunable_groups(model: nn.Module, layers: tuple[str, ...] | None = None
         if group is None:
             raise SpecError(f"channel_prune: {name!r} is no prunable unit group; valid: "
                             f"{', '.join(groups)}")
-        reason = _unprunable(model, group)
-        if reason is not None:
+        if (reason := _unprunable(model, group)) is not None:
             raise SpecError(f"channel_prune: group {group.name!r} cannot be pruned: {reason}")
         chosen[group.name] = group
     return chosen
@@ -160,23 +153,22 @@ def l1_scores(model: nn.Module, groups: Mapping[str, UnitGroup]) -> dict[str, to
         total = torch.zeros(group_units(model, group), dtype=torch.float64)
         for producer, norm in zip(group.producers, group.norms, strict=True):
             w = get_layer(model, producer).weight.detach().to("cpu", torch.float64)
-            s = w.abs().reshape(w.shape[0], -1).sum(dim=1)  # (units,) row L1 norms
-            if norm is not None:
-                bn = get_layer(model, norm)
-                scale = torch.ones_like(s)
-                if bn.affine:
-                    scale = bn.weight.detach().to("cpu", torch.float64).abs()
-                if bn.track_running_stats and bn.running_var is not None:
-                    scale = scale / (bn.running_var.detach().to("cpu", torch.float64)
-                                     + bn.eps).sqrt()
-                s = s * scale
-            total += s
+            total += w.abs().reshape(w.shape[0], -1).sum(dim=1) * (  # (units,) row L1 norms
+                1.0 if norm is None else _bn_scale(get_layer(model, norm)))
         scores[name] = total
     return scores
 
 
+def _bn_scale(bn: nn.Module) -> torch.Tensor | float:
+    """|gamma| / sqrt(running_var + eps) per channel: how much the BN scales each unit."""
+    scale = bn.weight.detach().to("cpu", torch.float64).abs() if bn.affine else 1.0
+    var = bn.running_var if bn.track_running_stats else None
+    return scale if var is None else scale / (var.detach().to("cpu", torch.float64)
+                                              + bn.eps).sqrt()
+
+
 def taylor_scores(model: nn.Module, groups: Mapping[str, UnitGroup], data: ArrayDataset, *,
-                  samples: int, batch_size: int = _TAYLOR_BATCH,
+                  samples: int, batch_size: int = 64,
                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Per group, (units,) float64: sum over calibration batches of |sum over producers, the
     batch and positions of a * dL/da| (`a`: the tensor carrying the unit, after the producer's
@@ -186,7 +178,6 @@ def taylor_scores(model: nn.Module, groups: Mapping[str, UnitGroup], data: Array
     if n < 1:
         raise SpecError("channel_prune criterion 'taylor' needs calibration data")
     work = copy.deepcopy(model).to(device).eval()
-    modules = dict(work.named_modules())
     totals = {g: torch.zeros(group_units(work, groups[g]), dtype=torch.float64) for g in groups}
     batch: dict[str, torch.Tensor] = {}
 
@@ -200,15 +191,14 @@ def taylor_scores(model: nn.Module, groups: Mapping[str, UnitGroup], data: Array
             output.register_hook(grad_hook)
         return forward_hook
 
-    handles = [modules[norm or producer].register_forward_hook(watch(name))
+    handles = [work.get_submodule(norm or producer).register_forward_hook(watch(name))
                for name, group in groups.items()
                for producer, norm in zip(group.producers, group.norms, strict=True)]
     dtype = next(work.parameters()).dtype
     try:
         for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            x = data.x[start:stop].to(device, dtype).requires_grad_(True)
-            y = data.y[start:stop].to(device)
+            x = data.x[start:min(start + batch_size, n)].to(device, dtype).requires_grad_(True)
+            y = data.y[start:min(start + batch_size, n)].to(device)
             batch.update({g: torch.zeros_like(t) for g, t in totals.items()})
             work.zero_grad(set_to_none=True)
             F.cross_entropy(work(x), y).backward()
@@ -283,10 +273,9 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
             removed[name] += 1
         return {n: _round_keep(totals[n] - removed[n], totals[n], step) for n in totals}
 
-    if size_of(keeps_at(len(order))) > budget:
-        raise SpecError(f"channel_prune: {kind} {ratio} is out of reach: keeping {step} "
-                        f"unit(s) per pruned group gives "
-                        f"{size_of(keeps_at(len(order))) / before:.4f}; prune more groups "
+    if (smallest := size_of(keeps_at(len(order)))) > budget:
+        raise SpecError(f"channel_prune: {kind} {ratio} is out of reach: keeping {step} unit(s) "
+                        f"per pruned group gives {smallest / before:.4f}; prune more groups "
                         "(layers) or raise the target")
     lo, hi = 0, len(order)  # keeps_at(hi) meets the budget: find the smallest such k
     while lo < hi:
@@ -296,9 +285,8 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
         else:
             lo = mid + 1
     keeps = keeps_at(hi)
-    best_removed = {n: -math.inf for n in totals}  # the key of each group's best removed unit
-    for key, name in order[:hi]:
-        best_removed[name] = key
+    best_removed = {**dict.fromkeys(totals, -math.inf),  # each group's best removed unit's key
+                    **{name: key for key, name in order[:hi]}}  # (order: ascending keys)
     ranked = sorted((n for n in totals if keeps[n] < totals[n]),  # the best removed unit first
                     key=lambda n: -best_removed[n] if config.scope == "global"
                     else keeps[n] / totals[n])  # layerwise: the least kept group first
@@ -335,15 +323,13 @@ def _slice_masks(model: nn.Module, groups: Mapping[str, UnitGroup],
     """Pruning masks cut like the weights they mask (producer rows, reader input columns)."""
     out = dict(masks)
     for name, idx in keep.items():
-        group = groups[name]
-        units = group_units(model, group)
+        group, units = groups[name], group_units(model, groups[name])
         for producer in group.producers:
             if producer in out:
                 out[producer] = out[producer][idx.to(out[producer].device)]
         for reader in group.reader_layers:
             if reader in out and isinstance(get_layer(model, reader), (nn.Linear, nn.Conv2d)):
-                in_dim = out[reader].shape[1]
-                rows = unit_rows(idx, units, in_dim, reader)
+                rows = unit_rows(idx, units, out[reader].shape[1], reader)
                 out[reader] = out[reader][:, rows.to(out[reader].device)]
     return out
 
@@ -357,25 +343,22 @@ def channel_prune(model: nn.Module, config: ChannelPruneConfig, *,
     `data`: calibration samples for `criterion="taylor"` (the first `config.samples`).
     The copy carries the arch with one `channel_prune` edit (when `model` has an arch) and the
     pruning masks (`masks`, default `model.slimline_masks`) cut to the new shapes in
-    `slimline_masks`. Report: `{"criterion", "scope",
-    "target", "round_to", "groups": {group: {"total", "kept", "keep": [unit indices]}},
-    "params": {"before", "after"}, "macs": {"before", "after"}, "ratio"}` (`ratio`: the
-    target's quantity after / before, counted on the returned model).
+    `slimline_masks`. Report: `{"criterion", "scope", "target", "round_to", "groups": {group:
+    {"total", "kept", "keep": [unit indices]}}, "params": {"before", "after"}, "macs":
+    {"before", "after"}, "ratio"}` (`ratio`: the target's quantity after / before, counted on
+    the returned model).
     """
     arch = getattr(model, "slimline_arch", None)
     input_shape = list(arch["input_shape"]) if arch else (data.input_shape if data else None)
     if input_shape is None:
         raise SpecError("channel_prune needs a model built by core.models.build (or data) "
                         "to know its input shape")
-    groups = prunable_groups(model, config.layers)
-    if not groups:
+    if not (groups := prunable_groups(model, config.layers)):
         raise SpecError("channel_prune: the model has no prunable unit group")
-    if config.criterion == "taylor":
-        if data is None:
-            raise SpecError("channel_prune criterion 'taylor' needs calibration data")
-        scores = taylor_scores(model, groups, data, samples=config.samples, device=device)
-    else:
-        scores = l1_scores(model, groups)
+    if config.criterion == "taylor" and data is None:
+        raise SpecError("channel_prune criterion 'taylor' needs calibration data")
+    scores = l1_scores(model, groups) if config.criterion == "l1" else \
+        taylor_scores(model, groups, data, samples=config.samples, device=device)
     keeps, before, _ = select_keeps(model, groups, scores, config, input_shape)
     keep = {n: top_k_indices(scores[n], keeps[n]) for n in groups}
     new_model = _pruned(model, groups, keep)
@@ -385,8 +368,8 @@ def channel_prune(model: nn.Module, config: ChannelPruneConfig, *,
     changed = {n: keeps[n] for n in groups if keeps[n] < scores[n].numel()}
     if arch is not None:
         new_model.slimline_arch = with_edit(model, {"op": "channel_prune", "keep": changed})
-    sizes = {"params": (param_counts(model)["total"], param_counts(new_model)["total"]),
-             "macs": (count_macs(model, input_shape), count_macs(new_model, input_shape))}
+    sizes = {q: (_size(model, kind, input_shape), _size(new_model, kind, input_shape))
+             for q, kind in (("params", "param_ratio"), ("macs", "mac_ratio"))}
     quantity = "params" if config.target_kind == "param_ratio" else "macs"
     return new_model, {
         "criterion": config.criterion, "scope": config.scope, "round_to": config.round_to,
