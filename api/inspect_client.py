@@ -35,6 +35,7 @@ from service.errors import (
     InvalidCheckpoint,
     InvalidDataset,
     Overloaded,
+    SlimlineError,
     Unavailable,
     UnsupportedFormat,
     UploadTooLarge,
@@ -110,18 +111,18 @@ class Inspector:
         self._slots = asyncio.Semaphore(settings.inspect_concurrency)
 
     # ---- limits -------------------------------------------------------------------------
-    def _memory_limit(self, what: str) -> UploadTooLarge:
+    def _memory_limit(self, what: str) -> SlimlineError:
         mib = self.settings.inspect_memory_bytes // (1024 * 1024)
         return UploadTooLarge(f"the {what} is too large to validate within {mib} MiB "
                               "(SLIMLINE_INSPECT_MEMORY_BYTES); upload a smaller one or ask the "
                               "operator to raise the limit")
 
-    def _cpu_limit(self, what: str) -> UploadTooLarge:
+    def _cpu_limit(self, what: str) -> SlimlineError:
         return UploadTooLarge(f"the {what} is too large to validate within "
                               f"{self.settings.inspect_cpu_s} s of CPU time "
                               "(SLIMLINE_INSPECT_CPU_S); upload a smaller one")
 
-    def _wall_limit(self, what: str) -> UploadTooLarge:
+    def _wall_limit(self, what: str) -> SlimlineError:
         return UploadTooLarge(f"validating the {what} took longer than "
                               f"{self.settings.inspect_timeout_s:g} s (SLIMLINE_INSPECT_TIMEOUT_S);"
                               f" upload a smaller {what}")

@@ -1,16 +1,22 @@
-"""/v1/models: upload a checkpoint, read its metadata, download it."""
+"""/v1/models: upload a checkpoint, read its metadata, download it (safetensors, or exported
+to ONNX / torch.export: api/exports.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.exports import exporter_for
 from api.inspect_client import inspector_for
 from api.schemas import model_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
+from service.artifacts import media_type
+from service.db import session_scope
+from service.model_files import ModelFile, locate_model_file
 from service.model_registry import (
     checkpoint_format,
     get_model,
@@ -18,6 +24,8 @@ from service.model_registry import (
     parse_arch,
     register_model,
 )
+from service.settings import Settings
+from service.store import ObjectStore
 from service.tmpfiles import temp_dir
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -56,12 +64,46 @@ def read(model_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
     return model_document(get_model(session, tenant_id, model_id))
 
 
-@router.get("/{model_id}/file")
-def download(model_id: str, session: SessionDep, store: StoreDep,
-             tenant_id: TenantDep) -> StreamingResponse:
-    """The checkpoint: one safetensors file with the architecture in its metadata."""
-    model = get_model(session, tenant_id, model_id)
-    return StreamingResponse(
-        store.open_stream(model.storage_key), media_type="application/octet-stream",
-        headers={"Content-Length": str(model.size_bytes),
-                 "Content-Disposition": f'attachment; filename="{model.id}.safetensors"'})
+FormatQuery = Annotated[Literal["safetensors", "onnx", "pt2"], Query(
+    alias="format", description="safetensors (the checkpoint, default), onnx or pt2.")]
+
+DOWNLOAD_DESCRIPTION = """The model as one file, `<model id>.<format>`:
+
+* `safetensors` (default): the checkpoint, with the architecture in its metadata (loads with
+  slimline's `core.models.load`).
+* `onnx`: an ONNX model (opset 18, input `input` with a dynamic batch dimension, output
+  `logits`); runs with onnxruntime alone.
+* `pt2`: a `torch.export` program; loads with plain `torch.export.load`.
+
+ONNX and pt2 come from the export step of the job that produced the model when it has one;
+otherwise the model is exported on first download (out of the API process, under the same
+memory, CPU-time and wall-clock limits and concurrency slots as upload validation) and kept, so
+later downloads stream at once. A model that cannot be exported is a 422 `ExportFailed` naming
+the layer or op; 503 `Overloaded` with `Retry-After` when every slot is busy."""
+
+
+@router.get("/{model_id}/file", description=DOWNLOAD_DESCRIPTION, response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "The file, as an attachment."},
+                       422: {"description": "Unknown format, or the model cannot be exported "
+                                            "(ExportFailed)."},
+                       503: {"description": "Every export slot is busy (Overloaded, with "
+                                            "Retry-After)."}})
+async def download(model_id: str, request: Request, settings: SettingsDep, store: StoreDep,
+                   tenant_id: TenantDep, fmt: FormatQuery = "safetensors") -> StreamingResponse:
+    """Download the model as safetensors, ONNX or a torch.export program."""
+    file = await run_in_threadpool(_locate, settings, store, tenant_id, model_id, fmt)
+    if not file.stored:
+        file = await exporter_for(request.app).ensure_stored(file, store, temp_root(settings))
+    chunks = await run_in_threadpool(store.open_stream, file.key)
+    headers = {"Content-Disposition": f'attachment; filename="{file.filename}"'}
+    if file.size_bytes is not None:
+        headers["Content-Length"] = str(file.size_bytes)
+    return StreamingResponse(chunks, media_type=media_type(file.filename), headers=headers)
+
+
+def _locate(settings: Settings, store: ObjectStore, tenant_id: str, model_id: str,
+            fmt: str) -> ModelFile:
+    # a short transaction of its own: no connection is held while a missing export is made
+    with session_scope(settings) as session:
+        return locate_model_file(session, store, tenant_id, model_id, fmt)
