@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +20,7 @@ import typer
 
 from cli.client import (
     DEFAULT_URL,
+    DOWNLOAD_FORMATS,
     checked,
     client,
     fail,
@@ -218,13 +220,23 @@ def status(job_id: str,
     typer.echo(json.dumps(job, indent=2))
 
 
+class DownloadFormat(StrEnum):
+    safetensors = "safetensors"
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
 @app.command()
 def download(ident: Annotated[str, typer.Argument(
                  metavar="JOB_ID|MODEL_ID", help="A succeeded job, or a model.")],
              output: Annotated[Path | None, typer.Option("-o", "--output",
                                                          help="Where to write it.")] = None,
+             fmt: Annotated[DownloadFormat, typer.Option(
+                 "--format", "-f", help="safetensors (the checkpoint), onnx (runs with "
+                 "onnxruntime alone) or pt2 (torch.export.load).")] = DownloadFormat.safetensors,
              url: Url = DEFAULT_URL, key: Key = None) -> None:
-    """Download a job's compressed model (or any model) as a safetensors file."""
+    """Download a job's compressed model (or any model) as safetensors, ONNX or a torch.export
+    program. Jobs and models share one id format: the id is looked up as a job first."""
     with client(url, key) as http:
         model_id = ident
         job = request(http.get, f"/v1/jobs/{ident}")
@@ -235,9 +247,9 @@ def download(ident: Annotated[str, typer.Argument(
             model_id = job["result"]["model_id"]
         elif job.status_code != 404:
             checked(job)
-        target = output or Path(f"{model_id}.safetensors")
-        size = fetch_model(http, model_id, target)
-    typer.echo(f"wrote {target} ({size} bytes, model {model_id})", err=True)
+        target = output or Path(f"{model_id}{DOWNLOAD_FORMATS[fmt.value]}")
+        size = fetch_model(http, model_id, target, fmt.value)
+    typer.echo(f"wrote {target} ({size} bytes, model {model_id}, {fmt.value})", err=True)
     typer.echo(str(target))
 
 

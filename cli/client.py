@@ -88,14 +88,50 @@ def print_outcome(job: dict[str, Any]) -> None:
         typer.echo(f"job {job['id']} {job['status']}")
 
 
-def fetch_model(http: Any, model_id: str, target: Path) -> int:
-    """Stream `GET /v1/models/{id}/file` into `target` (written atomically); returns its size."""
+# download format -> file name suffix (GET /v1/models/{id}/file?format=...)
+DOWNLOAD_FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "pt2": ".pt2"}
+# a model not exported yet is exported before its first byte is sent (server-side limits apply)
+DOWNLOAD_READ_TIMEOUT_S = 600.0
+OVERLOADED_RETRIES = 3
+MAX_RETRY_WAIT_S = 30.0
+
+
+def fetch_model(http: Any, model_id: str, target: Path, fmt: str = "safetensors") -> int:
+    """Stream `GET /v1/models/{id}/file` in `fmt` into `target` (written atomically); returns its
+    size. An answer 503 with Retry-After (every export slot busy) is retried a few times."""
+    import httpx
+
+    params = {} if fmt == "safetensors" else {"format": fmt}
+    timeout = httpx.Timeout(60.0, read=DOWNLOAD_READ_TIMEOUT_S)
     partial = target.with_name(target.name + ".part")
-    with request(http.stream, "GET", f"/v1/models/{model_id}/file") as response:
-        if not response.is_success:
-            response.read()
-            checked(response)
-        with open(partial, "wb") as out:
-            out.writelines(response.iter_bytes(1 << 20))
+    for attempt in range(OVERLOADED_RETRIES + 1):
+        with request(http.stream, "GET", f"/v1/models/{model_id}/file", params=params,
+                     timeout=timeout) as response:
+            wait = _retry_after(response)
+            if wait is not None and attempt < OVERLOADED_RETRIES:
+                response.read()
+                typer.echo(f"the API is busy; retrying in {wait:g} s", err=True)
+                time.sleep(wait)
+                continue
+            if not response.is_success:
+                response.read()
+                checked(response)
+            disposition = response.headers.get("content-disposition", "")
+            if not disposition.rstrip('"').endswith(DOWNLOAD_FORMATS[fmt]):
+                raise fail(f"the API answered with {disposition or 'a file'} instead of a {fmt} "
+                           "file; it may predate ?format= (upgrade the server)")
+            with open(partial, "wb") as out:
+                out.writelines(response.iter_bytes(1 << 20))
+            break
     partial.replace(target)
     return target.stat().st_size
+
+
+def _retry_after(response: Any) -> float | None:
+    """Seconds to wait before retrying a 503 that says when (None: do not retry)."""
+    if response.status_code != 503:
+        return None
+    try:
+        return min(MAX_RETRY_WAIT_S, max(0.0, float(response.headers["retry-after"])))
+    except (KeyError, ValueError):
+        return None

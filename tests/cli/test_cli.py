@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from api.app import create_app
 from cli import app as cli_app
 from core import models as zoo
-from service import queue
 from service.auth import resolve_key
 from service.db import session_scope
-from service.settings import get_settings
 from tests.worker.conftest import TINY_MLP
-from worker import runner
-
-
-@pytest.fixture
-def env(settings, monkeypatch):
-    for name in ("SLIMLINE_DATABASE_URL", "SLIMLINE_BROKER_URL", "SLIMLINE_STORAGE_URL",
-                 "SLIMLINE_API_KEY", "SLIMLINE_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SLIMLINE_HOME", str(settings.home))
-    monkeypatch.setenv("SLIMLINE_AUTH", "off")
-    yield
-    get_settings.cache_clear()  # the CLI read this test's environment
 
 
 def test_keys_create_prints_the_key_last(settings, env):
@@ -44,14 +27,6 @@ def test_db_upgrade_creates_the_database(tmp_path, monkeypatch, env):
     result = CliRunner().invoke(cli_app.app, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fresh" / "slimline.db").exists()
-
-
-@pytest.fixture
-def api(settings, env, monkeypatch):
-    """The CLI's HTTP client is the API app in-process; enqueued jobs run inline."""
-    monkeypatch.setattr(cli_app, "client", lambda url, key: TestClient(create_app(settings)))
-    monkeypatch.setattr(queue, "enqueue_job",
-                        lambda job_id, q, s=None: runner.run_job(job_id, settings))
 
 
 def test_submit_wait_status_download(api, tmp_path):
