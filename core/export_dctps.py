@@ -84,7 +84,7 @@ class ImplicitDCTConv2d(_ImplicitDCT):
         super().__init__(layer, max(m, n * kh * kw), m)
         self.kernel_size, self.stride, self.dilation = (kh, kw), layer.stride, layer.dilation
         self.padding_mode = layer.padding_mode
-        self.pad = tuple(layer._reversed_padding_repeated_twice)  # (left, right, top, bottom)
+        self.pad = tuple(layer._pad)  # (left, right, top, bottom)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
