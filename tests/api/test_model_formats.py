@@ -220,3 +220,11 @@ def test_real_export_runs_without_slimline_and_matches(client, real_model, tmp_p
         want = model(torch.from_numpy(x)).numpy()
     assert got.shape == want.shape == (5, 10)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_openapi_documents_the_formats(client):
+    operation = client.get("/openapi.json").json()["paths"]["/v1/models/{model_id}/file"]["get"]
+    (param,) = [p for p in operation["parameters"] if p["name"] == "format"]
+    assert param["schema"]["enum"] == ["safetensors", "onnx", "pt2"]
+    assert param["schema"]["default"] == "safetensors"
+    assert "onnxruntime" in operation["description"] and "422" in str(operation["responses"])
