@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import dump_results, round_robin_ms, run_meta
 from core import data, metrics, models
-from core.channel_prune import ChannelPruneConfig, channel_prune
+from core.channel_prune import ChannelPruneConfig, channel_prune, prunable_groups
+from core.pcn_graph import group_units
 from core.train import TrainConfig, evaluate, train
 
 ARCHS = {"lenet300": {"name": "lenet300"}, "conv4": {"name": "conv4"},
@@ -166,6 +167,8 @@ def run_model(name: str, args: argparse.Namespace, splits: data.Splits) -> list[
                 base = dense if method == "tp-l1" else taylor_base
                 net, tp_ratio = tp_prune_to_macs(base, target_macs, method[3:])
                 extra["tp_ratio"] = tp_ratio
+                extra["kept"] = {g: group_units(net, group)  # Torch-Pruning keeps the names
+                                 for g, group in prunable_groups(dense).items()}
             prune_s = time.perf_counter() - t
             macs = metrics.count_macs(net, SHAPE)
             target_macs = target_macs or macs  # cp-l1's MACs: the others match them
