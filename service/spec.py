@@ -25,8 +25,6 @@ __all__ = ["AVAILABLE_OPS", "BUILTIN_DATASETS", "MAX_EPOCHS", "MAX_STEPS", "JobS
 
 MAX_STEPS = 32
 BUILTIN_DATASETS = ("fashion-mnist", "synthetic-blobs", "synthetic-tiny")
-# Named in DESIGN.md but not implemented by the worker yet: refused with a clear 422.
-PLANNED_OPS = ("export",)
 AVAILABLE_OPS = available_ops()
 
 if TYPE_CHECKING:
@@ -104,11 +102,8 @@ class JobSpec(Strict):
                 op = step.get("op") if isinstance(step, dict) else None
                 if op is None or op in AVAILABLE_OPS:
                     continue
-                available = ", ".join(AVAILABLE_OPS)
-                if op in PLANNED_OPS:
-                    raise ValueError(f"steps[{i}]: op '{op}' is not available yet; "
-                                     f"available ops: {available}")
-                raise ValueError(f"steps[{i}]: unknown op '{op}'; available ops: {available}")
+                raise ValueError(f"steps[{i}]: unknown op '{op}'; available ops: "
+                                 f"{', '.join(AVAILABLE_OPS)}")
         return value
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -71,10 +72,24 @@ class StepContext:
     # set by the runner), and the progress of the train step a resumed run continues
     save_checkpoint: Callable[[Any], None] | None = None
     resume_train: Any = None  # worker.checkpoint.TrainProgress
+    # the job's temporary directory (files a handler writes live there until the job ends)
+    workdir: Path | None = None
+    # the normalized arch of the model the job started from (its input model; set by the runner)
+    start_arch: dict[str, Any] | None = None
+    # extra files stored as job artifacts with the model when the job succeeds: (name, path,
+    # kind); see add_artifact
+    artifacts: list[tuple[str, Path, str]] = field(default_factory=list)
 
     def check_cancel(self) -> None:
         if self.reporter.should_cancel():
             raise Cancelled(f"canceled before step {self.step_index + 1}/{self.step_count}")
+
+    def add_artifact(self, name: str, path: Path, kind: str) -> None:
+        """Store `path` (a file under `workdir`) as the job artifact `name` of `kind` when the
+        job succeeds (in the final transaction, with the model); a failed job stores none."""
+        if "/" in name or name in ("", ".", "..") or any(a[0] == name for a in self.artifacts):
+            raise ValueError(f"artifact name {name!r} must be a new plain file name")
+        self.artifacts.append((name, path, kind))
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Record an event of the job and fold it into `curves` — the same fold

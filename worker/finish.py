@@ -36,6 +36,8 @@ class Outcome:
     model: torch.nn.Module
     curves: dict[str, Any]
     plots: list[Path] = field(default_factory=list)  # PNG files, stored as "plot" artifacts
+    # files the steps added (`StepContext.add_artifact`): (name, path, kind)
+    files: list[tuple[str, Path, str]] = field(default_factory=list)
 
 
 def _write_json(path: Path, value: Any) -> Path:
@@ -59,7 +61,9 @@ def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectSt
         report = {"job_id": job_id, "spec": job.spec, **result, "model_id": model_id}
         files = {"report.json": _write_json(workdir / "report.json", report),
                  "curves.json": _write_json(workdir / "curves.json", json_safe(outcome.curves)),
-                 **{path.name: path for path in outcome.plots}}
+                 **{path.name: path for path in outcome.plots},
+                 **{name: path for name, path, _ in outcome.files}}
+        kinds = {name: kind for name, _, kind in outcome.files}
         put_files(session, store, {model_key(tenant_id, model_id): model_path} | {
             artifact_key(tenant_id, job_id, name): path for name, path in files.items()})
         model = register_model(session, store, tenant_id=tenant_id,
@@ -75,7 +79,8 @@ def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectSt
         for name, path in files.items():
             add_artifact(session, store, tenant_id=tenant_id, job_id=job_id, name=name,
                          path=path, stored=True,
-                         kind="plot" if path.suffix == ".png" else name.split(".")[0])
+                         kind=kinds.get(name) or ("plot" if path.suffix == ".png"
+                                                  else name.split(".")[0]))
         return result
 
     def commit() -> str:

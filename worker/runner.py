@@ -15,6 +15,7 @@ up to `db_outage_tolerance_s`.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from core.data import split
-from core.errors import Cancelled, CheckpointError, DatasetError, SpecError
+from core.errors import Cancelled, CheckpointError, DatasetError, ExportError, SpecError
 from core.models import model_arch, set_masks
 from service import states
 from service.db import session_scope
@@ -95,6 +96,7 @@ ERROR_CODES: dict[type[BaseException], str] = {
     SpecError: "SpecError",
     DatasetError: "DatasetError",
     CheckpointError: "CheckpointError",
+    ExportError: "ExportError",
     DeviceUnavailable: "DeviceUnavailable",
     torch.cuda.OutOfMemoryError: "OutOfMemory",
 }
@@ -164,7 +166,8 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
                       settings=settings, job_id=job_id, reporter=reporter,
                       step_count=len(spec.steps), steps=list(spec.steps),
                       masks=getattr(source.model, "slimline_masks", None),
-                      input_origin=model_origin(spec, tenant_id, settings))
+                      input_origin=model_origin(spec, tenant_id, settings),
+                      workdir=workdir, start_arch=copy.deepcopy(model_arch(source.model)))
 
     def fetch_other(model_id: str) -> torch.nn.Module:
         path = workdir / f"other-{len(list(workdir.glob('other-*')))}.safetensors"
@@ -231,7 +234,8 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     plots = render_plots(ctx.curves, workdir)
     model = ctx.model.cpu()
     set_masks(model, ctx.masks)  # stored sparsely by core.models.save
-    return Outcome(result, f"{source.name}-{job_id[-8:]}", model, ctx.curves, plots)
+    return Outcome(result, f"{source.name}-{job_id[-8:]}", model, ctx.curves, plots,
+                   files=ctx.artifacts)
 
 
 def run_job(job_id: str, settings: Settings | None = None) -> str | None:

@@ -83,7 +83,7 @@ def test_cuda_jobs_go_to_the_gpu_queue(client, enqueued):
     ({"steps": [{"op": "train", "epochs": 1, "lr": -1}]}, "steps[0].lr"),
     ({"steps": [{"op": "train", "epochs": 1, "momentum": 1}]}, "momentum"),
     ({"steps": [{"op": "frobnicate"}]}, "frobnicate"),
-    ({"steps": [{"op": "export"}]}, "not available yet"),
+    ({"steps": [{"op": "export", "formats": []}]}, "steps[0].formats"),
     ({"steps": [{"op": "evaluate", "bogus": 1}]}, "steps[0].bogus"),
     ({"surprise": 1}, "surprise"),
     ({"steps": []}, "steps"),

@@ -103,8 +103,8 @@ def test_dense_weight_op_after_dctps_is_refused_with_the_old_message():
         in str(err.value)
 
 
-def test_export_is_refused_as_not_available_yet():
+def test_an_unknown_op_is_refused_with_the_available_ops():
     with pytest.raises(ValidationError) as err:
-        JobSpec.model_validate(job({"op": "export"}))
-    assert "steps[0]: op 'export' is not available yet; available ops: train, evaluate" \
-        in str(err.value)
+        JobSpec.model_validate(job({"op": "frobnicate"}))
+    assert "steps[0]: unknown op 'frobnicate'; available ops: train, evaluate" in str(err.value)
+    assert "export" in str(err.value)  # a real op since issue 13 (was 422 "not available yet")
