@@ -63,10 +63,10 @@ def prepare_for_export(model: nn.Module, *, dctps: str = "dense") -> nn.Module:
 
 
 def exported_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and persistent buffers of a prepared model (what an export must
-    hold; integer buffers such as BatchNorm's step counter are not exported)."""
+    """Bytes of the parameters and buffers of a prepared model (what an export must hold;
+    BatchNorm's step counter is not exported)."""
     tensors = [p for p in model.parameters()] + [
-        b for b in model.buffers() if b.is_floating_point()]
+        b for name, b in model.named_buffers() if not name.endswith("num_batches_tracked")]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -6,9 +6,10 @@ every patch flattened in `(i, j, c)` order. The DCT-II of length q is one DFT of
 even/odd reordered input (Makhoul 1980):
 `v = [x_0, x_2, ..., x_5, x_3, x_1]`, `X_k = s_k (Re V_k cos(pi k / 2q) + Im V_k sin(pi k / 2q))`
 with `s_0 = sqrt(1/q)`, `s_k = sqrt(2/q)`. Only the `m` cos/sin/scale entries (alpha folded in)
-are stored. `S` is kept as `values` + int32 `indices` and scattered into a dense weight by the
-graph (a constant subgraph: a runtime may fold it into one dense S at load), applied as one
-Gemm/Conv next to the DCT.
+are stored. `S` stays sparse at run time too: `values` with int32 `rows` (output) and `cols`
+(input or patch entry), applied as `Gather` (the inputs S reads) * values, then a scatter-add
+(`ScatterElements`, reduction add) into the m outputs — no dense S in the file, nor in the
+graph a runtime optimises (a dense S built from constants would be folded back at load).
 """
 from __future__ import annotations
 
@@ -40,26 +41,27 @@ class _ImplicitDCT(nn.Module):
         evens = torch.arange(0, q, 2)
         odds = torch.arange(1, q, 2).flip(0)
         self.register_buffer("order", torch.cat([evens, odds]).to(device=device))  # (q,)
-        self.weight_shape = layer.weight_shape
-        self.numel = math.prod(layer.weight_shape)
         self.values = nn.Parameter(layer.values.detach().clone(), requires_grad=False)
-        self.register_buffer("indices", layer.indices.detach().to(torch.int32).clone())
+        rows, cols = self.sparse_positions(layer)
+        self.register_buffer("rows", rows.to(device=device, dtype=torch.int32))
+        self.register_buffer("cols", cols.to(device=device, dtype=torch.int32))
         self.bias = (nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
                      if layer.bias is not None else None)
 
-    def dct(self, x: torch.Tensor) -> torch.Tensor:
-        """`(..., n)` with n <= q -> `(..., m)`: alpha * the first m DCT-II coefficients."""
-        n = x.shape[-1]
-        if n < self.q:
-            x = F.pad(x, (0, self.q - n))  # (..., q)
-        v = x[..., self.order]  # (..., q) Makhoul order
-        spectrum = torch.view_as_real(torch.fft.fft(v, dim=-1))  # (..., q, 2)
-        spectrum = spectrum[..., :self.m, :]
-        return spectrum[..., 0] * self.cos + spectrum[..., 1] * self.sin  # (..., m)
+    def sparse_positions(self, layer: DCTpSLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rows, cols)` of S's entries in the `(m, input vector)` matrix."""
+        raise NotImplementedError
 
-    def sparse_weight(self) -> torch.Tensor:
-        flat = torch.zeros(self.numel, dtype=self.values.dtype, device=self.values.device)
-        return flat.index_put((self.indices.long(),), self.values).view(self.weight_shape)
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        """`(..., n)` input vectors -> `(..., m)`: `alpha D z + S z + b`."""
+        n = z.shape[-1]
+        padded = F.pad(z, (0, self.q - n)) if n < self.q else z  # (..., q)
+        v = torch.index_select(padded, -1, self.order)  # (..., q) Makhoul order
+        spectrum = torch.view_as_real(torch.fft.fft(v, dim=-1))[..., :self.m, :]  # (..., m, 2)
+        y = spectrum[..., 0] * self.cos + spectrum[..., 1] * self.sin  # (..., m)
+        picked = torch.index_select(z, -1, self.cols.long()) * self.values  # (..., nnz)
+        y = y.index_add(-1, self.rows.long(), picked)
+        return y if self.bias is None else y + self.bias
 
 
 class ImplicitDCTLinear(_ImplicitDCT):
@@ -69,12 +71,16 @@ class ImplicitDCTLinear(_ImplicitDCT):
         m, n = layer.weight_shape
         super().__init__(layer, max(m, n), m)
 
+    def sparse_positions(self, layer: DCTpSLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        n = layer.weight_shape[1]
+        return layer.indices // n, layer.indices % n
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dct(x) + F.linear(x, self.sparse_weight(), self.bias)
+        return self.transform(x)
 
 
 class ImplicitDCTConv2d(_ImplicitDCT):
-    """alpha * DCT of every `(i, j, c)`-flattened patch + `conv(x, S) + b` for a DCTpSConv2d
+    """alpha * DCT + S of every `(i, j, c)`-flattened patch, + b, for a DCTpSConv2d
     (groups 1; zero, reflect, replicate or circular padding)."""
 
     def __init__(self, layer: DCTpSConv2d):
@@ -97,6 +103,11 @@ class ImplicitDCTConv2d(_ImplicitDCT):
         patches = F.unfold(x, self.kernel_size, dilation=self.dilation,
                            stride=self.stride)  # (N, c*kh*kw, L), (c, i, j) order
         patches = patches.unflatten(1, (c, kh * kw)).permute(0, 3, 2, 1)  # (N, L, kh*kw, c)
-        coeffs = self.dct(patches.flatten(2))  # (N, L, m)
-        y = coeffs.transpose(1, 2).unflatten(2, (ho, wo))  # (N, m, H', W')
-        return y + F.conv2d(x, self.sparse_weight(), self.bias, self.stride, 0, self.dilation)
+        y = self.transform(patches.flatten(2))  # (N, L, m)
+        return y.transpose(1, 2).unflatten(2, (ho, wo))  # (N, m, H', W')
+
+    def sparse_positions(self, layer: DCTpSLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        _, n, kh, kw = layer.weight_shape
+        o, rest = layer.indices // (n * kh * kw), layer.indices % (n * kh * kw)
+        c, ij = rest // (kh * kw), rest % (kh * kw)
+        return o, ij * n + c  # the patch entry in (i, j, c) order
