@@ -2,8 +2,11 @@
 
 Starts `slimline up` (SQLite, Celery filesystem broker, local store, auth off) on a free port,
 trains LeNet-300-100 for one epoch on Fashion-MNIST locally meanwhile, uploads it over HTTP,
-runs train → PCN → train → evaluate as a job, downloads the result, re-evaluates it locally and
-prints a before/after table. Exits non-zero if anything fails; always stops the stack.
+runs train → PCN → train → evaluate as a job and, from the same upload, the same plan without
+the pcn step as a second job (the dense reference: trained for the same total epochs, with the
+same schedule and seed), downloads the compressed result, re-evaluates it locally and prints a
+table of the uploaded model, the dense reference and the compressed model. Exits non-zero if
+anything fails; always stops the stack.
 """
 from __future__ import annotations
 
@@ -36,13 +39,18 @@ ARCH = {"name": "lenet300"}
 # PCN on every dense layer (seed 000, MNIST setting: keep eigenvalues > 0.1). fc1's input is the
 # raw image: its 784 pixels have ~53 directions with variance > 0.1, which is where the
 # parameters are.
-PIPELINE = [
+PIPELINE: list[dict[str, Any]] = [
     {"op": "train", "epochs": 1, "optimizer": "adam", "lr": 0.001, "batch_size": 128},
     {"op": "pcn", "layers": ["fc1", "fc2", "fc3"], "select": {"threshold": 0.1},
      "samples": 5000},
     {"op": "train", "epochs": 2, "optimizer": "adam", "lr": 0.001, "batch_size": 128},
     {"op": "evaluate"},
 ]
+# The dense reference: the same plan from the same upload, without the transform, so both
+# models have seen the same epochs (1 local + 3 in the job) with the same optimiser resets.
+REFERENCE = [step for step in PIPELINE if step["op"] != "pcn"]
+LOCAL_EPOCHS = 1
+JOB_EPOCHS = sum(step.get("epochs", 0) for step in PIPELINE if step["op"] == "train")
 # Settings the demo never takes from the caller's environment: it always runs embedded.
 SERVER_VARS = ("SLIMLINE_DATABASE_URL", "SLIMLINE_BROKER_URL", "SLIMLINE_STORAGE_URL",
                "SLIMLINE_S3_ENDPOINT_URL", "SLIMLINE_AUTH", "SLIMLINE_HOME")
@@ -101,9 +109,10 @@ def train_locally(settings: Settings, path: Path, console: Console) -> dict[str,
     train_set, test_set = fashion_mnist(directory)
     splits = split(train_set, test_set, SEED)
     model = zoo.build(ARCH, generator=torch.Generator().manual_seed(SEED))
-    console.print(f"training LeNet-300-100 for 1 epoch on Fashion-MNIST ({directory}) ...")
+    console.print(f"training LeNet-300-100 for {LOCAL_EPOCHS} epoch on Fashion-MNIST "
+                  f"({directory}) ...")
     start = time.perf_counter()
-    train(model, splits, TrainConfig(epochs=1, batch_size=128),
+    train(model, splits, TrainConfig(epochs=LOCAL_EPOCHS, batch_size=128),
           generator=torch.Generator().manual_seed(SEED))
     wall_s = time.perf_counter() - start
     zoo.save(model, path)
@@ -112,17 +121,28 @@ def train_locally(settings: Settings, path: Path, console: Console) -> dict[str,
             "size": path.stat().st_size, "test": test_set}
 
 
-def compress_over_http(http: Any, checkpoint: Path, console: Console) -> dict[str, Any]:
-    with open(checkpoint, "rb") as f:
-        model = checked(http.post("/v1/models", data={"name": "lenet300-demo"},
-                                  files={"file": (checkpoint.name, f)}))
-    console.print(f"uploaded model {model['id']} ({model['params']['total']:,} params)")
-    spec = {"model": model["id"], "dataset": "fashion-mnist", "steps": PIPELINE, "seed": SEED}
+def plan_text(steps: list[dict[str, Any]]) -> str:
+    def one(step: dict[str, Any]) -> str:
+        if step["op"] == "train":
+            return f"train {step['epochs']}"
+        if step["op"] == "pcn":
+            return f"pcn (threshold {step['select']['threshold']:g})"
+        return str(step["op"])
+
+    return " → ".join(one(step) for step in steps)
+
+
+def submit(http: Any, model_id: str, steps: list[dict[str, Any]], label: str,
+           console: Console) -> str:
+    spec = {"model": model_id, "dataset": "fashion-mnist", "steps": steps, "seed": SEED}
     job = checked(http.post("/v1/jobs", json=spec))
-    console.print(f"submitted job {job['id']}: train 1 → pcn (threshold 0.1) → train 2 → "
-                  "evaluate")
+    console.print(f"submitted job {job['id']} ({label}): {plan_text(steps)}")
+    return str(job["id"])
+
+
+def finished(http: Any, job_id: str, console: Console) -> dict[str, Any]:
     start = time.perf_counter()
-    job = watch_job(http, job["id"], timeout=900)
+    job = watch_job(http, job_id, timeout=900)
     job["client_wall_s"] = time.perf_counter() - start
     if job["status"] != "succeeded":
         error = job.get("error") or {}
@@ -131,33 +151,62 @@ def compress_over_http(http: Any, checkpoint: Path, console: Console) -> dict[st
     return job
 
 
-def results_table(before: dict[str, Any], after: dict[str, Any], job: dict[str, Any]) -> Table:
+def compress_over_http(http: Any, checkpoint: Path, console: Console
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Upload, then the compression job and the dense-reference job (the worker runs them one
+    after the other); returns both finished jobs (compressed, reference)."""
+    with open(checkpoint, "rb") as f:
+        model = checked(http.post("/v1/models", data={"name": "lenet300-demo"},
+                                  files={"file": (checkpoint.name, f)}))
+    console.print(f"uploaded model {model['id']} ({model['params']['total']:,} params)")
+    compressed_id = submit(http, model["id"], PIPELINE, "compression", console)
+    reference_id = submit(http, model["id"], REFERENCE, "dense reference, same epochs",
+                          console)
+    return finished(http, compressed_id, console), finished(http, reference_id, console)
+
+
+def results_table(before: dict[str, Any], reference: dict[str, Any], after: dict[str, Any],
+                  jobs: tuple[dict[str, Any], dict[str, Any]]) -> Table:
+    """Uploaded model, dense reference (same total epochs as the compressed model) and the
+    compressed model; the last column compares the compressed model with the reference."""
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.1f}x smaller" if b else ""
 
-    table = Table(title="slimline demo: LeNet-300-100 on Fashion-MNIST, before / after PCN")
-    for column, justify in (("", "left"), ("before (uploaded)", "right"),
-                            ("after (downloaded)", "right"), ("change", "right")):
+    epochs = LOCAL_EPOCHS + JOB_EPOCHS
+    table = Table(title=f"slimline demo: LeNet-300-100 on Fashion-MNIST, PCN vs dense, both "
+                        f"trained {epochs} epochs in all",
+                  caption=f"dense reference = the same job without the pcn step "
+                          f"({plan_text(REFERENCE)}), from the same upload and seed")
+    for column, justify in (("", "left"), (f"uploaded\n{LOCAL_EPOCHS} epoch", "right"),
+                            (f"dense reference\n{epochs} epochs", "right"),
+                            (f"PCN, downloaded\n{epochs} epochs", "right"),
+                            ("PCN vs\nreference", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    bp, ap = before["params"], after["params"]
-    table.add_row("total params", f"{bp['total']:,}", f"{ap['total']:,}",
-                  ratio(bp["total"], ap["total"]))
-    table.add_row("trainable params", f"{bp['trainable']:,}", f"{ap['trainable']:,}",
-                  ratio(bp["trainable"], ap["trainable"]))
-    table.add_row("test accuracy", f"{before['accuracy']:.4f}", f"{after['accuracy']:.4f}",
-                  f"{after['accuracy'] - before['accuracy']:+.4f}")
-    table.add_row("MACs / sample", f"{before['macs']:,}", f"{after['macs']:,}",
-                  ratio(before["macs"], after["macs"]))
+    bp, rp, ap = before["params"], reference["params"], after["params"]
+    for label, key in (("total params", "total"), ("trainable params", "trainable")):
+        table.add_row(label, f"{bp[key]:,}", f"{rp[key]:,}", f"{ap[key]:,}",
+                      ratio(rp[key], ap[key]))
+    table.add_row("test accuracy", f"{before['accuracy']:.4f}", f"{reference['accuracy']:.4f}",
+                  f"{after['accuracy']:.4f}",
+                  f"{100 * (after['accuracy'] - reference['accuracy']):+.2f} pt")
+    table.add_row("MACs / sample", f"{before['macs']:,}", f"{reference['macs']:,}",
+                  f"{after['macs']:,}", ratio(reference["macs"], after["macs"]))
     table.add_row("size on disk", f"{before['size'] / 1024:,.0f} KiB",
-                  f"{after['size'] / 1024:,.0f} KiB", ratio(before["size"], after["size"]))
-    steps_s = sum(s["wall_s"] for s in job["result"]["steps"])
-    table.add_row("wall time", f"{before['wall_s']:.1f} s (1 epoch, local)",
-                  f"{job['client_wall_s']:.1f} s (job; steps {steps_s:.1f} s)", "")
+                  f"{reference['size'] / 1024:,.0f} KiB", f"{after['size'] / 1024:,.0f} KiB",
+                  ratio(reference["size"], after["size"]))
+    compressed_job, reference_job = jobs
+    table.add_row("wall time", f"{before['wall_s']:.1f} s (local)",
+                  f"{job_steps_s(reference_job):.1f} s (job steps)",
+                  f"{job_steps_s(compressed_job):.1f} s (job steps)", "")
     return table
 
 
-def steps_table(job: dict[str, Any]) -> Table:
-    table = Table(title=f"job {job['id']} steps (server-side)")
+def job_steps_s(job: dict[str, Any]) -> float:
+    return float(sum(s["wall_s"] for s in job["result"]["steps"]))
+
+
+def steps_table(job: dict[str, Any], label: str) -> Table:
+    table = Table(title=f"{label} job {job['id']} steps (server-side)")
     for column in ("step", "op", "wall s", "trainable", "total", "test acc", "details"):
         table.add_column(column, justify="left" if column in ("op", "details") else "right")
     for i, step in enumerate(job["result"]["steps"], 1):
@@ -194,7 +243,8 @@ def run_demo(home: Path, *, keep: bool = True) -> int:
         test_set = before.pop("test")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             wait_ready(http, stack, home)
-            job = compress_over_http(http, home / "lenet300.safetensors", console)
+            job, reference_job = compress_over_http(http, home / "lenet300.safetensors",
+                                                    console)
             path = home / "compressed.safetensors"
             fetch_model(http, job["result"]["model_id"], path)
         model = zoo.load(path)
@@ -206,8 +256,12 @@ def run_demo(home: Path, *, keep: bool = True) -> int:
             raise DemoError(f"the downloaded model does not match the job's report: local "
                             f"{after['params']} acc {after['accuracy']:.4f}, server "
                             f"{server['params']} acc {server['accuracy']:.4f}")
-        console.print(steps_table(job))
-        console.print(results_table(before, after, job))
+        ref = reference_job["result"]["after"]
+        reference = {"params": ref["params"], "macs": ref["macs"], "accuracy": ref["accuracy"],
+                     "size": ref["checkpoint_bytes"]}
+        console.print(steps_table(job, "compression"))
+        console.print(steps_table(reference_job, "dense reference"))
+        console.print(results_table(before, reference, after, (job, reference_job)))
         console.print(f"compressed model: {path}  (core.models.load() rebuilds it)")
         console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
         return 0
