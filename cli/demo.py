@@ -2,11 +2,12 @@
 
 Starts `slimline up` (SQLite, Celery filesystem broker, local store, auth off) on a free port,
 trains LeNet-300-100 for one epoch on Fashion-MNIST locally meanwhile, uploads it over HTTP,
-runs train → PCN → train → evaluate as a job and, from the same upload, the same plan without
-the pcn step as a second job (the dense reference: trained for the same total epochs, with the
-same schedule and seed), downloads the compressed result, re-evaluates it locally and prints a
-table of the uploaded model, the dense reference and the compressed model. Exits non-zero if
-anything fails; always stops the stack.
+runs train → PCN → train → evaluate → export (ONNX) as a job and, from the same upload, the same
+plan without the pcn step as a second job (the dense reference: trained for the same total
+epochs, with the same schedule and seed), downloads the compressed result, re-evaluates it
+locally and prints a table of the uploaded model, the dense reference and the compressed model,
+with both exported ONNX files' bytes and onnxruntime latencies as the worker measured them.
+Exits non-zero if anything fails; always stops the stack.
 """
 from __future__ import annotations
 
@@ -45,12 +46,16 @@ PIPELINE: list[dict[str, Any]] = [
      "samples": 5000},
     {"op": "train", "epochs": 2, "optimizer": "adam", "lr": 0.001, "batch_size": 128},
     {"op": "evaluate"},
+    # ONNX through the torch.export-based exporter, verified against torch and timed with
+    # onnxruntime (batch 1 and 256) by the worker; the job's last step
+    {"op": "export", "formats": ["onnx"]},
 ]
 # The dense reference: the same plan from the same upload, without the transform, so both
 # models have seen the same epochs (1 local + 3 in the job) with the same optimiser resets.
 REFERENCE = [step for step in PIPELINE if step["op"] != "pcn"]
 LOCAL_EPOCHS = 1
 JOB_EPOCHS = sum(step.get("epochs", 0) for step in PIPELINE if step["op"] == "train")
+ORT_NOTE = "CPU execution provider, all graph optimisations"
 # Settings the demo never takes from the caller's environment: it always runs embedded.
 SERVER_VARS = ("SLIMLINE_DATABASE_URL", "SLIMLINE_BROKER_URL", "SLIMLINE_STORAGE_URL",
                "SLIMLINE_S3_ENDPOINT_URL", "SLIMLINE_AUTH", "SLIMLINE_HOME")
@@ -127,6 +132,8 @@ def plan_text(steps: list[dict[str, Any]]) -> str:
             return f"train {step['epochs']}"
         if step["op"] == "pcn":
             return f"pcn (threshold {step['select']['threshold']:g})"
+        if step["op"] == "export":
+            return f"export ({', '.join(step['formats'])})"
         return str(step["op"])
 
     return " → ".join(one(step) for step in steps)
@@ -183,22 +190,36 @@ def results_table(before: dict[str, Any], reference: dict[str, Any], after: dict
                             ("PCN vs\nreference", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     bp, rp, ap = before["params"], reference["params"], after["params"]
-    for label, key in (("total params", "total"), ("trainable params", "trainable")):
+    for label, key in (("params", "total"), ("trainable", "trainable")):
         table.add_row(label, f"{bp[key]:,}", f"{rp[key]:,}", f"{ap[key]:,}",
                       ratio(rp[key], ap[key]))
-    table.add_row("test accuracy", f"{before['accuracy']:.4f}", f"{reference['accuracy']:.4f}",
+    table.add_row("test acc", f"{before['accuracy']:.4f}", f"{reference['accuracy']:.4f}",
                   f"{after['accuracy']:.4f}",
                   f"{100 * (after['accuracy'] - reference['accuracy']):+.2f} pt")
-    table.add_row("MACs / sample", f"{before['macs']:,}", f"{reference['macs']:,}",
+    table.add_row("MACs/sample", f"{before['macs']:,}", f"{reference['macs']:,}",
                   f"{after['macs']:,}", ratio(reference["macs"], after["macs"]))
     table.add_row("size on disk", f"{before['size'] / 1024:,.0f} KiB",
                   f"{reference['size'] / 1024:,.0f} KiB", f"{after['size'] / 1024:,.0f} KiB",
                   ratio(reference["size"], after["size"]))
     compressed_job, reference_job = jobs
-    table.add_row("wall time", f"{before['wall_s']:.1f} s (local)",
-                  f"{job_steps_s(reference_job):.1f} s (job steps)",
-                  f"{job_steps_s(compressed_job):.1f} s (job steps)", "")
+    onnx = (onnx_record(reference_job), onnx_record(compressed_job))
+    table.add_row("ONNX file", "", f"{onnx[0]['bytes'] / 1024:,.0f} KiB",
+                  f"{onnx[1]['bytes'] / 1024:,.0f} KiB", ratio(onnx[0]["bytes"], onnx[1]["bytes"]))
+    for batch in (1, 256):
+        key = f"batch_{batch}"
+        ref_ms, ms = onnx[0]["latency_ms"][key], onnx[1]["latency_ms"][key]
+        table.add_row(f"ORT b{batch}", "", f"{ref_ms:.3f} ms", f"{ms:.3f} ms",
+                      f"{ref_ms / ms:.1f}x faster" if ms else "")
+    table.add_row("wall time", f"{before['wall_s']:.1f} s local",
+                  f"{job_steps_s(reference_job):.1f} s job",
+                  f"{job_steps_s(compressed_job):.1f} s job", "")
     return table
+
+
+def onnx_record(job: dict[str, Any]) -> dict[str, Any]:
+    """The export step's record of `model.onnx` (bytes, latency_ms, verification)."""
+    step = next(s for s in job["result"]["steps"] if s["op"] == "export")
+    return dict(step["onnx"]) | {"threads": step.get("threads")}
 
 
 def job_steps_s(job: dict[str, Any]) -> float:
@@ -216,6 +237,11 @@ def steps_table(job: dict[str, Any], label: str) -> Table:
                                 for n, v in step["layers"].items())
         elif step["op"] == "train":
             details = f"val acc {step['val_accuracy']:.4f}"
+        elif step["op"] == "export":
+            onnx = step["onnx"]
+            details = (f"onnx {onnx['bytes'] / 1024:,.0f} KiB, "
+                       f"{'verified' if onnx['verified'] else 'NOT VERIFIED'} "
+                       f"(Δ {onnx['relative_diff']:.0e}), ORT acc {onnx['accuracy']:.4f}")
         table.add_row(str(i), step["op"], f"{step['wall_s']:.1f}",
                       f"{step['params']['trainable']:,}", f"{step['params']['total']:,}",
                       f"{step['accuracy']:.4f}", details)
@@ -262,6 +288,10 @@ def run_demo(home: Path, *, keep: bool = True) -> int:
         console.print(steps_table(job, "compression"))
         console.print(steps_table(reference_job, "dense reference"))
         console.print(results_table(before, reference, after, (job, reference_job)))
+        threads = onnx_record(job)["threads"]
+        console.print(f"ORT b1 / b256: onnxruntime latency at batch 1 / 256 ({ORT_NOTE}, "
+                      f"{threads} thread(s), median of repeated runs after warm-up), measured "
+                      "by each job's export step")
         console.print(f"compressed model: {path}  (core.models.load() rebuilds it)")
         console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
         return 0
