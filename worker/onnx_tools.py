@@ -78,18 +78,19 @@ def optimized_initializer_bytes(path: str | Path) -> int:
 
 
 def ort_latency_ms(path: str | Path, input_shape: list[int], batch: int, threads: int, *,
-                   repeats: int = 20, warmup: int = 3, session: ort.InferenceSession | None = None
-                   ) -> float:
+                   repeats: int = 20, warmup: int = 3, budget_s: float = 10.0,
+                   session: ort.InferenceSession | None = None) -> float:
     """Median wall time in ms of one run on a (batch, *input_shape) input, after `warmup`
-    runs, with `threads` intra-op threads (ORT_ENABLE_ALL, the default deployment setting)."""
+    runs, with `threads` intra-op threads (ORT_ENABLE_ALL, the default deployment setting);
+    `repeats` runs, or as many (at least 5) as fit in `budget_s` for a slow model."""
     session = session or ort_session(path, threads)
     name = input_name(session)
     dtype = np.float64 if session.get_inputs()[0].type == "tensor(double)" else np.float32
     x = np.random.default_rng(0).random((batch, *input_shape)).astype(dtype)
     for _ in range(warmup):
         session.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 5 or sum(times) < budget_s):
         start = time.perf_counter()
         session.run(None, {name: x})
         times.append(time.perf_counter() - start)
