@@ -239,7 +239,7 @@ def _f(value: Any, spec: str, suffix: str = "") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """One line per model and method: fp32 / int8 side by side."""
-    lines = ["| model | method | MACs ratio | ONNX KB fp32 / int8 | b1 ms fp32 / int8 "
+    lines = ["| model | method | MACs ratio | ONNX KiB fp32 / int8 | b1 ms fp32 / int8 "
              "| b256 ms fp32 / int8 | speed-up b1, b256 fp32 (int8) "
              "| lat. saving / MACs saving b1, b256 fp32 (int8) | top-1 % fp32 (int8 = fp32) |",
              "|---|---|---|---|---|---|---|---|---|"]
