@@ -161,6 +161,10 @@ def claim(session: Session, job_id: str, *, now: datetime, heartbeat_timeout_s: 
         log.info("job %s was claimed by another worker", job_id)
         return None
     session.refresh(job)
+    if seen_status == RUNNING:  # the lost attempt goes back to the queue, as the reaper says it
+        status_event(session, job_id, QUEUED, attempts=seen_attempts,
+                     reason=f"its worker stopped reporting for over {int(heartbeat_timeout_s)} s "
+                            f"(attempt {seen_attempts}); a redelivered message takes it over")
     status_event(session, job_id, RUNNING, attempt=seen_attempts + 1)
     session.flush()
     return seen_attempts + 1

@@ -122,6 +122,10 @@ def test_claim_finish_and_fail_are_compare_and_sets_on_the_attempt(settings):
         # once its heartbeat is stale, the job is taken over by attempt 2
         later = utcnow() + timedelta(seconds=31)
         assert claim(session, job_id, now=later, **limits) == 2
+        statuses = [e.data for e in list_events(session, job_id) if e.kind == "status"]
+        # the lost attempt is said to go back to the queue before the new one runs
+        assert [d["status"] for d in statuses[-2:]] == ["queued", "running"]
+        assert "attempt 1" in statuses[-2]["reason"] and statuses[-1]["attempt"] == 2
     with session_scope(settings) as session, pytest.raises(LostOwnership):
         fail(session, job_id, 1, "X", "attempt 1 no longer owns the job")
     with session_scope(settings) as session:
@@ -143,4 +147,4 @@ def test_claim_finish_and_fail_are_compare_and_sets_on_the_attempt(settings):
     with session_scope(settings) as session:
         assert session.get(Job, third).result == {"ok": True}
         kinds = [e.data["status"] for e in list_events(session, job_id) if e.kind == "status"]
-    assert kinds == ["running", "running", "canceled"]
+    assert kinds == ["running", "queued", "running", "canceled"]
