@@ -7,9 +7,13 @@ even/odd reordered input (Makhoul 1980):
 `v = [x_0, x_2, ..., x_5, x_3, x_1]`, `X_k = s_k (Re V_k cos(pi k / 2q) + Im V_k sin(pi k / 2q))`
 with `s_0 = sqrt(1/q)`, `s_k = sqrt(2/q)`. Only the `m` cos/sin/scale entries (alpha folded in)
 are stored. `S` stays sparse at run time too: `values` with int32 `rows` (output) and `cols`
-(input or patch entry), applied as `Gather` (the inputs S reads) * values, then a scatter-add
-(`ScatterElements`, reduction add) into the m outputs — no dense S in the file, nor in the
-graph a runtime optimises (a dense S built from constants would be folded back at load).
+(input or patch entry), applied as `Gather` (the inputs S reads) * values, then summed per output
+row as a segment sum: the entries are stored sorted by row, and row r's sum is the difference of
+the running sum (`CumSum`) at its last and first entry. No dense S in the file, nor in the graph a
+runtime optimises (a dense S built from constants would be folded back at load). A scatter-add
+(`ScatterND`/`ScatterElements` with reduction add) is not used: onnxruntime 1.32 runs it on
+several threads without atomic adds, so rows with several entries came out wrong at random
+(0.02-0.1 of the logits' scale at 2 threads; exact at 1).
 """
 from __future__ import annotations
 
@@ -41,10 +45,15 @@ class _ImplicitDCT(nn.Module):
         evens = torch.arange(0, q, 2)
         odds = torch.arange(1, q, 2).flip(0)
         self.register_buffer("order", torch.cat([evens, odds]).to(device=device))  # (q,)
-        self.values = nn.Parameter(layer.values.detach().clone(), requires_grad=False)
         rows, cols = self.sparse_positions(layer)
-        self.register_buffer("rows", rows.to(device=device, dtype=torch.int32))
-        self.register_buffer("cols", cols.to(device=device, dtype=torch.int32))
+        order = torch.sort(rows, stable=True).indices  # entries grouped by output row
+        counts = torch.bincount(rows, minlength=m)
+        ends = torch.cumsum(counts, 0)
+        self.values = nn.Parameter(layer.values.detach()[order].clone(), requires_grad=False)
+        self.register_buffer("cols", cols[order].to(device=device, dtype=torch.int32))
+        # positions in the running sum with a leading 0: row r sums entries starts[r]..ends[r]-1
+        self.register_buffer("starts", (ends - counts).to(device=device))
+        self.register_buffer("ends", ends.to(device=device))
         self.bias = (nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
                      if layer.bias is not None else None)
 
@@ -60,7 +69,9 @@ class _ImplicitDCT(nn.Module):
         spectrum = torch.view_as_real(torch.fft.fft(v, dim=-1))[..., :self.m, :]  # (..., m, 2)
         y = spectrum[..., 0] * self.cos + spectrum[..., 1] * self.sin  # (..., m)
         picked = torch.index_select(z, -1, self.cols.long()) * self.values  # (..., nnz)
-        y = y.index_add(-1, self.rows.long(), picked)
+        running = F.pad(torch.cumsum(picked, -1), (1, 0))  # (..., nnz + 1), leading 0
+        y = y + (torch.index_select(running, -1, self.ends)
+                 - torch.index_select(running, -1, self.starts))
         return y if self.bias is None else y + self.bias
 
 

@@ -226,6 +226,25 @@ def test_dctps_both_modes_equal_torch(mode, tmp_path):
     _assert_ort_equals_torch(model, tmp_path / "m.onnx", [1, 16, 16])
 
 
+def test_implicit_dctps_is_deterministic_on_several_threads(tmp_path):
+    """S's per-row sums are a segment sum (CumSum), not a scatter-add: onnxruntime's
+    multi-threaded ScatterND with reduction add lost updates of rows with several entries."""
+    model = dctps_model()
+    export_onnx(model, [1, 16, 16], tmp_path / "m.onnx", dctps="implicit")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert not ops & {"ScatterND", "ScatterElements"}, ops
+    x = _inputs([1, 16, 16])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "pcn_output_resnet"])
 def test_pt2_loads_with_plain_torch_export(kind, tmp_path):
     model = KINDS[kind][0]()
