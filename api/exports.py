@@ -24,8 +24,8 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api.inspect_client import _BOOTSTRAP, RETRY_AFTER_S, Inspector, _last_json_line, inspector_for
-from service.errors import Overloaded, Unprocessable
+from api.inspect_client import _BOOTSTRAP, Inspector, _last_json_line, inspector_for
+from service.errors import Unprocessable
 from service.model_files import FORMATS, ModelFile
 from service.store import ObjectStore
 from service.tmpfiles import temp_dir
@@ -70,13 +70,6 @@ class Exporter(Inspector):
         return ExportFailed("exporting the model took longer than "
                             f"{self.settings.inspect_timeout_s:g} s (SLIMLINE_INSPECT_TIMEOUT_S); "
                             + HINT)
-
-    def _overloaded(self) -> Overloaded:
-        s = self.settings
-        return Overloaded(f"{s.inspect_concurrency} uploads or exports are running already "
-                          f"(SLIMLINE_INSPECT_CONCURRENCY) and no slot freed within "
-                          f"{s.inspect_queue_s:g} s (SLIMLINE_INSPECT_QUEUE_S); try again in a "
-                          "few seconds", retry_after=RETRY_AFTER_S)
 
     # ---- exporting ---------------------------------------------------------------------
     async def export(self, checkpoint: Path, fmt: str, output: Path) -> dict[str, Any]:

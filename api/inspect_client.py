@@ -147,7 +147,7 @@ class Inspector:
 
     def _overloaded(self) -> Overloaded:
         s = self.settings
-        return Overloaded(f"{s.inspect_concurrency} uploads are being validated already "
+        return Overloaded(f"{s.inspect_concurrency} uploads or exports are running already "
                           f"(SLIMLINE_INSPECT_CONCURRENCY) and no slot freed within "
                           f"{s.inspect_queue_s:g} s (SLIMLINE_INSPECT_QUEUE_S); try again in a "
                           "few seconds", retry_after=RETRY_AFTER_S)
