@@ -3,10 +3,16 @@
 Every dataset is an `ArrayDataset` with `x` float32 `(N, C, H, W)` and `y` int64 `(N,)`.
 Flat feature arrays `(N, D)` become `(N, 1, 1, D)`: one layout for every consumer; the zoo
 models flatten their input, so an MLP with `input_shape=[1, 1, D]` reads them directly.
+
+Preprocessing (what a model expects of its inputs, `arch["preprocessing"]`): `channel_stats`
+(per-channel mean/std), `standardize` ((x - mean[c]) / std[c]), `adapt` (replicate a single
+channel, bilinear resize) and `to_layout` (NCHW as read, NHWC `(N, H, W, C)` or flat `(N, D)`,
+the only datasets whose `x` is not 4-D).
 """
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from core.errors import DatasetError
@@ -31,16 +38,19 @@ FASHION_MNIST_SHA256 = {
 }
 
 SYNTHETIC = ("synthetic-blobs", "synthetic-tiny")
+LAYOUTS = ("NCHW", "NHWC", "flat")
+_CHUNK = 4096  # samples per chunk of the preprocessing passes (bounds their temporary memory)
 
 # IDX type byte -> big-endian numpy dtype
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 class ArrayDataset(Dataset):
-    """`x` float32 (N, C, H, W), `y` int64 (N,), held as tensors."""
+    """`x` float32 (N, C, H, W), `y` int64 (N,), held as tensors. `to_layout` makes the only
+    other shapes: (N, H, W, C) and (N, D)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        if x.ndim != 4 or x.dtype != torch.float32:
+        if x.ndim not in (2, 4) or x.dtype != torch.float32:
             raise DatasetError(f"x must be float32 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
         if y.ndim != 1 or y.dtype != torch.int64 or y.shape[0] != x.shape[0]:
             raise DatasetError(f"y must be int64 (N,) with N={x.shape[0]}, "
@@ -237,6 +247,88 @@ def synthetic(name: str, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
     if name == "synthetic-tiny":
         return _blobs(generator, (1, 8, 8), 10, 256, 128, noise=0.5)
     raise DatasetError(f"unknown synthetic dataset {name!r}; valid: {', '.join(SYNTHETIC)}")
+
+
+# ---- preprocessing ----
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(i, min(i + _CHUNK, n)) for i in range(0, n, _CHUNK)]
+
+
+def _nchw(data: ArrayDataset, what: str) -> None:
+    if data.x.ndim != 4:
+        raise DatasetError(f"{what} needs (N, C, H, W) samples, got {tuple(data.x.shape)}")
+
+
+def channel_stats(data: ArrayDataset) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) over every sample and position of (N, C, H, W) data: population
+    statistics, accumulated in float64. A channel with no spread (std 0) gets std 1."""
+    _nchw(data, "channel statistics")
+    if not len(data):
+        raise DatasetError("channel statistics of an empty dataset")
+    c = data.x.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for part in _chunks(len(data)):
+        x = data.x[part].double()
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = data.x.numel() // c
+    mean = total / count
+    var = (squares / count - mean.square()).clamp_min(0.0)
+    std = var.sqrt()
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def standardize(data: ArrayDataset, mean: list[float], std: list[float]) -> ArrayDataset:
+    """A copy with `(x - mean[c]) / std[c]` per channel of (N, C, H, W) data."""
+    _nchw(data, "standardize")
+    c = data.x.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise DatasetError(f"mean/std have {len(mean)}/{len(std)} entries but the samples "
+                           f"have {c} channel(s); give one per channel")
+    m = torch.tensor(mean, dtype=torch.float64).view(1, c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, c, 1, 1)
+    out = torch.empty_like(data.x)
+    for part in _chunks(len(data)):
+        out[part] = ((data.x[part].double() - m) / s).float()
+    return ArrayDataset(out, data.y)
+
+
+def adapt(data: ArrayDataset, shape: list[int]) -> ArrayDataset:
+    """(N, C', H', W') data as `shape` = [C, H, W]: a single channel is replicated to C (any
+    other channel count must equal C), and H' x W' is resized to H x W (bilinear, no
+    antialiasing) when they differ. Returns `data` itself when it already has `shape`."""
+    _nchw(data, "adapt")
+    c, h, w = (int(v) for v in shape)
+    c0, h0, w0 = data.input_shape
+    if c0 != c and c0 != 1:
+        raise DatasetError(f"cannot turn samples with {c0} channels into {c} channels "
+                           "(only a single channel is replicated)")
+    if [c0, h0, w0] == [c, h, w]:
+        return data
+    out = torch.empty(len(data), c, h, w, dtype=torch.float32)
+    for part in _chunks(len(data)):
+        x = data.x[part]
+        if (h0, w0) != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                              antialias=False)
+        out[part] = x.expand(-1, c, -1, -1) if c0 != c else x
+    return ArrayDataset(out, data.y)
+
+
+def to_layout(data: ArrayDataset, layout: str) -> ArrayDataset:
+    """(N, C, H, W) data as the model reads it: NCHW (unchanged), NHWC (N, H, W, C), flat (N,
+    C*H*W in NCHW order)."""
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    _nchw(data, "to_layout")
+    if layout == "NHWC":
+        return ArrayDataset(data.x.permute(0, 2, 3, 1).contiguous(), data.y)
+    if layout == "flat":
+        return ArrayDataset(data.x.reshape(len(data), math.prod(data.input_shape)), data.y)
+    return data
 
 
 # ---- splits ----

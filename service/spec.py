@@ -5,6 +5,7 @@ in the validation context: `JobSpec.model_validate(data, context={"max_epochs":
 settings.max_epochs})`."""
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
@@ -20,10 +21,13 @@ from service.registry import (
     step_models,
 )
 
-__all__ = ["AVAILABLE_OPS", "BUILTIN_DATASETS", "MAX_EPOCHS", "MAX_STEPS", "JobSpec",
-           "ModelArch", "Step", "control_character"]
+__all__ = ["AVAILABLE_OPS", "BUILTIN_DATASETS", "MAX_CHANNELS", "MAX_EPOCHS", "MAX_STEPS",
+           "NORMALIZE_MODES", "JobSpec", "ModelArch", "Normalization", "Step",
+           "check_normalize", "control_character"]
 
 MAX_STEPS = 32
+MAX_CHANNELS = 4096  # entries of a normalize mean/std (one per input channel)
+NORMALIZE_MODES = ("none", "standardize")
 BUILTIN_DATASETS = ("fashion-mnist", "synthetic-blobs", "synthetic-tiny")
 AVAILABLE_OPS = available_ops()
 
@@ -77,12 +81,58 @@ class ModelArch(Strict):
         return value
 
 
+class Normalization(Strict):
+    """Per-channel input statistics: the worker feeds `(x - mean[c]) / std[c]` to the model.
+    Checked by `JobSpec._normalize` (one message naming the entry)."""
+
+    mean: list[float] = Field(min_length=1, max_length=MAX_CHANNELS)
+    std: list[float] = Field(min_length=1, max_length=MAX_CHANNELS)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_normalize(value: Any) -> None:
+    """Raise ValueError naming the offending entry (`normalize.std[2] ...`) unless `value` is
+    None, one of NORMALIZE_MODES or `{"mean": [C numbers], "std": [C numbers > 0]}` (finite)."""
+    usage = ("normalize is null (the model's stored preprocessing, else raw inputs), 'none', "
+             "'standardize' or {\"mean\": [one per channel], \"std\": [one per channel]}")
+    if value is None or (isinstance(value, str) and value in NORMALIZE_MODES):
+        return
+    if isinstance(value, Normalization):
+        value = value.model_dump()
+    if not isinstance(value, dict):
+        raise ValueError(f"{usage}; got {value!r:.80}")
+    unknown = sorted(set(value) - {"mean", "std"}, key=str)
+    missing = [k for k in ("mean", "std") if k not in value]
+    if unknown or missing:
+        raise ValueError(f"{usage}; " + (f"unknown keys {unknown}" if unknown else
+                                          f"missing {' and '.join(missing)}"))
+    for key in ("mean", "std"):
+        items = value[key]
+        if not isinstance(items, list) or not 1 <= len(items) <= MAX_CHANNELS:
+            raise ValueError(f"normalize.{key} must be a list of 1..{MAX_CHANNELS} numbers "
+                             "(one per input channel)")
+        for i, item in enumerate(items):
+            if not _number(item) or not math.isfinite(item):
+                raise ValueError(f"normalize.{key}[{i}] must be a finite number, got {item!r}")
+            if key == "std" and item <= 0:
+                raise ValueError(f"normalize.std[{i}] must be > 0, got {item!r} (a channel "
+                                 "with no spread cannot be standardised; use 1)")
+    if len(value["mean"]) != len(value["std"]):
+        raise ValueError(f"normalize.mean has {len(value['mean'])} entries but normalize.std "
+                         f"has {len(value['std'])}; give one of each per input channel")
+
+
 class JobSpec(Strict):
     model: Annotated[str, Field(min_length=1, max_length=64)] | ModelArch
     dataset: str = Field(min_length=1, max_length=64)
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # input scaling: None = the model's stored preprocessing (raw inputs when it has none)
+    normalize: Literal["none", "standardize"] | Normalization | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -122,6 +172,12 @@ class JobSpec(Strict):
                 if refusal is not None:
                     raise ValueError(refusal)
         return self
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize(cls, value: Any) -> Any:
+        check_normalize(value)
+        return value
 
     @field_validator("dataset")
     @classmethod

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from core.data import split
 from core.errors import Cancelled, CheckpointError, DatasetError, ExportError, SpecError
 from core.models import model_arch, set_masks
 from service import states
@@ -39,11 +38,11 @@ from worker.checkpoint import Checkpointer, Snapshot, TrainProgress
 from worker.context import StepContext, model_metrics
 from worker.finish import Outcome, end_attempt, store_outcome
 from worker.inputs import (
-    check_compatible,
     fetch_model,
     load_dataset,
     load_input_model,
     model_origin,
+    prepare_data,
 )
 from worker.plots import render_plots
 from worker.reporter import JobReporter
@@ -159,8 +158,11 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     reporter.progress(0.0, f"loading dataset {spec.dataset}")
     train_set, test_set = load_dataset(spec, tenant_id, settings, store, workdir,
                                        int(model_arch(source.model)["num_classes"]))
-    input_shape = check_compatible(source.model, train_set, test_set)
-    splits = split(train_set, test_set, spec.seed)
+    # shapes, normalization and layout, once: every step reads ctx.splits (worker.inputs)
+    data = prepare_data(source.model, train_set, test_set, normalize=spec.normalize,
+                        seed=spec.seed, can_adapt=source.model_id is not None)
+    del train_set, test_set
+    splits, input_shape = data.splits, data.input_shape
     ctx = StepContext(model=source.model.to(device), splits=splits, input_shape=input_shape,
                       device=device, generator=torch.Generator().manual_seed(spec.seed),
                       settings=settings, job_id=job_id, reporter=reporter,
@@ -208,6 +210,8 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
             if unreadable:
                 resumes[0]["checkpoint_unreadable"] = unreadable
             reporter.event("status", {"status": "resumed", **resumes[0]})
+        for kind, payload in data.events:  # a resumed run has them from its first attempt
+            reporter.event(kind, payload)
         reporter.progress(0.0, "measuring the input model")
         before = model_metrics(ctx.model, input_shape, splits.test, device)
 
@@ -231,8 +235,12 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     result = {"model_id": None, "before": before, "after": after, "steps": steps,
               "dataset": spec.dataset, "device": str(device), "attempts": attempt,
               "resumes": resumes, "checkpoints": checkpointer.saved}
+    if data.summary is not None:
+        result["preprocessing"] = data.summary
     plots = render_plots(ctx.curves, workdir)
     model = ctx.model.cpu()
+    if data.preprocessing is not None:  # a chained job applies it again
+        model_arch(model)["preprocessing"] = data.preprocessing
     set_masks(model, ctx.masks)  # stored sparsely by core.models.save
     return Outcome(result, f"{source.name}-{job_id[-8:]}", model, ctx.curves, plots,
                    files=ctx.artifacts)
