@@ -7,6 +7,11 @@ A pruned model (`model.slimline_masks = {layer: BoolTensor}`, set by the pruning
 stored sparsely: each masked `<layer>.weight` becomes its kept values, its bit-packed mask and
 its shape (`core.masks.sparse_state`; metadata "slimline_sparse": "1"), never a dense copy.
 
+An imported model (arch `{"name": "graph", "graph": <sha>, ...}`, `core.graph`) also stores its
+graph: metadata "slimline_graph" = the canonical IR, registered again (and checked against the
+arch's sha) by `read_arch`/`load`, so one file rebuilds it in a fresh process.
+`import_graph(ir, tensors)` makes such a model from a converter's output.
+
 This module sits above every method: it imports `core.methods`, so every method's structural
 edit is registered before `build` replays an arch.
 `load` rebuilds the dense weights (zeros where pruned) and sets `slimline_masks` again, so a
@@ -25,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core import methods  # noqa: F401 - registers every method's edit before build replays
-from core.arch import build
+from core.arch import GRAPH, build, normalize_preprocessing
 from core.errors import CheckpointError, SpecError
+from core.graph import build_graph_module, canonical, graph_for, register_graph
 from core.masks import SPARSE_SUFFIXES, dense_from_sparse, masked_parameters, sparse_state
 
 FORMAT = "slimline/1"
@@ -40,6 +46,11 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
                               "so the checkpoint can be rebuilt from data")
     masks = getattr(model, "slimline_masks", None)
     metadata = {"slimline_arch": json.dumps(arch), "format": FORMAT}
+    if isinstance(arch, dict) and arch.get("name") == GRAPH:
+        try:
+            metadata["slimline_graph"] = canonical(graph_for(arch.get("graph", "")))
+        except SpecError as exc:
+            raise CheckpointError(f"cannot save the imported model: {exc}") from None
     if masks:
         tensors = {k: v.contiguous() for k, v in sparse_state(model, masks).items()}
         metadata["slimline_sparse"] = "1"
@@ -68,7 +79,27 @@ def read_arch(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path} has no valid 'slimline_arch' metadata ({exc})") from None
     if not isinstance(arch, dict):
         raise CheckpointError(f"{path}: 'slimline_arch' metadata must be a JSON object")
+    if arch.get("name") == GRAPH:
+        _register_stored_graph(path, arch, metadata)
     return arch
+
+
+def _register_stored_graph(path: str | os.PathLike[str], arch: dict[str, Any],
+                           metadata: dict[str, str]) -> None:
+    """Register the IR an imported model's checkpoint carries; its sha must be the arch's."""
+    text = metadata.get("slimline_graph")
+    if text is None:
+        raise CheckpointError(f"{path} holds an imported model (arch 'graph') but no "
+                              "'slimline_graph' metadata; save it with core.models.save")
+    try:
+        sha = register_graph(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: 'slimline_graph' metadata is not JSON ({exc})") from None
+    except SpecError as exc:
+        raise CheckpointError(f"{path}: invalid imported graph: {exc}") from None
+    if sha != arch.get("graph"):
+        raise CheckpointError(f"{path}: the stored graph has id {sha}, but the arch names "
+                              f"{arch.get('graph')!r}; the file was modified")
 
 
 def load(path: str | os.PathLike[str]) -> nn.Module:
@@ -146,3 +177,35 @@ def from_state_dict(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -
         model.to(float_dtypes.pop())
     model.load_state_dict(dict(tensors), strict=True)
     return model.eval()
+
+
+def import_graph(ir: dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
+                 num_classes: int | None = None,
+                 preprocessing: dict[str, Any] | None = None) -> nn.Module:
+    """The model of an imported graph (a converter's `(ir, tensors)`): registers the graph,
+    builds it, loads and validates `tensors` like `from_state_dict` (CheckpointError), and sets
+    `slimline_arch` = `{"name": "graph", "graph": <sha>, "input_shape", "num_classes",
+    "init": "torch", "edits": [], ["preprocessing"]}`. `num_classes` is read from the output
+    (N, classes) when None and must match it otherwise. Eval mode."""
+    sha = register_graph(ir)
+    shape = list(ir["input"]["shape"])
+    probe_model = build_graph_module(ir)
+    with torch.no_grad():
+        try:
+            out = probe_model.eval()(torch.zeros(1, *shape))
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise SpecError(f"the graph does not run on an input of shape {[1, *shape]}: "
+                            f"{exc}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SpecError(f"the graph must return logits (N, classes); it returns {got} for one "
+                        "sample")
+    classes = int(out.shape[1])
+    if num_classes is not None and num_classes != classes:
+        raise SpecError(f"num_classes {num_classes} does not match the graph's output "
+                        f"({classes} classes)")
+    arch: dict[str, Any] = {"name": GRAPH, "graph": sha, "input_shape": shape,
+                            "num_classes": classes, "init": "torch", "edits": []}
+    if preprocessing is not None:
+        arch["preprocessing"] = normalize_preprocessing(preprocessing)
+    return from_state_dict(arch, tensors)
