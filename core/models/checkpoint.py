@@ -32,7 +32,7 @@ from torch import nn
 from core import methods  # noqa: F401 - registers every method's edit before build replays
 from core.arch import GRAPH, build, normalize_preprocessing
 from core.errors import CheckpointError, SpecError
-from core.graph import build_graph_module, canonical, graph_for, register_graph
+from core.graph import canonical, graph_for, register_graph
 from core.masks import SPARSE_SUFFIXES, dense_from_sparse, masked_parameters, sparse_state
 
 FORMAT = "slimline/1"
@@ -186,13 +186,22 @@ def import_graph(ir: dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
     builds it, loads and validates `tensors` like `from_state_dict` (CheckpointError), and sets
     `slimline_arch` = `{"name": "graph", "graph": <sha>, "input_shape", "num_classes",
     "init": "torch", "edits": [], ["preprocessing"]}`. `num_classes` is read from the output
-    (N, classes) when None and must match it otherwise. Eval mode."""
+    (N, classes) when None and must match it otherwise (SpecError). Eval mode."""
     sha = register_graph(ir)
     shape = list(ir["input"]["shape"])
-    probe_model = build_graph_module(ir)
+    if num_classes is not None and (isinstance(num_classes, bool) or
+                                    not isinstance(num_classes, int) or num_classes < 1):
+        raise SpecError(f"num_classes must be a positive integer, got {num_classes!r}")
+    arch: dict[str, Any] = {"name": GRAPH, "graph": sha, "input_shape": shape,
+                            "num_classes": num_classes or 1, "init": "torch", "edits": []}
+    if preprocessing is not None:
+        arch["preprocessing"] = normalize_preprocessing(preprocessing)
+    model = from_state_dict(arch, tensors)
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
     with torch.no_grad():
         try:
-            out = probe_model.eval()(torch.zeros(1, *shape))
+            out = model(torch.zeros(1, *shape, dtype=dtype))
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise SpecError(f"the graph does not run on an input of shape {[1, *shape]}: "
                             f"{exc}") from None
@@ -204,8 +213,5 @@ def import_graph(ir: dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
     if num_classes is not None and num_classes != classes:
         raise SpecError(f"num_classes {num_classes} does not match the graph's output "
                         f"({classes} classes)")
-    arch: dict[str, Any] = {"name": GRAPH, "graph": sha, "input_shape": shape,
-                            "num_classes": classes, "init": "torch", "edits": []}
-    if preprocessing is not None:
-        arch["preprocessing"] = normalize_preprocessing(preprocessing)
-    return from_state_dict(arch, tensors)
+    model.slimline_arch["num_classes"] = classes
+    return model
