@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.applies import register_applies
 from core.configs import DCTpSConfig
 from core.dctps_layer import (
     DCTpSConv2d,
@@ -43,6 +44,7 @@ __all__ = [
     "allocate",
     "dct_matrix",
     "dct_weight",
+    "dctps_applies",
     "dctps_apply",
     "dctps_layer",
     "dctps_transform",
@@ -133,6 +135,15 @@ def random_support(shape: tuple[int, ...], nnz: int, generator: torch.Generator 
 
 # ---- model transform and replay ---------------------------------------------------------
 
+@register_applies("dctps")
+def dctps_applies(name: str, module: nn.Module) -> str | None:
+    """Why `module` cannot become a DCTpS layer (None: it can). Any nn.Linear/nn.Conv2d can,
+    grouped convs included (D is built for the (out, in/groups, kh, kw) weight)."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return None
+    return f"a {type(module).__name__}: DCTpS replaces nn.Linear/nn.Conv2d layers only"
+
+
 def _edit_layers(model: nn.Module, edit: dict[str, Any]) -> dict[str, tuple[int, str | float]]:
     layers = edit.get("layers")
     if not isinstance(layers, dict) or not layers:
@@ -219,6 +230,7 @@ def fixed_dct_params(model: nn.Module) -> int:
     return sum(m.D.numel() for m in model.modules() if isinstance(m, DCTpSLayer))
 
 
-__all__ = ["ALLOCATIONS", "allocate", "dct_matrix", "dct_weight", "dctps_apply", "dctps_layer",
+__all__ = ["ALLOCATIONS", "allocate", "dct_matrix", "dct_weight", "dctps_applies", "dctps_apply",
+           "dctps_layer",
            "dctps_transform", "DCTpSConfig", "DCTpSConv2d", "DCTpSLayer", "DCTpSLinear",
            "fixed_dct_params", "random_support", "replay_dctps"]

@@ -63,6 +63,7 @@ from core.lowrank_layer import (
     full_ranks,
     is_factored,
     layer_matrix,
+    lowrank_applies,
     replay_lowrank,
 )
 from core.lowrank_scores import (
@@ -104,11 +105,25 @@ def lowrank_transform(model: nn.Module, plan: dict[str, dict[str, Any]]
     return new_model, report
 
 
+def lowrank_untouched(model: nn.Module) -> dict[str, str]:
+    """{layer: reason} of the model's Linear/Conv2d layers lowrank cannot factor
+    (`lowrank_applies`: depthwise/grouped convs); "all" leaves them out."""
+    return {n: reason for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
+            and (reason := lowrank_applies(n, m)) is not None}
+
+
 def lowrank_layers(model: nn.Module, layers: str | list[str] = "all") -> list[str]:
-    """"all" = every plain Linear / groups-1 Conv2d in forward order, else the names (checked)."""
+    """"all" = every Linear / dense Conv2d in forward order (`lowrank_untouched` left out),
+    else the names (checked: SpecError naming the reason or the valid layers)."""
+    untouched = lowrank_untouched(model)
     plain = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
-             and not (isinstance(m, nn.Conv2d) and m.groups != 1)]
+             and n not in untouched]
     chosen = plain if layers == "all" else list(dict.fromkeys(layers))
+    refused = {n: untouched[n] for n in chosen if n in untouched}
+    if refused:
+        raise SpecError("lowrank cannot factor " + "; ".join(
+            f"{n!r}: {r}" for n, r in refused.items()) + "; leave them out (layers it can "
+            f"factor: {', '.join(plain)})")
     bad = [n for n in chosen if n not in plain]
     if bad:
         raise SpecError(f"lowrank cannot factor {bad}; plain Linear/Conv2d layers: "
@@ -162,6 +177,7 @@ def lowrank_plan(model: nn.Module, config: LowRankConfig, *, input_shape: list[i
 
 __all__ = ["ALDS_GROUPS", "BLOCKINGS", "SCORES", "Block", "block_layout", "block_matrices",
            "block_params", "block_shapes", "block_svds", "factorize_layer", "full_ranks",
-           "is_factored", "layer_matrix", "layer_positions", "layer_scores", "lowrank_layers",
-           "lowrank_plan", "lowrank_transform", "LowRankConfig", "LowRankLayer", "output_scores",
-           "output_scores_naive", "replay_lowrank", "select_ranks"]
+           "is_factored", "layer_matrix", "layer_positions", "layer_scores", "lowrank_applies",
+           "lowrank_layers", "lowrank_plan", "lowrank_transform", "lowrank_untouched",
+           "LowRankConfig", "LowRankLayer", "output_scores", "output_scores_naive",
+           "replay_lowrank", "select_ranks"]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.applies import conv_kind, register_applies
 from core.edits import register_edit
 from core.errors import SpecError
 from core.surgery import get_layer, set_layer
@@ -21,17 +22,25 @@ ALDS_GROUPS = 4
 Block = tuple[int, int, int, int]  # (row0, row1, chan0, chan1)
 
 
+@register_applies("lowrank")
+def lowrank_applies(name: str, module: nn.Module) -> str | None:
+    """Why `module` cannot be factored (None: it can): a Linear or a dense conv is one matrix;
+    the blocks of a grouped conv read different input channels."""
+    if isinstance(module, nn.Linear):
+        return None
+    if not isinstance(module, nn.Conv2d):
+        return f"a {type(module).__name__}: lowrank factorizes nn.Linear/nn.Conv2d layers only"
+    if module.groups != 1:
+        return f"{conv_kind(module)}: lowrank factorizes dense convs only"
+    if isinstance(module.padding, str):
+        return f"padding={module.padding!r}: lowrank needs explicit int/tuple padding"
+    return None
+
+
 def _check_layer(name: str, layer: nn.Module) -> None:
-    if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            raise SpecError(f"lowrank: layer {name!r} is a grouped conv (groups={layer.groups}); "
-                            "only groups=1 is supported")
-        if isinstance(layer.padding, str):
-            raise SpecError(f"lowrank: layer {name!r} uses padding={layer.padding!r}; "
-                            "only explicit int/tuple padding is supported")
-    elif not isinstance(layer, nn.Linear):
-        raise SpecError(f"lowrank: layer {name!r} is a {type(layer).__name__}; only nn.Linear "
-                        "and nn.Conv2d can be factored")
+    reason = lowrank_applies(name, layer)
+    if reason is not None:
+        raise SpecError(f"lowrank: layer {name!r} cannot be factored: {reason}")
 
 
 def _unit(layer: nn.Module) -> int:
@@ -177,7 +186,8 @@ class LowRankLayer(nn.Module):
             y: torch.Tensor | None = None
             for j, (c0, c1, i) in enumerate(members):
                 block = self.blocks[i]
-                h = x if (c0, c1) == (0, self.in_channels) else x[:, c0:c1]
+                h = x if (c0, c1) == (0, self.in_channels) else (
+                    x[:, c0:c1] if self.conv else x[..., c0:c1])
                 if isinstance(block, nn.Sequential):
                     h, block = block[0](h), block[1]
                 bias = self.bias[r0:r1] if self.bias is not None and j == 0 else None
@@ -185,7 +195,7 @@ class LowRankLayer(nn.Module):
                 y = part if y is None else y + part
             assert y is not None
             outs.append(y)
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1 if self.conv else -1)
 
     # ---- core.layers.Layer ----
     @property

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.applies import conv_kind, register_applies
 from core.edits import register_edit
 from core.errors import SpecError
 from core.layers import ConvDims, LinearDims, as_layer, conv_macs, linear_macs
@@ -118,14 +119,34 @@ class PCNConv2d(ConvDims, nn.Module):
         return torch.einsum("okij,ck->ocij", self.weight, self.U)
 
 
+@register_applies("pcn")
+def pcn_applies(name: str, module: nn.Module) -> str | None:
+    """Why the input-based transform cannot replace `module` (None: it can). It projects the
+    input channels a Linear or a dense conv mixes; `PCNConv2d` corrects zero padding only."""
+    if isinstance(module, nn.Linear):
+        return None
+    if not isinstance(module, nn.Conv2d):
+        return (f"a {type(module).__name__}: the PCN input transform replaces nn.Linear/"
+                "nn.Conv2d layers only")
+    if module.groups != 1:
+        return (f"{conv_kind(module)}: the PCN input transform projects the channels a dense "
+                "conv mixes; a grouped conv reads each channel group alone")
+    if isinstance(module.padding, str):
+        return f"padding={module.padding!r}: PCNConv2d needs explicit padding"
+    if tuple(module.dilation) != (1, 1):
+        return f"dilated conv (dilation={tuple(module.dilation)}): PCNConv2d needs dilation 1"
+    if module.padding_mode != "zeros":
+        return (f"padding_mode={module.padding_mode!r}: PCNConv2d corrects zero padding "
+                "only")
+    return None
+
+
 def _conv_geometry(name: str, conv: nn.Conv2d) -> dict[str, Any]:
-    padding = conv.padding
-    if isinstance(padding, str):
-        raise SpecError(f"layer {name!r}: string padding {padding!r} is not supported by PCNConv2d")
-    if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros":
-        raise SpecError(f"layer {name!r}: PCNConv2d needs groups=1, dilation=1 and zero padding")
+    reason = pcn_applies(name, conv)
+    if reason is not None:
+        raise SpecError(f"layer {name!r}: {reason}")
     return {"kernel_size": tuple(conv.kernel_size), "stride": tuple(conv.stride),
-            "padding": tuple(padding)}
+            "padding": tuple(conv.padding)}  # type: ignore[arg-type]
 
 
 def placeholder_pcn_layer(name: str, layer: nn.Module, dims: int) -> nn.Module:
@@ -213,17 +234,32 @@ def _validate_select(select: Any, chosen: list[str]) -> None:
                         f"transformed layers: {', '.join(chosen)}")
 
 
+def pcn_untouched(model: nn.Module) -> dict[str, str]:
+    """{layer: reason} of the model's Linear/Conv2d layers the input transform cannot replace
+    (`pcn_applies`: depthwise/grouped or dilated convs); "auto" leaves them out."""
+    return {n: reason for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
+            and (reason := pcn_applies(n, m)) is not None}
+
+
 def resolve_layers(model: nn.Module, layers: list[str] | str,
                    auto: Callable[[list[str]], list[str]]) -> list[str]:
-    """The layer names to transform: `auto(valid)` for "auto", else the given names, checked to
-    be Linear/Conv2d layers of `model` (SpecError naming the valid ones otherwise)."""
-    valid = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """The layer names to transform: `auto(valid)` for "auto" (less the layers the transform
+    cannot replace, `pcn_untouched`), else the given names, checked to be Linear/Conv2d layers
+    of `model` it can replace (SpecError naming the valid ones, or the reason, otherwise)."""
+    untouched = pcn_untouched(model)
+    valid = [n for n, m in prunable_layers(model)
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in untouched]
     if layers == "auto":
-        chosen = auto(valid)
+        chosen = [n for n in auto(valid) if n not in untouched]
     elif isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers):
         chosen = list(dict.fromkeys(layers))
     else:
         raise SpecError(f"layers must be 'auto' or a list of layer names, got {layers!r}")
+    refused = {n: untouched[n] for n in chosen if n in untouched}
+    if refused:
+        raise SpecError("cannot transform " + "; ".join(f"{n!r}: {r}" for n, r in refused.items())
+                        + f"; leave them out (layers the transform can replace: "
+                        f"{', '.join(valid)})")
     bad = [n for n in chosen if n not in valid]
     if bad:
         raise SpecError(f"cannot transform {bad}: not Linear/Conv2d layers of the model; "

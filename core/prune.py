@@ -18,8 +18,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
+from core.applies import register_applies
 from core.configs import PruneConfig
 from core.errors import SpecError
 from core.masks import (
@@ -41,11 +42,24 @@ from core.select import check_sparsity as _check_sparsity
 __all__ = ["LABELS", "SCOPES", "SPARSE_SUFFIXES", "apply_masks", "collapsed_layers",
            "dense_from_sparse", "keep_count", "layer_report", "magnitude_scores",
            "masked_parameters", "Masks", "masks_from_scores", "pack_mask", "prunable",
-           "prune_masks", "PruneConfig", "random_scores", "Scores", "snip_scores", "sparse_state",
-           "synflow_masks", "unpack_mask"]
+           "prune_applies", "prune_masks", "PruneConfig", "random_scores", "Scores",
+           "snip_scores", "sparse_state", "synflow_masks", "unpack_mask"]
 
 Scores = dict[str, torch.Tensor]
 LABELS = ("true", "uniform")
+
+
+@register_applies("snip")
+@register_applies("random")
+@register_applies("magnitude")
+@register_applies("synflow")
+def prune_applies(name: str, module: nn.Module) -> str | None:
+    """Why the pruning ops cannot mask `module`'s weight (None: they can): they mask the weight
+    of plain nn.Linear/nn.Conv2d layers (depthwise convs included), never a compressed layer's."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return None
+    return (f"a {type(module).__name__}: pruning masks the weights of plain nn.Linear/"
+            "nn.Conv2d layers only")
 
 
 # ---- scores ----
@@ -133,12 +147,43 @@ def random_scores(model: nn.Module, generator: torch.Generator) -> Scores:
 
 # ---- SynFlow (data-free, iterative) ----
 
+# Activations that saturate (or squash) positive inputs. SynFlow's linearised network only has
+# positive values, where ReLU is the identity; an imported graph's ReLU6 (aten.hardtanh), clamp,
+# sigmoid or tanh would saturate the growing signal and zero every gradient (every score 0: the
+# selection then keeps the earliest layers and collapses the rest). They run as ReLU instead.
+SATURATING = frozenset({"aten.hardtanh.default", "aten.hardtanh_.default", "aten.relu6.default",
+                        "aten.clamp.default", "aten.clamp_max.default", "aten.sigmoid.default",
+                        "aten.tanh.default", "aten.hardsigmoid.default",
+                        "aten.hardsigmoid_.default"})
+
+
+def linearise_activations(net: nn.Module) -> int:
+    """In place, on an imported graph (`torch.fx.GraphModule`; zoo models are left as they
+    are): every saturating activation (`SATURATING`; a clamp only when its lower bound is 0 or
+    absent, as in ReLU6) becomes `aten.relu`. Returns how many were replaced."""
+    if not isinstance(net, fx.GraphModule):
+        return 0
+    replaced = 0
+    for node in net.graph.nodes:
+        if node.op != "call_function" or str(node.target) not in SATURATING:
+            continue
+        if str(node.target).startswith("aten.clamp.") and \
+                (node.args[1:2] or [node.kwargs.get("min")])[0] not in (None, 0, 0.0):
+            continue
+        node.target, node.args, node.kwargs = torch.ops.aten.relu.default, node.args[:1], {}
+        replaced += 1
+    if replaced:
+        net.recompile()
+    return replaced
+
+
 def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int], *,
                   rounds: int = 100, scope: str = "global") -> Masks:
     """SynFlow masks (Tanaka et al. 2020; seed 002 Table E.2: 100 rounds, exponential schedule).
 
     On a float64 copy in eval mode with every parameter and floating buffer replaced by its
-    absolute value (the "linearised" network), round k = 1..rounds computes
+    absolute value (the "linearised" network; an imported graph's saturating activations run as
+    ReLU, `linearise_activations`), round k = 1..rounds computes
     R = sum(f(1)) for an all-ones input of `input_shape`, scores |dR/dw * w| of the still-kept
     weights and keeps the top (1 - sparsity)^(k / rounds) fraction of them, so the final round
     keeps exactly kappa. Pruned weights are zeroed in the copy between rounds and never return.
@@ -148,6 +193,7 @@ def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int],
     if rounds < 1:
         raise SpecError(f"rounds must be >= 1, got {rounds}")
     net = copy.deepcopy(model).double().eval()
+    linearise_activations(net)
     with torch.no_grad():
         for t in [*net.parameters(), *net.buffers()]:
             if t.is_floating_point():

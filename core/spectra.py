@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from core.applies import conv_kind, register_applies
 from core.errors import SpecError
 from core.surgery import get_layer, set_layer
 
@@ -39,6 +40,22 @@ def weight_matrix(w: torch.Tensor | nn.Module) -> torch.Tensor:
                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
     w = w.detach().to(torch.float64)
     return w.reshape(w.shape[0], -1)  # (m, n) = (C_out, C_in*kh*kw)
+
+
+@register_applies("analyze")
+def analyze_applies(name: str, module: nn.Module) -> str | None:
+    """Why the weight analyses (spectrum, elbow, angles) cannot read `module` (None: they can):
+    they read one (units, inputs) matrix; the rows of a grouped conv read different inputs.
+    (Unit pruning reads unit groups, `core.redundancy`.)"""
+    if isinstance(module, nn.Linear):
+        return None
+    if not isinstance(module, nn.Conv2d):
+        return (f"a {type(module).__name__}: the weight analyses read nn.Linear/nn.Conv2d "
+                "weights only")
+    if module.groups != 1:
+        return (f"{conv_kind(module)}: the weight analyses read a dense layer's (C_out, "
+                "C_in*kh*kw) matrix; the rows of a grouped conv read different input channels")
+    return None
 
 
 # ---- Marchenko–Pastur ---------------------------------------------------------------------

@@ -7,6 +7,11 @@ with `torch.fx`, runs it once on a batch (`prime`), caches the values the downst
 from upstream (e.g. a ResNet shortcut), and then evaluates the downstream nodes only (`tail`) on
 a stack of `G` variants of the layer output at once: `(G*N, ...)` in, `(G, N, ...)` out.
 
+An imported model is already a `torch.fx.GraphModule` (aten ops and call_module nodes) and is
+split as it is. Non-tensor values the tail reads from the head (a dynamic batch size
+`aten.sym_size.int(x, 0)` feeding a reshape, `x.size(0)`) are recomputed in the tail from their
+batch-repeated inputs, so they see `G*N` samples there.
+
 Models that `torch.fx` cannot trace raise `TailUnavailable`; callers fall back to full forwards
 (`HookTailRunner` gives the same interface that way).
 """
@@ -35,10 +40,13 @@ class TailRunner:
     """
 
     def __init__(self, model: nn.Module, name: str):
-        try:
-            self.gm = fx.symbolic_trace(model)
-        except Exception as exc:  # fx raises many types on untraceable Python
-            raise TailUnavailable(f"cannot trace the model with torch.fx: {exc}") from exc
+        if isinstance(model, fx.GraphModule):
+            self.gm = model  # an imported graph: already a graph of call_module/aten nodes
+        else:
+            try:
+                self.gm = fx.symbolic_trace(model)
+            except Exception as exc:  # fx raises many types on untraceable Python
+                raise TailUnavailable(f"cannot trace the model with torch.fx: {exc}") from exc
         nodes = list(self.gm.graph.nodes)
         hits = [n for n in nodes if n.op == "call_module" and n.target == name]
         if len(hits) != 1:
@@ -54,6 +62,7 @@ class TailRunner:
         self.interp = fx.Interpreter(self.gm)
         self.cache: dict[fx.Node, Any] = {}
         self.n = 0
+        self.shapes_moved = False
 
     def prime(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         env: dict[fx.Node, Any] = {}
@@ -70,8 +79,33 @@ class TailRunner:
         a = env[self.layer_node.all_input_nodes[0]]
         z = env[self.layer_node]
         self.n = x.shape[0]
+        if not self.shapes_moved:
+            self._recompute_shapes(env)
         self.cache = {node: env[node] for node in self.needed}
         return out, a, z
+
+    def _recompute_shapes(self, env: dict[fx.Node, Any]) -> None:
+        """Move the head's non-tensor values the tail reads (sizes such as a dynamic batch size
+        `aten.sym_size.int(x, 0)` of an imported graph, `x.size(0)`, tuples of tensors) into
+        the tail, so they are recomputed there from their batch-repeated inputs: a batch size
+        cached from the head would be N where the tail runs G*N samples."""
+        self.shapes_moved = True
+        tail = set(self.tail_nodes) | {self.layer_node}
+        moved: set[fx.Node] = set()
+        for node in reversed(list(self.gm.graph.nodes)):  # users before their inputs
+            if node in tail or node.op in ("placeholder", "get_attr", "output"):
+                continue
+            if isinstance(env.get(node), torch.Tensor) or not node.all_input_nodes:
+                continue
+            if any(user in tail or user in moved for user in node.users):
+                moved.add(node)
+        if not moved:
+            return
+        inside = tail | moved
+        self.tail_nodes = [n for n in self.gm.graph.nodes
+                           if n in inside and n is not self.layer_node]
+        self.needed = {arg for n in self.tail_nodes for arg in n.all_input_nodes
+                       if arg not in inside}
 
     def tail(self, z_stack: torch.Tensor) -> torch.Tensor:
         g = z_stack.shape[0]
