@@ -14,9 +14,11 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from core.applies import why_not
 from core.data import ArrayDataset, Splits
 from core.dctps import DCTpSLayer
 from core.errors import Cancelled, SpecError
+from core.graph import is_graph_model
 from core.metrics import count_macs, param_counts
 from core.models import prunable_layers
 from core.train import evaluate
@@ -46,7 +48,7 @@ class Reporter(Protocol):
 class StepContext:
     model: nn.Module
     splits: Splits
-    input_shape: list[int]
+    input_shape: list[int]  # one sample as the model reads it (in its layout)
     device: torch.device
     generator: torch.Generator
     settings: Settings
@@ -79,6 +81,8 @@ class StepContext:
     # extra files stored as job artifacts with the model when the job succeeds: (name, path,
     # kind); see add_artifact
     artifacts: list[tuple[str, Path, str]] = field(default_factory=list)
+    # how the model reads its input (the arch's preprocessing layout): NCHW, NHWC or flat
+    layout: str = "NCHW"
 
     def check_cancel(self) -> None:
         if self.reporter.should_cancel():
@@ -170,6 +174,14 @@ def model_metrics(model: nn.Module, input_shape: list[int], test: ArrayDataset,
             "accuracy": evaluate(model, test, device=device)["accuracy"]}
 
 
+def input_map(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """Per-input values (shaped like one input sample) as a 2-D map for a plot: an image's
+    (H, W) averaged over its channels (NCHW: dim 0, NHWC: dim -1); any other input as one row."""
+    if values.dim() == 3:
+        return values.mean(-1 if layout == "NHWC" else 0)
+    return values.reshape(1, -1)
+
+
 def dctps_layers(model: nn.Module) -> list[str]:
     """Names of the model's DCTpS layers (`alpha * D + S`, no dense weight)."""
     return [n for n, m in model.named_modules() if isinstance(m, DCTpSLayer)]
@@ -180,18 +192,40 @@ def dense_layers(model: nn.Module) -> list[str]:
     return [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def chosen_layers(model: nn.Module, names: Any, field: str) -> list[str]:
+def untouched_layers(model: nn.Module, op: str) -> dict[str, str]:
+    """{layer: reason} of the plain Linear/Conv2d layers method `op` cannot handle
+    (`core.applies.why_not`, e.g. depthwise convs for lowrank and pcn), in forward order: what
+    a step leaves untouched and reports."""
+    modules = dict(model.named_modules())
+    return {n: reason for n in dense_layers(model)
+            if (reason := why_not(op, n, modules[n])) is not None}
+
+
+def chosen_layers(model: nn.Module, names: Any, field: str, op: str | None = None
+                  ) -> list[str]:
     """`names` = "auto"/None (`core.pcn_select.auto_layers`: the widest layers) or a list of
-    Linear/Conv2d layer names, checked: SpecError naming the valid layers otherwise."""
+    Linear/Conv2d layer names, checked: SpecError naming the valid layers otherwise. With
+    `op`, "auto" leaves out the layers `op` cannot handle (`untouched_layers`) and a given name
+    of one is a SpecError with the reason."""
     from core.pcn_select import auto_layers
 
+    untouched = untouched_layers(model, op) if op is not None else {}
     if names in (None, "auto"):
-        return auto_layers(model)
+        return [n for n in auto_layers(model) if n not in untouched]
     plain = dense_layers(model)
     unknown = [n for n in names if n not in plain]
     if unknown:
+        hint = ""
+        if is_graph_model(model):
+            hint = ("; an imported model's layers are named after its graph's modules (the "
+                    "model's report, GET /v1/models/{id}, lists them with the methods that "
+                    "apply); names cannot be checked when the job is submitted")
         raise SpecError(f"{field} {unknown} are not Linear/Conv2d layers of the model; "
-                        f"valid layers: {', '.join(plain)}")
+                        f"valid layers: {', '.join(plain)}{hint}")
+    refused = {n: untouched[n] for n in names if n in untouched}
+    if refused:
+        raise SpecError(f"{field}: {op} cannot handle " + "; ".join(
+            f"{n!r} ({r})" for n, r in refused.items()) + "; leave them out")
     return list(names)
 
 

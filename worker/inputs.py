@@ -141,6 +141,7 @@ class PreparedData:
 
     splits: Splits
     input_shape: list[int]  # one sample as the model reads it (in its layout)
+    layout: str  # NCHW, NHWC or flat
     # what the output model's arch records under "preprocessing" (None: nothing was set, the
     # arch stays as it was)
     preprocessing: dict[str, Any] | None
@@ -300,4 +301,4 @@ def prepare_data(model: nn.Module, train: datasets.ArrayDataset,
                    "source": source if mean is not None else "none",
                    "adapted": [{k: d[k] for k in ("part", "from", "to")} for d in adapted]}
         events.append(("preprocessing", dict(summary)))
-    return PreparedData(splits, splits.train.input_shape, record, summary, events)
+    return PreparedData(splits, splits.train.input_shape, layout, record, summary, events)

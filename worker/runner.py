@@ -169,7 +169,8 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
                       step_count=len(spec.steps), steps=list(spec.steps),
                       masks=getattr(source.model, "slimline_masks", None),
                       input_origin=model_origin(spec, tenant_id, settings),
-                      workdir=workdir, start_arch=copy.deepcopy(model_arch(source.model)))
+                      workdir=workdir, start_arch=copy.deepcopy(model_arch(source.model)),
+                      layout=data.layout)
 
     def fetch_other(model_id: str) -> torch.nn.Module:
         path = workdir / f"other-{len(list(workdir.glob('other-*')))}.safetensors"

@@ -10,6 +10,7 @@ live weight.
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,14 @@ from torch import nn
 
 from core.configs import PruneConfig
 from core.errors import SpecError
-from core.prune import apply_masks, collapsed_layers, layer_report, prunable, prune_masks
+from core.prune import (
+    apply_masks,
+    collapsed_layers,
+    layer_report,
+    linearise_activations,
+    prunable,
+    prune_masks,
+)
 from core.sigprop import (
     approximate_isometry,
     init_ldi,
@@ -30,7 +38,7 @@ from core.sigprop import (
     retained_input_heatmap,
 )
 from service.methods.prune import PruneStep
-from worker.context import StepContext, config_from_spec
+from worker.context import StepContext, config_from_spec, input_map, untouched_layers
 from worker.plots import DPI, plot
 from worker.registry import handler
 
@@ -97,7 +105,14 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
         "sparsity": step.sparsity, "scope": step.scope, "init": step.init,
         "kept": sum(int(r["kept"]) for r in report.values()),
         "prunable": sum(int(r["total"]) for r in report.values()),
-        "layers": report, "collapsed": collapsed, "scoring_wall_s": scoring_wall_s}
+        "layers": report, "collapsed": collapsed, "scoring_wall_s": scoring_wall_s,
+        "untouched": untouched_layers(ctx.model, step.op)}
+    if step.op == "synflow" and (relu := linearise_activations(copy.deepcopy(ctx.model))):
+        details["activations_as_relu"] = relu
+        details["activations_note"] = (
+            f"{relu} saturating activation(s) of the imported graph (ReLU6, clamp, sigmoid, "
+            "tanh) ran as ReLU while scoring: SynFlow's linearised network is all positive, "
+            "where a saturating activation would zero every gradient")
     if step.op == "snip":
         details |= {"labels": step.labels, "batches": step.batches,
                     "batch_size": step.batch_size}
@@ -116,7 +131,9 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
               "collapsed": collapsed, "jacobian": details["jacobian"],
               "first_layer": first_name,
               "heatmap_of": "inputs" if isinstance(first, nn.Linear) else "kernel taps",
-              "heatmap": [[round(float(v), 5) for v in row] for row in heatmap.mean(0)]}
+              "heatmap": [[round(float(v), 5) for v in row] for row in
+                          (input_map(heatmap, ctx.layout) if isinstance(first, nn.Linear)
+                           else heatmap.mean(0))]}
     ctx.emit("pruning", record)
     del first
     return details
