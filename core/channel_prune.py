@@ -3,7 +3,10 @@ physically narrower (fewer parameters and MACs, less latency), not masked.
 
 Units go per coupled group (`core.pcn_graph.unit_groups`): one producer's units and the next
 layer's inputs, or a ResNet residual stream (every block's conv2 + bn2, the projection shortcut +
-its BN and every reader of the stream) together, by `core.pcn_graph.prune_units`' surgery.
+its BN and every reader of the stream) together, by `core.pcn_graph.prune_units`' surgery. An
+imported model's groups come from its graph (`core.graph_deps`: residual adds, depthwise convs
+and BatchNorms sliced with the group, concatenations); the groups it cannot prune are left
+untouched (`core.pcn_graph.untouched_units` says why).
 Layout: score (`l1_scores`, `taylor_scores`) -> select (`select_keeps`: per-group keep counts
 meeting a param/MAC budget counted on the real pruned model; `core.select.top_k_indices`) ->
 apply (`prune_units`).
@@ -32,12 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.applies import conv_kind, register_applies
 from core.data import ArrayDataset
 from core.edits import register_edit
 from core.errors import SpecError
 from core.metrics import count_macs, param_counts
 from core.pcn import PCNConv2d, PCNLinear
-from core.pcn_graph import UnitGroup, group_units, prune_units, unit_groups, unit_rows
+from core.pcn_graph import (
+    UnitGroup,
+    group_units,
+    layer_rows,
+    prune_units,
+    unit_groups,
+    untouched_units,
+)
 from core.select import top_k_indices
 from core.surgery import get_layer, with_edit
 
@@ -111,6 +122,21 @@ class ChannelPruneConfig:
 
 # ---- groups -----------------------------------------------------------------------------
 
+@register_applies("channel_prune")
+def channel_prune_applies(name: str, module: nn.Module) -> str | None:
+    """The layer part of the rule (None: its units can be cut when its group allows it):
+    Linear, Conv2d and PCN layers are cut; a depthwise conv is sliced with the group it passes;
+    a grouped conv or a compressed layer (low-rank, DCTpS) is not. Whether the layer's units
+    are in a prunable group is `core.pcn_graph.unit_groups`' answer."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1 and \
+            not module.groups == module.in_channels == module.out_channels:
+        return f"{conv_kind(module)}: channel_prune does not cut channel groups"
+    if isinstance(module, _UNIT_LAYERS):
+        return None
+    return (f"a {type(module).__name__}: channel_prune cuts Linear/Conv2d/PCN layers only "
+            "(prune channels before compressing the layer)")
+
+
 def _unprunable(model: nn.Module, group: UnitGroup) -> str | None:
     """Why `group` cannot be pruned by layer surgery (None: it can)."""
     for name in (*group.producers, *group.reader_layers):
@@ -135,8 +161,10 @@ def prunable_groups(model: nn.Module, layers: tuple[str, ...] | None = None
     for name in layers:
         group = groups.get(name) or by_producer.get(name)
         if group is None:
-            raise SpecError(f"channel_prune: {name!r} is no prunable unit group; valid: "
-                            f"{', '.join(groups)}")
+            untouched = untouched_units(model)
+            why = f" ({untouched[name]})" if name in untouched else ""
+            raise SpecError(f"channel_prune: {name!r} is no prunable unit group{why}; valid: "
+                            f"{', '.join(groups) or 'none'}")
         if (reason := _unprunable(model, group)) is not None:
             raise SpecError(f"channel_prune: group {group.name!r} cannot be pruned: {reason}")
         chosen[group.name] = group
@@ -320,17 +348,28 @@ def _pruned(model: nn.Module, groups: Mapping[str, UnitGroup], keep: Mapping[str
 def _slice_masks(model: nn.Module, groups: Mapping[str, UnitGroup],
                  keep: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
-    """Pruning masks cut like the weights they mask (producer rows, reader input columns)."""
+    """Pruning masks cut like the weights they mask (producer rows, depthwise conv channels,
+    reader input columns), group by group on a copy pruned alongside (a concatenation's
+    offsets move as the groups before it shrink)."""
     out = dict(masks)
+    work = copy.deepcopy(model)
     for name, idx in keep.items():
-        group, units = groups[name], group_units(model, groups[name])
+        group = groups[name]
+        units = group_units(work, group)
+        if idx.numel() >= units:
+            continue
         for producer in group.producers:
             if producer in out:
                 out[producer] = out[producer][idx.to(out[producer].device)]
+        for layer in group.channelwise:
+            if layer in out:  # a depthwise conv's mask (C, 1, kh, kw)
+                rows = layer_rows(work, group, layer, idx, units)
+                out[layer] = out[layer][rows.to(out[layer].device)]
         for reader in group.reader_layers:
-            if reader in out and isinstance(get_layer(model, reader), (nn.Linear, nn.Conv2d)):
-                rows = unit_rows(idx, units, out[reader].shape[1], reader)
+            if reader in out and isinstance(get_layer(work, reader), (nn.Linear, nn.Conv2d)):
+                rows = layer_rows(work, group, reader, idx, units)
                 out[reader] = out[reader][:, rows.to(out[reader].device)]
+        prune_units(work, group, idx)
     return out
 
 
@@ -354,7 +393,9 @@ def channel_prune(model: nn.Module, config: ChannelPruneConfig, *,
         raise SpecError("channel_prune needs a model built by core.models.build (or data) "
                         "to know its input shape")
     if not (groups := prunable_groups(model, config.layers)):
-        raise SpecError("channel_prune: the model has no prunable unit group")
+        untouched = "; ".join(f"{n}: {r}" for n, r in untouched_units(model).items())
+        raise SpecError("channel_prune: the model has no prunable unit group"
+                        + (f" ({untouched})" if untouched else ""))
     if config.criterion == "taylor" and data is None:
         raise SpecError("channel_prune criterion 'taylor' needs calibration data")
     scores = l1_scores(model, groups) if config.criterion == "l1" else \

@@ -470,4 +470,7 @@ def build_graph_module(ir: Mapping[str, Any]) -> GraphModel:
         graph.lint()
     except RuntimeError as exc:
         raise SpecError(f"the graph is not well formed: {exc}") from None
-    return GraphModel(root, graph, class_name="GraphModel")
+    module = GraphModel(root, graph, class_name="GraphModel")
+    # the input shape, before `slimline_arch` is set (core.graph_deps runs during edit replay)
+    module.slimline_input_shape = list(ir["input"]["shape"])  # type: ignore[assignment]
+    return module

@@ -117,7 +117,8 @@ Flows = dict[int, _Flow]  # axis -> flow
 
 _UNARY = frozenset({
     "relu", "relu6", "hardtanh", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "prelu_scalar", "dropout",
+    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "dropout", "type_as",
+    "zeros_like", "ones_like", "full_like", "empty_like", "logical_not", "bitwise_not",
     "alpha_dropout", "feature_dropout", "native_dropout", "clone", "contiguous", "detach",
     "alias", "lift_fresh_copy", "to", "_to_copy", "type", "float", "double", "half",
     "identity", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "reciprocal", "erf",
@@ -127,6 +128,8 @@ _UNARY = frozenset({
 _ELEMENTWISE = frozenset({
     "add", "sub", "rsub", "mul", "div", "true_divide", "truediv", "floordiv", "maximum",
     "minimum", "where", "pow", "addcmul", "addcdiv", "lerp", "fmod", "remainder", "copysign",
+    "eq", "ne", "gt", "ge", "lt", "le", "logical_and", "logical_or", "logical_xor",
+    "masked_fill", "mod",
 })
 _POOL = frozenset({
     "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
@@ -134,9 +137,9 @@ _POOL = frozenset({
     "_adaptive_avg_pool2d",
 })
 _REDUCE = frozenset({"mean", "sum", "amax", "amin", "var", "std", "prod", "logsumexp", "norm",
-                     "max", "min", "argmax", "argmin", "var_mean", "std_mean"})
-_AXIS_OPS = frozenset({"softmax", "log_softmax", "_softmax", "_log_softmax", "cumsum", "cumprod",
-                       "flip", "roll"})
+                     "max", "min", "argmax", "argmin", "var_mean", "std_mean", "any", "all"})
+_AXIS_OPS = frozenset({"softmax", "log_softmax", "_softmax", "_log_softmax", "_safe_softmax",
+                       "cumsum", "cumprod", "flip", "roll"})
 _RESHAPE = frozenset({"flatten", "reshape", "view", "_unsafe_view", "unflatten", "view_as",
                       "reshape_as"})
 _MIXING = frozenset({"matmul", "bmm", "mm", "baddbmm", "addmm", "addbmm", "einsum",
@@ -487,7 +490,7 @@ class _Walk:
                 if isinstance(self.shapes.get(node), list) else {}
         label = op_label(node)
         if name in _UNARY or name in _ELEMENTWISE:
-            return self.elementwise(node, label)
+            return self.elementwise(node, label, unary=name in _UNARY)
         if name in _POOL:
             return self.pool(node, label)
         if name in _RESHAPE:
@@ -516,12 +519,16 @@ class _Walk:
         return self.unknown(node, label)
 
     # ---- op families ----
-    def elementwise(self, node: fx.Node, label: str) -> Flows:
+    def elementwise(self, node: fx.Node, label: str, unary: bool = False) -> Flows:
+        """Broadcasting ops: the flows they combine on an axis are the same units (one group);
+        a unary op (`x.type_as(y)`, `zeros_like(x)`) follows its first argument only."""
         out_shape = self.shape(node)
         if out_shape is None:
             return self.unknown(node, label)
         n = len(out_shape)
-        operands = [a for a in _nodes_in((node.args, node.kwargs)) if self.shape(a) is not None]
+        operands = [a for a in _nodes_in((node.args[:1], {}) if unary else
+                                         (node.args, node.kwargs))
+                    if self.shape(a) is not None]
         out: Flows = {}
         for axis in range(n):
             found: list[_Flow] = []

@@ -17,10 +17,11 @@ from typing import Any
 
 from torch import nn
 
+from core.applies import why_not
 from core.errors import SpecError
 from core.pca import LayerStats
-from core.pcn_graph import shared_input_sets, unit_groups
-from core.surgery import prunable_layers
+from core.pcn_graph import UnitGroup, shared_input_sets, unit_groups
+from core.surgery import get_layer, prunable_layers
 
 AUTO_OUTPUT_RULE = {"score_mass": 0.9}
 
@@ -36,7 +37,8 @@ def auto_layers(model: nn.Module, *, coverage: float = 0.9, min_in_dim: int = 16
     """
     if not 0 < coverage <= 1:
         raise SpecError(f"coverage must be in (0, 1], got {coverage!r}")
-    layers = [(n, m) for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = [(n, m) for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
+              and why_not("pcn", n, m) is None]  # not a depthwise/grouped conv
     first = layers[0][1] if layers else None
     wide_first = first is not None and (
         first.in_features if isinstance(first, nn.Linear) else first.in_channels) >= min_in_dim
@@ -68,6 +70,13 @@ def auto_output(model: nn.Module, stats: dict[str, LayerStats], dims: dict[str, 
     for name, group in unit_groups(model).items():
         readers = group.reader_layers
         if all(r in dims and r in stats and stats[r].dim >= min_ratio * dims[r]
-               for r in readers):
+               for r in readers) and _plain_readers(model, group):
             out[name] = rule
     return out
+
+
+def _plain_readers(model: nn.Module, group: UnitGroup) -> bool:
+    """Every reader reads the group alone (no concatenation) and is one the input transform
+    replaces (`core.pcn_output.output_unsupported` says why not, for an explicit request)."""
+    return not group.segments and all(
+        why_not("pcn", r, get_layer(model, r)) is None for r in group.reader_layers)

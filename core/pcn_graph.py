@@ -16,34 +16,31 @@ Zoo graphs (module names from `core.models.zoo`):
   producers `stage{s}.{b}.conv2` (+ bn2) of every block and `stage{s}.0.shortcut_conv`
   (+ shortcut_bn), read by `stage{s}.{b}.conv1` (b >= 1) and by the next stage's block 0
   (conv1 + shortcut_conv) or by `fc` after the global average pool.
+
+Imported models (`torch.fx` graphs, `core.graph`): the groups are found from the graph by
+`core.graph_deps` (residual adds, concatenations, depthwise convs, flatten into linear; a group
+is named after its first producer); `unit_groups` lists the prunable ones and `untouched_units`
+the rest with their reasons. Their groups may have `channelwise` layers (BatchNorm2d, depthwise
+convs between producers and readers: sliced on both sides) and `segments` (a reader reading the
+units at an offset of a concatenation); `layer_rows` gives the input rows a layer keeps.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from core.errors import SpecError
+from core.graph_deps import UnitGroup, graph_unit_groups, graph_untouched, is_graph_model
+from core.layers import as_layer, weight_layers
 from core.pcn import PCNConv2d, PCNLinear
 from core.surgery import get_layer, set_layer
 from core.zoo import MLP, ConvNet, LeNet5, ResNet
 
-
-@dataclass(frozen=True)
-class UnitGroup:
-    """Units pruned together; `norms[i]` is the BatchNorm right after `producers[i]` (or None)."""
-
-    name: str
-    producers: tuple[str, ...]
-    norms: tuple[str | None, ...]
-    readers: tuple[tuple[str, ...], ...]
-
-    @property
-    def reader_layers(self) -> tuple[str, ...]:
-        return tuple(n for tensor in self.readers for n in tensor)
+__all__ = ["UnitGroup", "group_units", "is_graph_model", "layer_rows", "prune_units",
+           "shared_input_sets", "unit_groups", "unit_rows", "untouched_units"]
 
 
 def _sequential_names(model: nn.Module) -> list[str]:
@@ -88,13 +85,29 @@ def _resnet_groups(model: ResNet) -> list[UnitGroup]:
 
 
 def unit_groups(model: nn.Module) -> dict[str, UnitGroup]:
-    """Every prunable unit group of a zoo model, by name (see the module docstring)."""
+    """Every prunable unit group of a zoo or imported model, by name (module docstring)."""
+    if is_graph_model(model):
+        return graph_unit_groups(model)
     if isinstance(model, ResNet):
         groups = _resnet_groups(model)
     else:
         names = _sequential_names(model)
         groups = [UnitGroup(a, (a,), (None,), ((b,),)) for a, b in itertools.pairwise(names)]
     return {g.name: g for g in groups}
+
+
+def untouched_units(model: nn.Module) -> dict[str, str]:
+    """{group or layer: reason} for the output units no unit method prunes: an imported
+    model's blocked groups and ungrouped layers (`core.graph_deps.graph_untouched`); a zoo
+    model's weight layers that produce no group (the last layer: its outputs are the logits)."""
+    if is_graph_model(model):
+        return graph_untouched(model)
+    try:
+        producers = {p for g in unit_groups(model).values() for p in g.producers}
+    except SpecError as exc:
+        return {name: str(exc) for name, _, _ in weight_layers(model)}
+    return {name: "its outputs are the logits (the model's output)"
+            for name, _, _ in weight_layers(model) if name not in producers}
 
 
 def shared_input_sets(model: nn.Module) -> list[tuple[str, ...]]:
@@ -122,7 +135,14 @@ def _in_dim(layer: nn.Module) -> int:
         return layer.in_features
     if isinstance(layer, (nn.Conv2d, PCNConv2d)):
         return layer.in_channels
+    if isinstance(layer, nn.BatchNorm2d):
+        return layer.num_features
     raise SpecError(f"a {type(layer).__name__} cannot read pruned units")
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels == \
+        layer.out_channels
 
 
 def _new_like(layer: nn.Module, tensors: dict[str, torch.Tensor], **shape: Any) -> nn.Module:
@@ -177,6 +197,21 @@ def _slice_norm(norm: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
     return new
 
 
+def _slice_depthwise(conv: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:
+    """Keep channels `rows` of a depthwise conv (in = out = groups)."""
+    n = int(rows.numel())
+    new = nn.Conv2d(n, n, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=n, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode)
+    new = new.to(dtype=conv.weight.dtype, device=conv.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[rows])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[rows])  # type: ignore[union-attr]
+    new.train(conv.training)
+    return new
+
+
 def group_units(model: nn.Module, group: UnitGroup) -> int:
     """The number of units of `group` (all producers must agree)."""
     counts = {p: _out_units(p, get_layer(model, p)) for p in group.producers}
@@ -193,8 +228,41 @@ def unit_rows(keep: torch.Tensor, units: int, in_dim: int, layer: str) -> torch.
     return (keep[:, None] * per_unit + torch.arange(per_unit)).reshape(-1)  # (|S|*h'*w',)
 
 
+def _width(model: nn.Module, segment: str | int) -> int:
+    """A segment's current width: a fixed count, or the unit count of the layer named."""
+    if isinstance(segment, int):
+        return segment
+    layer = as_layer(get_layer(model, segment))
+    if layer is None:
+        raise SpecError(f"{segment!r} is not a weight layer")
+    return int(layer.out_dim)
+
+
+def layer_rows(model: nn.Module, group: UnitGroup, layer: str, keep: torch.Tensor,
+               units: int | None = None) -> torch.Tensor:
+    """The input rows (ascending) that `layer`, a reader or channel-wise layer of `group`,
+    keeps when the group keeps units `keep`: `unit_rows` when it reads the group alone; where
+    it reads the group at an offset of a concatenation (`group.segments`), every other
+    segment's rows too."""
+    units = group_units(model, group) if units is None else units
+    keep = torch.as_tensor(keep, dtype=torch.int64).flatten()
+    in_dim = _in_dim(get_layer(model, layer))
+    segment = group.segment(layer)
+    if segment is None:
+        return unit_rows(keep, units, in_dim, layer)
+    before, per = segment
+    offset = sum(_width(model, b) for b in before)
+    channels = in_dim // per
+    if in_dim % per or offset + units > channels:
+        raise SpecError(f"layer {layer!r} reads {in_dim} dims, which do not hold group "
+                        f"{group.name!r} ({units} units x {per}) at offset {offset}")
+    kept = torch.cat([torch.arange(offset), offset + keep, torch.arange(offset + units, channels)])
+    return (kept[:, None] * per + torch.arange(per)).reshape(-1)
+
+
 def prune_units(model: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
-    """In place: keep units `keep` of `group` in its producers, their BatchNorms and readers."""
+    """In place: keep units `keep` of `group` in its producers, their BatchNorms, its
+    channel-wise layers (BatchNorm2d, depthwise convs) and its readers."""
     units = group_units(model, group)
     keep = torch.as_tensor(keep, dtype=torch.int64).flatten()
     if keep.numel() < 1 or int(keep.min()) < 0 or int(keep.max()) >= units or \
@@ -209,7 +277,16 @@ def prune_units(model: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
                 raise SpecError(f"group {group.name!r}: {norm!r} is not a BatchNorm2d over "
                                 f"{units} channels")
             set_layer(model, norm, _slice_norm(bn, keep))
+    for name in group.channelwise:
+        layer = get_layer(model, name)
+        rows = layer_rows(model, group, name, keep, units)
+        if isinstance(layer, nn.BatchNorm2d):
+            set_layer(model, name, _slice_norm(layer, rows))
+        elif _is_depthwise(layer):
+            set_layer(model, name, _slice_depthwise(layer, rows))  # type: ignore[arg-type]
+        else:
+            raise SpecError(f"group {group.name!r}: {name!r} is a {type(layer).__name__}, not "
+                            "a BatchNorm2d or depthwise conv")
     for reader in group.reader_layers:
-        layer = get_layer(model, reader)
-        rows = unit_rows(keep, units, _in_dim(layer), reader)
-        set_layer(model, reader, _slice_input(layer, rows))
+        rows = layer_rows(model, group, reader, keep, units)
+        set_layer(model, reader, _slice_input(get_layer(model, reader), rows))

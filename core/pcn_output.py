@@ -23,12 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.applies import conv_kind, register_applies
 from core.configs import PCNConfig
 from core.edits import register_edit
 from core.errors import SpecError
 from core.layers import as_layer
 from core.pca import LayerStats
 from core.pcn import (
+    PCNConv2d,
+    PCNLinear,
     PCNPlan,
     _validate_select,
     check_stats,
@@ -50,6 +53,37 @@ from core.select import top_k_indices
 from core.surgery import get_layer, with_edit
 
 UNIT_RULES = ("keep", "fraction", "score_mass")
+
+
+# ---- where it applies ---------------------------------------------------------------------
+
+@register_applies("pcn_output")
+def pcn_output_applies(name: str, module: nn.Module) -> str | None:
+    """The layer part of the rule (None: its output units can be truncated when its group
+    allows it, `output_unsupported`): Linear, dense Conv2d and PCN layers produce units; the
+    readers are input-transformed."""
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (f"{conv_kind(module)}: the output-based transform truncates the units of "
+                "dense layers (a depthwise conv is sliced with the group it passes)")
+    if isinstance(module, (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d)):
+        return None
+    return (f"a {type(module).__name__}: the output-based transform truncates Linear/Conv2d "
+            "layers only")
+
+
+def output_unsupported(model: nn.Module, group: UnitGroup) -> str | None:
+    """Why the output-based transform cannot truncate `group` (None: it can): every reader
+    must be a Linear / dense Conv2d (it is input-transformed and its U scores the units), and
+    read the group alone (a reader of a concatenation would score several groups at once)."""
+    for reader in group.reader_layers:
+        layer = get_layer(model, reader)
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1 or \
+                not isinstance(layer, (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d)):
+            return (f"reader {reader!r} is a {conv_kind(layer)}, which the input transform "
+                    "does not replace")
+    for layer, _, _ in group.segments:
+        return f"{layer!r} reads the units at an offset of a concatenation"
+    return None
 
 
 # ---- score ------------------------------------------------------------------------------
@@ -187,6 +221,8 @@ def plan_pcn(model: nn.Module, stats: dict[str, LayerStats],
     scores: dict[str, list[float]] = {}
     for name, rule in output.items():  # scores use the ORIGINAL U's (App. C.1 step 1)
         group = groups[name]
+        if (reason := output_unsupported(model, group)) is not None:
+            raise SpecError(f"the output-based transform cannot truncate {name!r}: {reason}")
         _check_readers(name, group, dims)
         bases = [stats[t[0]].eigvecs[:, :dims[t[0]]] for t in group.readers]
         unit_score = unit_scores(bases, group_units(model, group))
