@@ -219,3 +219,59 @@ def test_one_channel_28x28_data_is_adapted_to_a_stored_3x32x32_model_with_a_warn
     assert result["after"]["accuracy"] > 0.5  # blobs are easy once they reach the model
     with session_scope(settings) as session:
         assert "preprocessing" not in session.get(Model, result["model_id"]).arch
+
+
+class _NHWCNet(torch.nn.Module):
+    """Reads (N, H, W, C) images, as a model trained with a channels-last pipeline would."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x.permute(0, 3, 1, 2)))
+        return self.fc(x.flatten(1))
+
+
+def test_an_imported_nhwc_graph_reads_permuted_normalized_data(
+        settings, store, submit, tenant_id, tmp_path):
+    from core.import_pt2 import graph_from_program
+    from core.train import evaluate
+
+    def channels_last(ds):  # normalized with the model's statistics, then (N, H, W, C)
+        return ArrayDataset(((ds.x - 0.5) / 0.25).permute(0, 2, 3, 1).contiguous(), ds.y)
+
+    train, test = synthetic("synthetic-tiny", 1)
+    torch.manual_seed(0)
+    net = _NHWCNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(30):  # trained on its own pipeline's inputs, so accuracy tells inputs apart
+        optimizer.zero_grad()
+        x = channels_last(train)
+        torch.nn.functional.cross_entropy(net(x.x), x.y).backward()
+        optimizer.step()
+    net.eval()
+    expected = evaluate(net, channels_last(test))["accuracy"]
+    raw = ArrayDataset(test.x.permute(0, 2, 3, 1).contiguous(), test.y)
+    assert expected > 0.6 and abs(evaluate(net, raw)["accuracy"] - expected) > 0.05
+    program = torch.export.export(net, (torch.rand(2, 8, 8, 1),), dynamic_shapes={
+        "x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    prep = {"layout": "NHWC", "mean": [0.5], "std": [0.25]}
+    model = zoo.import_graph(*graph_from_program(program), preprocessing=prep)
+    assert zoo.model_arch(model)["input_shape"] == [8, 8, 1]
+    path = tmp_path / "nhwc.safetensors"
+    zoo.save(model, path)
+    with session_scope(settings) as session:
+        model_id = register_model(session, store, tenant_id=tenant_id, name="nhwc",
+                                  arch=zoo.model_arch(model), fmt="safetensors",
+                                  params={"total": 0, "trainable": 0, "nonzero": 0},
+                                  path=path).id
+    _, result = run_ok(settings, submit, spec(model_id, [
+        {"op": "evaluate"}, TRAIN, {"op": "snip", "sparsity": 0.5}, {"op": "evaluate"}]))
+    # the job fed the model what it was exported for: normalized, channels last
+    assert result["before"]["accuracy"] == pytest.approx(expected)
+    assert result["steps"][0]["accuracy"] == result["before"]["accuracy"]
+    assert result["preprocessing"]["layout"] == "NHWC"
+    with session_scope(settings) as session:
+        assert session.get(Model, result["model_id"]).arch["preprocessing"] == prep
