@@ -2,19 +2,25 @@
 out of the API process.
 
 Protocol: `python -m <settings.inspect_module> --kind model|dataset --input IN --format FMT
---arch JSON|'' --output OUT --max-header-bytes N --max-dataset-bytes N --max-ratio R` prints one
-JSON line on stdout (the last non-empty line is read):
-* model: `{"ok": true, "arch": {...normalized...}, "params": {"total", "trainable", "nonzero"}}`
-  after writing the normalized safetensors checkpoint to OUT;
+--arch JSON|'' --output OUT [--options JSON --graph-output G --report-output R]
+--max-header-bytes N --max-dataset-bytes N --max-ratio R` prints one JSON line on stdout (the
+last non-empty line is read):
+* model: `{"ok": true, "arch": {...normalized...}, "params": {"total", "trainable", "nonzero"},
+  "report": R|null, "graph": {"sha", "path": G}|null}` after writing the normalized safetensors
+  checkpoint to OUT, its prunability report (JSON) to R and, for an imported graph (.pt2/.onnx,
+  or a re-uploaded imported model), its canonical graph IR to G (big documents travel as files:
+  only the tail of stdout is kept);
 * dataset: `{"ok": true, "meta": {"input_shape", "counts", "num_classes"}}`;
 * either: `{"ok": false, "status": 413|415|422, "error": "...", "detail": "..."}`, with
   `"limit": "memory"` when the inspector ran out of its address space.
 
-Limits: the child runs with RLIMIT_AS = inspect_memory_bytes, RLIMIT_CPU = inspect_cpu_s (set by
-a tiny bootstrap before the inspector module is imported, so they hold whatever the module is),
-one BLAS/OpenMP thread and two malloc arenas, and is killed after inspect_timeout_s of wall-clock
-time. At most inspect_concurrency inspectors run per API process; a request waits up to
-inspect_queue_s for a slot, else 503 Overloaded with Retry-After."""
+The child's environment forces `torch.load(weights_only=True)` for every load
+(`TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`; a `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` of the API's
+environment is dropped). Limits: the child runs with RLIMIT_AS = inspect_memory_bytes,
+RLIMIT_CPU = inspect_cpu_s (set by a tiny bootstrap before the inspector module is imported, so
+they hold whatever the module is), one BLAS/OpenMP thread and two malloc arenas, and is killed
+after inspect_timeout_s of wall-clock time. At most inspect_concurrency inspectors run per API
+process; a request waits up to inspect_queue_s for a slot, else 503 Overloaded with Retry-After."""
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -64,12 +71,16 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMEXPR_NUM_THREADS")
+MAX_REPORT_BYTES = 32 * 1024 * 1024  # a prunability report read back from the child
+_SHA = re.compile(r"[0-9a-f]{64}\Z")
 
 
 @dataclass
 class Inspection:
     arch: dict[str, Any]
     params: dict[str, int]
+    report: dict[str, Any] | None = None  # the prunability report
+    graph: tuple[str, Path] | None = None  # an imported graph: (sha256, canonical IR file)
 
 
 def _last_json_line(stdout: str) -> dict[str, Any] | None:
@@ -163,6 +174,10 @@ class Inspector:
 
     async def _run(self, args: list[str], what: str) -> _Run:
         env = dict(os.environ) | dict.fromkeys(_ONE_THREAD, "1")
+        # every torch.load in the child reads weights only (no pickle runs code), whatever the
+        # call site asks for
+        env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
         # each malloc arena reserves 64 MiB of address space: keep RLIMIT_AS for real data
         env["MALLOC_ARENA_MAX"] = "2"
         async with self.slot():
@@ -213,19 +228,36 @@ class Inspector:
 
     # ---- the two checks -----------------------------------------------------------------
     async def checkpoint(self, source: Path, fmt: str, arch: dict[str, Any] | None,
-                         output: Path) -> Inspection:
-        """Validate `source` and write the normalized checkpoint to `output`."""
+                         output: Path, options: dict[str, Any] | None = None) -> Inspection:
+        """Validate `source` and write the normalized checkpoint to `output` (the report and an
+        imported graph go next to it); `options` are the upload's preprocessing fields
+        (`service.model_registry.parse_import_options`)."""
+        graph_out = output.with_name(output.stem + ".graph.json")
+        report_out = output.with_name(output.stem + ".report.json")
         run = await self._run(["--kind", "model", "--input", str(source), "--format", fmt,
                                "--arch", json.dumps(arch) if arch else "",
-                               "--output", str(output)], "model")
+                               "--output", str(output),
+                               "--options", json.dumps(options or {}),
+                               "--graph-output", str(graph_out),
+                               "--report-output", str(report_out)], "model")
         reply = self._verdict(run, "model")
         if not output.is_file():
             raise Unavailable("the checkpoint inspector reported success but wrote no output file")
         try:
-            return Inspection(arch=dict(reply["arch"]),
-                              params={k: int(v) for k, v in reply["params"].items()})
+            inspection = Inspection(arch=dict(reply["arch"]),
+                                    params={k: int(v) for k, v in reply["params"].items()})
         except (KeyError, TypeError, ValueError, AttributeError):
             raise Unavailable("the checkpoint inspector gave a malformed reply") from None
+        if reply.get("report"):
+            inspection.report = _read_json(report_out, "prunability report")
+        graph = reply.get("graph")
+        if graph:
+            sha = graph.get("sha") if isinstance(graph, dict) else None
+            if not isinstance(sha, str) or not _SHA.match(sha) or not graph_out.is_file() \
+                    or inspection.arch.get("graph") != sha:
+                raise Unavailable("the checkpoint inspector gave a malformed graph reply")
+            inspection.graph = (sha, graph_out)
+        return inspection
 
     async def dataset(self, source: Path, fmt: str) -> dict[str, Any]:
         """Validate an uploaded dataset file; returns its meta (input_shape, counts,
@@ -236,6 +268,19 @@ class Inspector:
         if not isinstance(meta, dict):
             raise Unavailable("the dataset inspector gave a malformed reply")
         return meta
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object the child wrote (bounded), or 503: the child said it wrote it."""
+    try:
+        if path.stat().st_size > MAX_REPORT_BYTES:
+            raise Unavailable(f"the inspector's {what} is over {MAX_REPORT_BYTES} bytes")
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise Unavailable(f"the checkpoint inspector wrote no readable {what}") from None
+    if not isinstance(value, dict):
+        raise Unavailable(f"the checkpoint inspector's {what} is not a JSON object")
+    return value
 
 
 def inspector_for(app: FastAPI) -> Inspector:

@@ -12,10 +12,15 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def model_document(model: Model) -> dict[str, Any]:
-    return {"id": model.id, "name": model.name, "arch": model.arch, "format": model.format,
-            "size_bytes": model.size_bytes, "sha256": model.sha256, "params": model.params,
-            "source_job_id": model.source_job_id, "created_at": iso(model.created_at)}
+def model_document(model: Model, *, report: bool = True) -> dict[str, Any]:
+    """A model's metadata; with its prunability report (`"report"`, null when it has none)
+    unless `report=False` (lists leave it out: it can be large)."""
+    doc = {"id": model.id, "name": model.name, "arch": model.arch, "format": model.format,
+           "size_bytes": model.size_bytes, "sha256": model.sha256, "params": model.params,
+           "source_job_id": model.source_job_id, "created_at": iso(model.created_at)}
+    if report:
+        doc["report"] = model.report
+    return doc
 
 
 def dataset_document(dataset: Dataset) -> dict[str, Any]:

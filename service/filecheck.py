@@ -153,18 +153,48 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _zip_directory_size(path: Path) -> tuple[int, int]:
-    """(entries, central directory bytes) from the end-of-central-directory record."""
+def zip_directory_size(path: str | Path) -> tuple[int, int] | None:
+    """(entries, central directory bytes) of a zip file from its end-of-central-directory record
+    (and the zip64 one when the plain record holds the zip64 sentinels), read from the file's
+    end before anything else of it is parsed; None when there is no such record."""
+    path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        f.seek(max(0, size - (_EOCD.size + 65535)))
+        start = max(0, size - (_EOCD.size + 65535))
+        f.seek(start)
         tail = f.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < _EOCD.size:
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < _EOCD.size:
+            return None
+        _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+        if entries != 0xFFFF and cd_size != 0xFFFFFFFF:
+            return entries, cd_size
+        # zip64: a locator (20 bytes) right before the record points at the zip64 record
+        loc = at - _ZIP64_LOCATOR.size
+        if loc < 0 or tail[loc:loc + 4] != b"PK\x06\x07":
+            return None
+        _, _, record_at, _ = _ZIP64_LOCATOR.unpack_from(tail, loc)
+        if record_at + _ZIP64_EOCD.size > size:
+            return None
+        f.seek(record_at)
+        raw = f.read(_ZIP64_EOCD.size)
+    if len(raw) < _ZIP64_EOCD.size or raw[:4] != b"PK\x06\x06":
+        return None
+    fields = _ZIP64_EOCD.unpack(raw)
+    return fields[7], fields[8]
+
+
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+
+
+def _zip_directory_size(path: Path) -> tuple[int, int]:
+    """(entries, central directory bytes) from the end-of-central-directory record."""
+    found = zip_directory_size(path)
+    if found is None:
         raise InvalidDataset("cannot read the npz file (truncated or corrupt?): no zip directory "
                              "at its end; save it again with numpy.savez")
-    _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, at)
-    return entries, cd_size
+    return found
 
 
 def check_npz_directory(path: str | Path, max_bytes: int, max_ratio: float

@@ -98,6 +98,9 @@ class Model(Base):
     source_job_id: Mapped[str | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL", use_alter=True, name="fk_models_source_job"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the prunability report (core.prunability) the inspector or the worker computed; None for
+    # models registered before it existed or when it could not be made
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (Index("ix_models_tenant_created", "tenant_id", "created_at", "id"),)
 

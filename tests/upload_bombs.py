@@ -107,3 +107,112 @@ def huge_header_safetensors(path: Path, header_bytes: int = 92 * 1024 * 1024) ->
         f.write(raw)
         f.write(b"\0\0\0\0")
         return f.tell()
+
+
+# ---- hostile .pt2 archives (torch.export.save's zip format), built from an honest one ----
+
+class Reduce:
+    """Unpickling this runs `touch <marker>` (what a hostile pickle does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def read_entries(path: Path) -> dict[str, bytes]:
+    """The entries of a zip, in order (name -> bytes)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return {info.filename: zf.read(info) for info in zf.infolist()}
+
+
+def write_entries(path: Path, entries: dict[str, bytes]) -> Path:
+    """A zip of `entries`, stored (as torch.export.save writes them)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _root(entries: dict[str, bytes]) -> str:
+    return next(iter(entries)).split("/")[0]
+
+
+def _torch_save(obj: object) -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def pt2_pickled_constant(src: Path, dest: Path, marker: Path) -> Path:
+    """An honest archive plus a constant stored with `use_pickle` whose pickle runs
+    `touch marker` (torch.export.load reads it with weights_only=False)."""
+    entries = read_entries(src)
+    root = _root(entries)
+    cfg_name = f"{root}/data/constants/model_constants_config.json"
+    config = json.loads(entries[cfg_name])
+    config["config"]["evil"] = {
+        "path_name": "tensor_0", "is_param": False, "use_pickle": True,
+        "tensor_meta": {"dtype": 7, "sizes": [{"as_int": 1}], "requires_grad": False,
+                        "device": {"type": "cpu", "index": None},
+                        "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0},
+                        "layout": 7}}
+    entries[cfg_name] = json.dumps(config).encode()
+    entries[f"{root}/data/constants/tensor_0"] = _torch_save(Reduce(marker))
+    return write_entries(dest, entries)
+
+
+def pt2_pickled_sample_inputs(src: Path, dest: Path, marker: Path) -> Path:
+    """An honest archive whose sample inputs hold a pickle that runs `touch marker`
+    (torch.export.load retries them with weights_only=False)."""
+    entries = read_entries(src)
+    entries[f"{_root(entries)}/data/sample_inputs/model.pt"] = _torch_save(
+        ((Reduce(marker),), {}))
+    return write_entries(dest, entries)
+
+
+def pt2_with_entry(src: Path, dest: Path, name: str, data: bytes = b"\x7fELF") -> Path:
+    """An honest archive plus one more entry; `name` is relative to the archive's folder
+    unless it starts with '!' (then it is the raw entry name)."""
+    entries = read_entries(src)
+    entries[name[1:] if name.startswith("!") else f"{_root(entries)}/{name}"] = data
+    return write_entries(dest, entries)
+
+
+def pt2_edit_program(src: Path, dest: Path, edit: object) -> Path:
+    """An honest archive whose models/model.json went through `edit(program) -> None`."""
+    entries = read_entries(src)
+    name = f"{_root(entries)}/models/model.json"
+    program = json.loads(entries[name])
+    edit(program)  # type: ignore[operator]
+    entries[name] = json.dumps(program).encode()
+    return write_entries(dest, entries)
+
+
+def pt2_zip_bomb(path: Path, inflated_bytes: int = 2 * 1024**3) -> int:
+    """A pt2-shaped archive whose one weight file is deflated zeros inflating to about
+    `inflated_bytes`; returns the file size."""
+    config = {"config": {"w": {
+        "path_name": "weight_0", "is_param": True, "use_pickle": False,
+        "tensor_meta": {"dtype": 7, "sizes": [{"as_int": inflated_bytes // 4}],
+                        "requires_grad": True, "device": {"type": "cpu", "index": None},
+                        "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0},
+                        "layout": 7}}}}
+    return write_zip(path, [
+        ("model/archive_format", b"pt2", 0), ("model/archive_version", b"0", 0),
+        ("model/byteorder", b"little", 0),
+        ("model/models/model.json", b'{"graph_module": {}}', 0),
+        ("model/data/weights/model_weights_config.json", json.dumps(config).encode(), 0),
+        ("model/data/constants/model_constants_config.json", b'{"config": {}}', 0),
+        ("model/data/weights/weight_0", b"", inflated_bytes // 4 * 4)])

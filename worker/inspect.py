@@ -1,22 +1,32 @@
 """Validate an uploaded checkpoint or dataset out of the API process.
 
-    python -m worker.inspect [--kind model] --input PATH --format safetensors|pt --arch JSON|''
-        --output PATH [--max-header-bytes N]
+    python -m worker.inspect [--kind model] --input PATH --format safetensors|pt|pt2|onnx
+        --arch JSON|'' --output PATH [--options JSON] [--graph-output PATH]
+        [--report-output PATH] [--max-header-bytes N] [--max-dataset-bytes N] [--max-ratio R]
     python -m worker.inspect --kind dataset --input PATH --format npz|safetensors
         [--max-header-bytes N] [--max-dataset-bytes N] [--max-ratio R]
 
 The API runs this in a subprocess (api/inspect_client.py, under RLIMIT_AS / RLIMIT_CPU) so torch,
 numpy and the uploaded arrays stay out of its process. It prints exactly ONE JSON line on stdout
 and exits 0 either way:
-`{"ok": true, "arch": {...normalized...}, "params": {"total", "trainable", "nonzero"}}` (a model,
-after writing it as one normalized safetensors file to --output), `{"ok": true, "meta": {...}}`
+`{"ok": true, "arch": {...normalized...}, "params": {"total", "trainable", "nonzero"},
+"report": PATH|null, "graph": {"sha", "path"}|null}` (a model, after writing it as one
+normalized safetensors file to --output, its prunability report to --report-output and, for an
+imported graph, the canonical graph IR to --graph-output), `{"ok": true, "meta": {...}}`
 (a dataset), or `{"ok": false, "status": 413|415|422, "error": "<code>", "detail": "<what is
 wrong, how to fix it>"}` with `"limit": "memory"` when an allocation failed (the address-space
 cap).
 
-No pickle is ever executed: `.pt` files are read with `torch.load(weights_only=True)` only. A
-safetensors header over --max-header-bytes is refused from its 8-byte length before it is read,
-and its declared tensor sizes must tile the file exactly before any tensor is loaded.
+`--options` (JSON, from the upload's form fields): `input_shape` (without the batch dimension),
+`num_classes`, `preprocessing` `{"layout", "mean", "std"}`; stored in the model's arch.
+
+No pickle is ever executed: `.pt` files are read with `torch.load(weights_only=True)` only, and
+the process forces that for every load (`TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`). A safetensors header
+over --max-header-bytes is refused from its 8-byte length before it is read, and its declared
+tensor sizes must tile the file exactly before any tensor is loaded. A `.pt2` archive is checked
+entry by entry before torch sees it (`worker.pt2_check`) and converted with
+`core.import_pt2.graph_from_program` (the op allow-list); an ONNX file goes through
+`worker.onnx_import` (`check_onnx`, then `graph_from_onnx`).
 """
 from __future__ import annotations
 
@@ -29,7 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("safetensors", "pt")
+FORMATS = ("safetensors", "pt", "pt2", "onnx")
+GRAPH_FORMATS = ("pt2", "onnx")  # files that carry a graph, converted to an imported model
 KINDS = ("model", "dataset")
 MiB = 1024 * 1024
 DEFAULT_MAX_HEADER = 16 * MiB
@@ -130,32 +141,229 @@ def resolve_arch(arch_arg: str, metadata: Mapping[str, str]) -> dict[str, Any]:
     return arch
 
 
+def _rejected(exc: Exception) -> Rejected:
+    """A service error (status, code, detail) as the inspector's refusal."""
+    from service.errors import SlimlineError
+
+    if isinstance(exc, SlimlineError):
+        code = {413: "UploadTooLarge", 415: "UnsupportedFormat"}.get(exc.status,
+                                                                    "InvalidCheckpoint")
+        return Rejected(exc.status, code, exc.detail)
+    return _invalid(str(exc))
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """The `--options` JSON: {"input_shape": [ints], "num_classes": int, "preprocessing":
+    {"layout", "mean", "std"}}, every key optional (the API validated the form fields)."""
+    if not text.strip():
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"--options is not valid JSON ({exc})") from None
+    if not isinstance(options, dict) or set(options) - {"input_shape", "num_classes",
+                                                        "preprocessing"}:
+        raise _invalid("--options must be an object with input_shape, num_classes and "
+                       "preprocessing")
+    shape = options.get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or not shape or not all(
+            type(d) is int and d >= 1 for d in shape)):
+        raise _invalid(f"input_shape must be positive integers, got {shape!r}")
+    classes = options.get("num_classes")
+    if classes is not None and (type(classes) is not int or classes < 1):
+        raise _invalid(f"num_classes must be a positive integer, got {classes!r}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return ",".join(str(d) for d in shape)
+
+
+def apply_options(arch: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """`arch` with the upload's input_shape / num_classes (filled in where the arch leaves them
+    to defaults, else they must agree) and preprocessing (replacing any stored one)."""
+    from core.errors import SpecError
+    from core.models import normalize_arch
+
+    arch = dict(arch)
+    for key in ("input_shape", "num_classes"):
+        if key in options and key not in arch:
+            arch[key] = options[key]
+    if "preprocessing" in options:
+        arch["preprocessing"] = options["preprocessing"]
+    try:
+        full = normalize_arch(arch)
+    except SpecError as exc:
+        raise _invalid(str(exc)) from None
+    if "input_shape" in options and list(full["input_shape"]) != list(options["input_shape"]):
+        raise Rejected(422, "InvalidCheckpoint",
+                       f"input_shape {_shape_text(options['input_shape'])} does not match the "
+                       f"model's input {_shape_text(full['input_shape'])} (arch "
+                       f"{full['name']!r}); leave the input_shape field out or fix it")
+    if "num_classes" in options and full["num_classes"] != options["num_classes"]:
+        raise Rejected(422, "InvalidCheckpoint",
+                       f"num_classes {options['num_classes']} does not match the model's "
+                       f"{full['num_classes']} classes (arch {full['name']!r}); leave the "
+                       "num_classes field out or fix it")
+    check_preprocessing(full)
+    return full
+
+
+def check_preprocessing(arch: Mapping[str, Any]) -> None:
+    """mean/std give one value per channel of the model's input (its layout says which
+    dimension holds the channels)."""
+    pre = arch.get("preprocessing")
+    shape = list(arch.get("input_shape") or [])
+    if not pre or len(shape) != 3 or pre.get("layout") == "flat":
+        return
+    channels = shape[-1] if pre.get("layout") == "NHWC" else shape[0]
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if values is not None and len(values) != channels:
+            raise Rejected(422, "InvalidCheckpoint",
+                           f"{key} has {len(values)} values but the model's input "
+                           f"{_shape_text(shape)} (layout {pre.get('layout')}) has {channels} "
+                           f"channels; give one {key} per channel")
+
+
+def register_stored_graph(arch: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """An imported model's checkpoint (arch 'graph') carries its graph in the `slimline_graph`
+    metadata: registered here (validated, and its sha must be the arch's)."""
+    from core.errors import SpecError
+    from core.graph import register_graph
+
+    text = metadata.get("slimline_graph")
+    if text is None:
+        raise _invalid("the checkpoint holds an imported model (arch 'graph') but no "
+                       "'slimline_graph' metadata; upload the .safetensors file slimline wrote "
+                       "for it (GET /v1/models/{id}/file), or the original .pt2/.onnx file")
+    try:
+        sha = register_graph(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"the checkpoint's 'slimline_graph' metadata is not JSON ({exc})") \
+            from None
+    except SpecError as exc:
+        raise _invalid(f"the checkpoint's imported graph is invalid: {exc}") from None
+    if sha != arch.get("graph"):
+        raise _invalid(f"the checkpoint's graph has id {sha} but its arch names "
+                       f"{arch.get('graph')!r}; the file was modified. Upload the file slimline "
+                       "wrote, unchanged")
+
+
+def import_graph_file(path: Path, fmt: str, options: Mapping[str, Any], workdir: Path, *,
+                      max_bytes: int, max_ratio: float) -> Any:
+    """The model of an uploaded `.pt2` or ONNX file: archive/file checks, load, conversion to
+    the slimline graph IR (op allow-list), `core.models.import_graph` with the options."""
+    from core.errors import CheckpointError, SpecError
+    from core.models import import_graph
+    from service.errors import SlimlineError
+
+    try:
+        if fmt == "pt2":
+            from core.import_pt2 import graph_from_program
+            from worker.pt2_check import load_program
+
+            program = load_program(path, workdir, max_bytes=max_bytes, max_ratio=max_ratio)
+            ir, tensors = graph_from_program(program)
+            del program
+        else:
+            from worker.onnx_import import check_onnx, graph_from_onnx
+
+            proto = check_onnx(path, max_bytes=max_bytes)
+            ir, tensors = graph_from_onnx(proto)
+            del proto
+        shape = list(ir["input"]["shape"])
+        if "input_shape" in options and list(options["input_shape"]) != shape:
+            raise Rejected(422, "InvalidCheckpoint",
+                           f"input_shape {_shape_text(options['input_shape'])} does not match "
+                           f"the graph's input {_shape_text(shape)} (without the batch "
+                           "dimension); leave the input_shape field out or fix it")
+        model = import_graph(ir, tensors, num_classes=options.get("num_classes"),
+                             preprocessing=options.get("preprocessing"))
+    except (SlimlineError, SpecError, CheckpointError) as exc:
+        raise _rejected(exc) from None
+    arch: dict[str, Any] = model.slimline_arch  # type: ignore[assignment]
+    check_preprocessing(arch)
+    return model
+
+
+def prunability(model: Any) -> dict[str, Any] | None:
+    """The model's prunability report (`core.prunability`): per layer its kind, shape, MACs and
+    the methods that apply, the coupled groups and what is left untouched and why. A failure is
+    logged and leaves the model without a report (never fails the upload)."""
+    try:
+        from core.prunability import prunability_report
+    except ImportError:  # the report module is optional for older checkouts
+        return None
+    try:
+        return dict(prunability_report(model))
+    except Exception as exc:  # noqa: BLE001 - the report is informative only
+        if _out_of_memory(exc):
+            raise
+        print(f"worker.inspect: no prunability report ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return None
+
+
 def inspect_checkpoint(path: Path, fmt: str, arch_arg: str, output: Path,
-                       max_header_bytes: int = DEFAULT_MAX_HEADER) -> dict[str, Any]:
-    """Validate `path` and write the normalized checkpoint to `output`; returns the reply."""
+                       max_header_bytes: int = DEFAULT_MAX_HEADER, *,
+                       options: Mapping[str, Any] | None = None,
+                       graph_output: Path | None = None, report_output: Path | None = None,
+                       max_bytes: int = DEFAULT_MAX_DATASET,
+                       max_ratio: float = DEFAULT_MAX_RATIO) -> dict[str, Any]:
+    """Validate `path` and write the normalized checkpoint to `output` (and the report and the
+    graph where asked); returns the reply."""
+    import tempfile
+
     if fmt not in FORMATS:
         raise Rejected(415, "UnsupportedFormat",
-                       f"unsupported checkpoint format {fmt!r}; upload .safetensors or a .pt "
-                       "state_dict")
+                       f"unsupported checkpoint format {fmt!r}; upload .safetensors, a .pt "
+                       "state_dict, a torch.export .pt2 archive or an .onnx model")
     if not path.is_file():
         raise _invalid(f"input file {path} does not exist")
-    if fmt == "safetensors":
-        tensors, metadata = read_safetensors(path, max_header_bytes)
-    else:
-        tensors, metadata = read_pt(path), {}
-    arch = resolve_arch(arch_arg, metadata)
+    options = dict(options or {})
 
     from core.errors import CheckpointError
+    from core.graph import canonical, graph_for, is_graph_model
     from core.metrics import param_counts
     from core.models import save
 
-    try:
-        model = build_from_upload(arch, tensors)
-    except CheckpointError as exc:
-        raise _invalid(str(exc)) from None
-    del tensors
+    if fmt in GRAPH_FORMATS:
+        if arch_arg.strip():
+            raise _invalid(f"the arch field is for .safetensors/.pt uploads; a .{fmt} file "
+                           "carries its graph (give input_shape, num_classes, layout, mean and "
+                           "std instead)")
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix="import-") as work:
+            model = import_graph_file(path, fmt, options, Path(work),
+                                      max_bytes=max_bytes, max_ratio=max_ratio)
+    else:
+        if fmt == "safetensors":
+            tensors, metadata = read_safetensors(path, max_header_bytes)
+        else:
+            tensors, metadata = read_pt(path), {}
+        arch = resolve_arch(arch_arg, metadata)
+        if arch.get("name") == "graph":
+            register_stored_graph(arch, metadata)
+        if options:
+            arch = apply_options(arch, options)
+        try:
+            model = build_from_upload(arch, tensors)
+        except CheckpointError as exc:
+            raise _invalid(str(exc)) from None
+        del tensors
     save(model, output)
-    return {"ok": True, "arch": model.slimline_arch, "params": param_counts(model)}
+    reply: dict[str, Any] = {"ok": True, "arch": model.slimline_arch,
+                             "params": param_counts(model), "report": None, "graph": None}
+    if report_output is not None:
+        report = prunability(model)
+        if report is not None:
+            report_output.write_text(json.dumps(report, allow_nan=False))
+            reply["report"] = str(report_output)
+    if graph_output is not None and is_graph_model(model):
+        sha = model.slimline_arch["graph"]
+        graph_output.write_text(canonical(graph_for(sha)))
+        reply["graph"] = {"sha": sha, "path": str(graph_output)}
+    return reply
 
 
 def build_from_upload(arch: dict[str, Any], tensors: dict[str, Any]) -> Any:
@@ -212,8 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER)
     parser.add_argument("--max-dataset-bytes", type=int, default=DEFAULT_MAX_DATASET)
     parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO)
+    parser.add_argument("--options", default="")
+    parser.add_argument("--graph-output", default="")
+    parser.add_argument("--report-output", default="")
     args = parser.parse_args(argv)
+    from worker.pt2_check import force_weights_only
+
+    force_weights_only()  # every torch.load of this process: weights_only=True
     output = Path(args.output) if args.output else None
+    extras = [Path(p) for p in (args.graph_output, args.report_output) if p]
     error = "InvalidDataset" if args.kind == "dataset" else "InvalidCheckpoint"
     # Whatever a library prints must not corrupt the one JSON line on stdout.
     with contextlib.redirect_stdout(sys.stderr):
@@ -226,8 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif output is None:
                 raise Rejected(422, error, "--output is required for a model")
             else:
-                reply = inspect_checkpoint(args.input, args.format, args.arch, output,
-                                           args.max_header_bytes)
+                reply = inspect_checkpoint(
+                    args.input, args.format, args.arch, output, args.max_header_bytes,
+                    options=parse_options(args.options),
+                    graph_output=Path(args.graph_output) if args.graph_output else None,
+                    report_output=Path(args.report_output) if args.report_output else None,
+                    max_bytes=args.max_dataset_bytes, max_ratio=args.max_ratio)
         except Rejected as exc:
             reply = {"ok": False, "status": exc.status, "error": exc.error, "detail": exc.detail}
         except Exception as exc:  # noqa: BLE001 - never a traceback on stdout; the API shows `detail`
@@ -241,12 +460,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "detail": f"the {args.kind} could not be read ({type(exc).__name__}); "
                                    + ("upload a .npz or .safetensors file of arrays"
                                       if args.kind == "dataset" else
-                                      "upload a safetensors file or a .pt state_dict")}
-    if not reply["ok"] and output is not None:
-        output.unlink(missing_ok=True)
+                                      "upload a safetensors file, a .pt state_dict, a "
+                                      "torch.export .pt2 archive or an .onnx model")}
+    if not reply["ok"]:
+        for path in ([output] if output is not None else []) + extras:
+            path.unlink(missing_ok=True)
     print(json.dumps(reply), flush=True)
     return 0
 
 
 if __name__ == "__main__":
+    # modules that raise `worker.inspect.Rejected` (worker.onnx_import) must find this module,
+    # not a second copy of it, or main() would not recognise their refusals
+    sys.modules.setdefault("worker.inspect", sys.modules[__name__])
     sys.exit(main())

@@ -16,12 +16,15 @@ from api.schemas import model_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
 from service.artifacts import media_type
 from service.db import session_scope
+from service.errors import Unprocessable
 from service.model_files import ModelFile, locate_model_file
 from service.model_registry import (
+    GRAPH_FORMATS,
     checkpoint_format,
     get_model,
     list_models,
     parse_arch,
+    parse_import_options,
     register_model,
 )
 from service.settings import Settings
@@ -31,10 +34,32 @@ from service.tmpfiles import temp_dir
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.post("", status_code=201)
+UPLOAD_DESCRIPTION = """Upload a model as multipart/form-data; 201 with the Model (and its
+prunability report).
+
+* `file`: `.safetensors` (a slimline checkpoint carries its architecture; a re-uploaded imported
+  model carries its graph too), `.pt`/`.pth` (a state_dict, read with `weights_only=True`),
+  `.pt2` (written by `torch.export.save`) or `.onnx` (opset 13 or newer, weights inside the
+  file).
+* `arch`: JSON, e.g. `{"name": "lenet300"}`, for a state dict without one (not for .pt2/.onnx).
+* `name`: a label (default: the file name).
+* preprocessing, stored in the arch and applied by train, evaluate and every calibration pass:
+  `input_shape` (without the batch dimension, e.g. `3,32,32`; must match the model), `layout`
+  (`NCHW` | `NHWC` | `flat`), `mean` and `std` (one value per channel, e.g. `0.5,0.5,0.5`),
+  `num_classes` (must match the model's output).
+
+Validation runs out of the API process under memory, CPU-time and wall-clock limits: a `.pt2`
+archive is checked entry by entry before any loader runs (only what `torch.export.save` writes;
+no pickles, custom objects, AOTInductor or ExecuTorch payloads; size, entry count and
+compression-ratio caps), an ONNX file is loaded without external data and checked; then the
+graph is converted (every op on slimline's allow-list). A refusal is a 4xx whose detail names
+what was found and what to do: 413 over a size cap, 415 not a known format, 422 anything else."""
+
+
+@router.post("", status_code=201, description=UPLOAD_DESCRIPTION)
 async def upload_model(request: Request, settings: SettingsDep, session: SessionDep,
                        store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
-    """Upload a checkpoint (multipart `file`, `arch`, `name`); validated out of process."""
+    """Upload a checkpoint, torch.export archive or ONNX model; validated out of process."""
     await run_in_threadpool(check_upload_admitted, settings, tenant_id)
     with temp_dir(temp_root(settings), "upload") as tmp:
         upload = await receive_upload(request, tmp / "upload", settings.max_upload_bytes,
@@ -42,25 +67,33 @@ async def upload_model(request: Request, settings: SettingsDep, session: Session
         fmt = checkpoint_format(upload.path, upload.filename,
                                 settings.max_safetensors_header_bytes)
         arch = parse_arch(upload.fields.get("arch"))
+        if arch is not None and fmt in GRAPH_FORMATS:
+            raise Unprocessable(f"form field 'arch' is for .safetensors/.pt uploads; a .{fmt} "
+                                "file carries its graph (give input_shape, num_classes, layout, "
+                                "mean and std instead)")
+        options = parse_import_options(upload.fields)
         normalized = tmp / "normalized.safetensors"
-        result = await inspector_for(request.app).checkpoint(upload.path, fmt, arch, normalized)
+        result = await inspector_for(request.app).checkpoint(upload.path, fmt, arch, normalized,
+                                                             options)
         name = upload.fields.get("name") or Path(upload.filename).stem or result.arch["name"]
         model = await run_in_threadpool(
             register_model, session, store, tenant_id=tenant_id, name=name[:200],
-            arch=result.arch, fmt=fmt, params=result.params, path=normalized)
+            arch=result.arch, fmt=fmt, params=result.params, path=normalized,
+            report=result.report, graph=result.graph)
         return JSONResponse(model_document(model), status_code=201,
                             headers={"Location": f"/v1/models/{model.id}"})
 
 
 @router.get("")
 def list_all(session: SessionDep, tenant_id: TenantDep) -> dict:
-    """This tenant's models, newest first."""
-    return {"items": [model_document(m) for m in list_models(session, tenant_id)]}
+    """This tenant's models, newest first (without their prunability reports: GET one)."""
+    return {"items": [model_document(m, report=False) for m in list_models(session, tenant_id)]}
 
 
 @router.get("/{model_id}")
 def read(model_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
-    """A model's metadata."""
+    """A model's metadata, with its prunability report (`report`: per layer its kind, shape,
+    MACs and the methods that apply; the coupled groups; what is left untouched and why)."""
     return model_document(get_model(session, tenant_id, model_id))
 
 

@@ -145,8 +145,12 @@ def test_unknown_arch_and_non_tensor_values(tmp_path, capsys):
 
 
 def test_unsupported_format(tmp_path, capsys):
-    src = tmp_path / "m.onnx"
+    src = tmp_path / "m.tflite"
     src.write_bytes(b"hello")
-    reply = run_cli(cli_args(src, "onnx", tmp_path / "o", json.dumps(ARCH)), capsys)
+    reply = run_cli(cli_args(src, "tflite", tmp_path / "o", json.dumps(ARCH)), capsys)
     assert reply["ok"] is False and reply["status"] == 415
     assert reply["error"] == "UnsupportedFormat"
+    garbage = tmp_path / "m.onnx"
+    garbage.write_bytes(b"hello")
+    reply = run_cli(cli_args(garbage, "onnx", tmp_path / "o"), capsys)
+    assert reply["ok"] is False and reply["status"] in (415, 422)
