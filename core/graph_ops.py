@@ -8,8 +8,9 @@ converter in the worker) name the ops they emit from this table.
 
 To allow another op, add its name to `ATEN_OPS` (or `OPERATOR_OPS`); it must be a pure
 function of its arguments that creates no tensor on a fixed device (constructors such as
-`aten.zeros` take a device and are left out on purpose). Names whose op does not exist in the
-installed torch are skipped.
+`aten.zeros` take a device and are left out on purpose; `aten.full_like` and friends follow
+their input's device once the importers drop the device argument). Names whose op does not
+exist in the installed torch are skipped.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ ATEN_OPS: tuple[str, ...] = (
     "conv2d.default", "conv2d.padding", "convolution.default", "linear.default",
     "batch_norm.default", "_native_batch_norm_legit_no_training.default",
     "layer_norm.default", "native_layer_norm.default", "group_norm.default",
+    "native_group_norm.default",
     "addmm.default", "mm.default", "matmul.default", "bmm.default", "baddbmm.default",
     "einsum.default", "scaled_dot_product_attention.default",
     # activations
@@ -42,11 +44,18 @@ ATEN_OPS: tuple[str, ...] = (
     "sqrt.default", "rsqrt.default", "erf.default", "exp.default", "log.default",
     "neg.default", "abs.default", "reciprocal.default", "maximum.default", "minimum.default",
     "where.self",
+    # comparisons and masks (attention decompositions); `*_like` constructors follow their
+    # input's device
+    "eq.Scalar", "eq.Tensor", "ne.Scalar", "ne.Tensor", "lt.Scalar", "lt.Tensor", "gt.Scalar",
+    "gt.Tensor", "le.Scalar", "ge.Scalar", "logical_not.default", "logical_and.default",
+    "logical_or.default", "any.dim", "any.default", "masked_fill.Scalar", "masked_fill.Tensor",
+    "full_like.default", "zeros_like.default", "ones_like.default", "_safe_softmax.default",
     # reductions and pooling
     "mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax.default",
-    "var.correction", "adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default",
+    "var.correction", "std.correction", "amin.default", "adaptive_avg_pool2d.default",
+    "_adaptive_avg_pool2d.default",
     "avg_pool2d.default", "max_pool2d.default", "max_pool2d_with_indices.default",
-    "adaptive_max_pool2d.default", "upsample_nearest2d.vec",
+    "adaptive_max_pool2d.default", "upsample_nearest2d.vec", "upsample_bilinear2d.vec",
     # shapes and views
     "flatten.using_ints", "unflatten.int", "view.default", "_unsafe_view.default",
     "reshape.default", "permute.default", "transpose.int", "t.default", "contiguous.default",

@@ -57,8 +57,9 @@ _WEIGHT_OPS = frozenset({
     "aten.conv2d.default", "aten.conv2d.padding", "aten.convolution.default",
     "aten.linear.default", "aten.batch_norm.default",
     "aten._native_batch_norm_legit_no_training.default", "aten.layer_norm.default",
-    "aten.native_layer_norm.default",
+    "aten.native_layer_norm.default", "aten.addmm.default", "aten.mm.default",
 })
+_COPY_OPS = frozenset({"aten.clone.default", "aten._to_copy.default"})
 _TUPLE_OPS = frozenset({"aten._native_batch_norm_legit_no_training.default",
                         "aten.native_layer_norm.default"})
 
@@ -101,6 +102,9 @@ class _Converter:
         self.module_of: dict[fx.Node, str] = {}  # weight call -> module name
         self.alias: dict[fx.Node, fx.Node] = {}  # getitem(module call, 0) -> module call
         self.absorbed: set[fx.Node] = set()  # placeholders that became module state
+        self.module_input: dict[fx.Node, Any] = {}  # weight call -> what the module reads
+        self.folded: set[fx.Node] = set()  # nodes a module replaces (t(w) of a decomposed linear)
+        self.names: set[str] = {n.name for n in self.graph.nodes}  # IR node names in use
 
     # ---- the signature ----
 
@@ -168,17 +172,19 @@ class _Converter:
             if name in _ASSERTS or name in ALLOWED_OPS:
                 continue
             namespace = getattr(node.target, "namespace", None)
-            if namespace and namespace != "aten":
-                op = getattr(node.target, "_schema", None)
-                unsupported[name] = f"custom op {op.name if op is not None else name}"
+            schema = getattr(node.target, "_schema", None)
+            if namespace and namespace != "aten" and schema is not None:
+                unsupported[name] = schema.name  # "my::foo"
             else:
                 unsupported[name] = name
         if unsupported:
             listed = ", ".join(sorted(set(unsupported.values())))
+            custom = any("::" in v for v in unsupported.values())
             raise SpecError(f"op {listed} is not supported; slimline imports graphs of the ops "
                             "in core.graph_ops.ALLOWED_OPS (convolutions, linears, norms, "
-                            "activations, pooling, shape ops): rewrite the model with standard "
-                            "layers and export it again")
+                            "activations, pooling, shape ops)"
+                            + ("; custom ops are never imported" if custom else "")
+                            + ": rewrite the model with standard layers and export it again")
 
     # ---- weight calls -> modules ----
 
@@ -198,13 +204,41 @@ class _Converter:
             return False, owner
         return True, prefix
 
-    def _module_for(self, node: fx.Node) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """(spec, {attribute: placeholder}) when `node` can be a module, else None."""
+    def _transposed_weight(self, node: Any) -> fx.Node | None:
+        """`w` when `node` is `t(w)` / `permute(w, [1, 0])` of a 2-D `w`, read only by one call
+        (decomposed linears: `addmm(bias, x, t(w))`)."""
+        if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.users) != 1:
+            return None
+        name = op_name(node.target)
+        if name == "aten.t.default" or (name == "aten.permute.default"
+                                        and list(node.args[1]) == [1, 0]):
+            weight = node.args[0]
+            return weight if isinstance(weight, fx.Node) and _ndim(weight) == 2 else None
+        return None
+
+    def _module_for(self, node: fx.Node
+                    ) -> tuple[dict[str, Any], dict[str, Any], Any, list[fx.Node]] | None:
+        """(spec, {attribute: placeholder}, input, nodes folded into it) when `node` can be a
+        module, else None."""
         name = op_name(node.target)
         a = _bind(node)
         P, B = (InputKind.PARAMETER,), (InputKind.BUFFER,)
         attrs: dict[str, Any] = {}
-        if name in ("aten.conv2d.default", "aten.conv2d.padding", "aten.convolution.default"):
+        source = a.get("input")
+        folded: list[fx.Node] = []
+        if name in ("aten.addmm.default", "aten.mm.default"):
+            transposed = a["mat2"]
+            weight = self._transposed_weight(transposed)
+            bias = a.get("self")
+            if weight is None or _ndim(a["mat1"]) != 2 or (bias is not None and _ndim(bias) != 1) \
+                    or a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
+                return None
+            attrs = {"weight": weight, "bias": bias}
+            source, folded = a["mat1"], [transposed]
+            shape = weight.meta["val"].shape
+            spec = {"type": "Linear", "in_features": int(shape[1]),
+                    "out_features": int(shape[0]), "bias": bias is not None}
+        elif name in ("aten.conv2d.default", "aten.conv2d.padding", "aten.convolution.default"):
             if name == "aten.convolution.default" and (a["transposed"] or
                                                        any(_pair(a["output_padding"]))):
                 return None
@@ -262,11 +296,10 @@ class _Converter:
             ok, owner = self._param(arg, kinds, owner, attr)
             if not ok:
                 return None
-        return spec, {k: v for k, v in attrs.items() if v is not None}
+        return spec, {k: v for k, v in attrs.items() if v is not None}, source, folded
 
     def find_modules(self) -> None:
         taken: set[str] = set()
-        names = {n.name for n in self.graph.nodes}
         state_names = [target for _, target, _ in self.state.values()]
         for node in self.graph.nodes:
             if node.op != "call_function" or op_name(node.target) not in _WEIGHT_OPS:
@@ -277,7 +310,7 @@ class _Converter:
             found = self._module_for(node)
             if found is None:
                 continue
-            spec, attrs = found
+            spec, attrs, source, folded = found
             owner = self.state[next(iter(attrs.values())).name][1].rpartition(".")[0]
             own = {f"{owner}.{attr}" if owner else attr for attr in attrs}
             if spec["type"].startswith("BatchNorm"):
@@ -285,11 +318,13 @@ class _Converter:
             others = [s for s in state_names
                       if (not owner or s.startswith(owner + ".")) and s not in own]
             name = owner or node.name
-            if others or name in taken or (not owner and name in names - {node.name}):
+            if others or name in taken:
                 continue  # the owner holds more state than the layer: keep it an aten call
             taken.add(name)
             self.modules[name] = spec
             self.module_of[node] = name
+            self.module_input[node] = source
+            self.folded.update(folded)
             for attr, placeholder in attrs.items():
                 self.absorbed.add(placeholder)
                 self.tensors[f"{name}.{attr}"] = self.state[placeholder.name][2].clone()
@@ -309,6 +344,15 @@ class _Converter:
         parts = [p if p and (p.isdigit() or p.isidentifier()) else
                  "t_" + "".join(c if c.isalnum() else "_" for c in p) for p in target.split(".")]
         return ".".join(parts)
+
+    def fresh(self, base: str) -> str:
+        """An IR node name not used yet (and now taken)."""
+        name, i = base, 0
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
 
     def emit(self, batch_rewrites: dict[fx.Node, list[int]], batch_name: str
              ) -> dict[str, Any]:
@@ -363,7 +407,7 @@ class _Converter:
             if node.op != "call_function":
                 continue
             name = op_name(node.target)
-            if node in self.alias:
+            if node in self.alias or node in self.folded:
                 continue
             if name in _ASSERTS:
                 if node.users:
@@ -373,7 +417,7 @@ class _Converter:
             if node in self.module_of:
                 module = self.module_of[node]
                 nodes.append({"name": node.name, "op": "module", "target": module,
-                              "args": [enc(_bind(node)["input"])], "kwargs": {}})
+                              "args": [enc(self.module_input[node])], "kwargs": {}})
                 ref[node] = node.name
                 continue
             args = list(node.args)
@@ -387,6 +431,13 @@ class _Converter:
             nodes.append({"name": node.name, "op": name, "args": encoded_args,
                           "kwargs": {k: enc(v) for k, v in kwargs.items()}})
             ref[node] = node.name
+            if name in _COPY_OPS and node.kwargs.get("memory_format") == torch.contiguous_format:
+                # a copy into a contiguous layout (views after it rely on it): the dropped
+                # memory_format becomes an explicit contiguous()
+                contiguous = self.fresh(f"{node.name}_contiguous")
+                nodes.append({"name": contiguous, "op": "aten.contiguous.default",
+                              "args": [{"node": node.name}], "kwargs": {}})
+                ref[node] = contiguous
         return {"format": GRAPH_FORMAT, "input": {"name": inp, "shape": shape},
                 "modules": self.modules, "tensors": self.tensor_specs, "nodes": nodes,
                 "output": enc(self.output)}
@@ -441,18 +492,16 @@ def _batch_rewrites(graph: fx.Graph, user_input: fx.Node, batch: int) -> dict[fx
 
 
 def _baked(graph: fx.Graph, batch: int, rewritten: dict[fx.Node, list[int]]) -> list[str]:
-    """Nodes with an int argument that is a multiple of the batch size and not rewritten."""
+    """view/reshape/expand nodes whose size list holds a multiple of the batch size at a place
+    that was not rewritten (where the batch is probably baked in)."""
     names = []
-
-    def ints(value: Any) -> list[int]:
-        if isinstance(value, (list, tuple)):
-            return [i for v in value for i in ints(v)]
-        return [value] if isinstance(value, int) and not isinstance(value, bool) else []
-
     for node in graph.nodes:
-        if node.op != "call_function" or node in rewritten:
+        if node.op != "call_function" or op_name(node.target) not in _SIZE_OPS \
+                or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)):
             continue
-        if any(v != 0 and v % batch == 0 for v in ints([*node.args, *node.kwargs.values()])):
+        done = rewritten.get(node, [])
+        if any(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % batch == 0
+               and i not in done for i, v in enumerate(node.args[1])):
             names.append(node.name)
     return names
 
@@ -462,6 +511,17 @@ def _baked(graph: fx.Graph, batch: int, rewritten: dict[fx.Node, list[int]]) -> 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     scale = float(b.abs().max()) if b.numel() else 0.0
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + scale)))
+
+
+class _Tracking(fx.Interpreter):
+    """Runs a GraphModule node by node, remembering the node being run (to name the one that
+    fails)."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
 
 
 def _verify(program: ExportedProgram, ir: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -484,13 +544,19 @@ def _verify(program: ExportedProgram, ir: dict[str, Any], tensors: dict[str, tor
         if not _close(got, reference):
             raise SpecError("the converted graph does not reproduce the exported program's "
                             "outputs; please report this model")
+        runner = _Tracking(module)
         try:
-            twice = module(torch.cat([x, x, extra]))
+            twice = runner.run(torch.cat([x, x, extra]))
             ok = _close(twice[:batch], reference) and _close(twice[batch:2 * batch], reference)
+            failed = None
         except RuntimeError:
-            ok = False
+            ok, failed = False, runner.current
     if not ok:
         if static:
+            if failed is not None:
+                sizes = f" {list(failed.args[1])}" if len(failed.args) > 1 and isinstance(
+                    failed.args[1], (list, tuple)) else ""
+                baked = [f"{failed.name} ({op_name(failed.target)}{sizes})"]
             where = ", ".join(baked[:5]) if baked else "a shape argument"
             raise SpecError(f"the graph has its batch size ({batch}) baked into {where}; "
                             f"re-export with a dynamic batch: {REEXPORT}")
@@ -527,10 +593,7 @@ def graph_from_program(program: ExportedProgram, *, verify: bool = True
     first = val.shape[0]
     static = isinstance(first, int)
     rewrites: dict[fx.Node, list[int]] = {}
-    batch_name = "batch_size"
-    taken = {n.name for n in conv.graph.nodes}
-    while batch_name in taken:
-        batch_name += "_"
+    batch_name = conv.fresh("batch_size")
     if static:
         rewrites = _batch_rewrites(conv.graph, conv.user_input, int(first))
     ir = conv.emit(rewrites, batch_name)

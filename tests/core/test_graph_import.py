@@ -241,8 +241,46 @@ def test_unsupported_ops_are_refused_by_name() -> None:
     x = torch.randn(2, 4)
     with pytest.raises(SpecError, match=r"op aten\.sin\.default is not supported"):
         graph_from_program(_export(_Sin(), x, True))
-    with pytest.raises(SpecError, match="custom op slimline_test::scale"):
+    with pytest.raises(SpecError, match="op slimline_test::scale is not supported.*custom ops"):
         graph_from_program(_export(_Custom(), x, True))
+
+
+class _Shuffle(nn.Module):
+    """A channel shuffle (view/transpose/contiguous/view over the batch), SE gating, pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.silu(self.conv(x))
+        x = x * torch.sigmoid(self.se(torch.nn.functional.adaptive_avg_pool2d(x, 1)))
+        b, c, h, w = x.shape
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        x = torch.nn.functional.max_pool2d(x, 4)
+        return self.fc(x.reshape(x.size(0), -1))
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # torch-internal
+@pytest.mark.parametrize("name", ["resnet18", "shuffle"])
+def test_decomposed_programs_convert_too(name: str) -> None:
+    """Core-ATen programs (`run_decompositions`: convolution, _native_batch_norm_legit_no_training,
+    addmm(b, x, t(w)), clone into a contiguous layout) give the same modules and outputs."""
+    torch.manual_seed(0)
+    original = make(name) if name != "shuffle" else _Shuffle().eval()
+    for dynamic in (True, False):
+        program = _export(original, example_input(), dynamic).run_decompositions()
+        ops = {op_name(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert "aten.addmm.default" in ops and "aten.linear.default" not in ops
+        ir, tensors = graph_from_program(program)
+        model = cm.import_graph(ir, tensors)
+        want = {n for n, m in original.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        assert {n for n, _ in cm.prunable_layers(model)} == want
+        x = example_input(5, seed=4)
+        with torch.no_grad():
+            assert torch.allclose(model(x), original(x), atol=1e-5, rtol=0)
 
 
 class _MHA(nn.Module):
