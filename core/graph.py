@@ -42,6 +42,7 @@ from core.graph_ops import ALLOWED_OPS, DTYPES
 
 GRAPH_FORMAT = "slimline-graph/1"
 MAX_NODES = 100_000
+MAX_ELEMENTS = 1_000_000_000  # weights + tensors a graph may declare (4 GB of float32)
 IR_KEYS = ("format", "input", "modules", "tensors", "nodes", "output")
 MODULE_TYPES = ("Linear", "Conv2d", "BatchNorm2d", "BatchNorm1d", "LayerNorm")
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -193,6 +194,21 @@ def _check_module(name: str, spec: object) -> None:
             raise SpecError(f"{where}: bias needs elementwise_affine")
 
 
+def _module_elements(spec: Mapping[str, Any]) -> int:
+    """Entries of a (valid) module spec's parameters and buffers."""
+    kind = spec["type"]
+    if kind == "Linear":
+        return int(spec["in_features"] * spec["out_features"]
+                   + spec["out_features"] * spec["bias"])
+    if kind == "Conv2d":
+        kh, kw = spec["kernel_size"]
+        return int(spec["out_channels"] * (spec["in_channels"] // spec["groups"]) * kh * kw
+                   + spec["out_channels"] * spec["bias"])
+    if kind in ("BatchNorm2d", "BatchNorm1d"):
+        return 4 * int(spec["num_features"])
+    return 2 * math.prod(spec["normalized_shape"])
+
+
 def _check_tensor(name: str, spec: object) -> None:
     where = f"tensor {name!r}"
     if not isinstance(spec, dict) or set(spec) != {"shape", "dtype", "trainable"}:
@@ -269,6 +285,11 @@ def validate_graph(ir: object) -> None:
         _check_module(_dotted("module", name), spec)
     for name, spec in tensors.items():
         _check_tensor(_dotted("tensor", name), spec)
+    elements = sum(_module_elements(spec) for spec in modules.values()) + sum(
+        math.prod(spec["shape"]) for spec in tensors.values())
+    if elements > MAX_ELEMENTS:
+        raise SpecError(f"the graph declares {elements} weight entries; at most {MAX_ELEMENTS} "
+                        "are supported")
     owners = sorted([*modules, *tensors])
     for a, b in zip(owners, owners[1:], strict=False):
         if b.startswith(a + ".") or a == b:

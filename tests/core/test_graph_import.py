@@ -466,6 +466,8 @@ def test_a_hand_written_ir_builds_and_registers() -> None:
     (lambda ir: ir.update(format="slimline-graph/0"), "format"),
     (lambda ir: ir["input"].update(shape=[]), "at least one dimension"),
     (lambda ir: ir.update(output=3), "must refer to a node"),
+    (lambda ir: ir["modules"]["net.fc"].update(in_features=10**6, out_features=10**6),
+     "weight entries; at most"),
 ])
 def test_malformed_irs_are_refused_with_a_reason(change: Callable[[dict], object],
                                                  message: str) -> None:
