@@ -462,7 +462,7 @@ class _Walk:
                 if pid is not None:
                     self.channelwise.append((pid, name, self.before(flow, i), flow.per))
             out[a] = flow
-        if not any(f.pids() for f in out.values()):
+        if kind != "BatchNorm2d" and not any(f.pids() for f in out.values()):
             self.untouched[name] = (f"{kind} on channels no prunable layer produces: not "
                                     "pruned")
         return out
