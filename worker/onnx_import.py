@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 import onnx.inliner
 import onnx.reference
+import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -459,6 +460,7 @@ class Converter:
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     absorbed: set[int] = field(default_factory=set)  # id() of nodes another converter did
     raw_consts: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # Identity: output -> input
 
     # ---- names ----
     def node_name(self, base: str) -> str:
@@ -600,11 +602,15 @@ class Converter:
     def const_of(self, name: str) -> np.ndarray | None:
         """The value of `name` when it is a constant (also before its node is converted:
         initializers, Constant nodes, Identity of either)."""
-        value = self.values.get(name)
-        if isinstance(value, Const):
-            return value.array
-        if name in self.raw_consts:
-            return numpy_helper.to_array(self.raw_consts[name])
+        for _ in range(64):
+            value = self.values.get(name)
+            if isinstance(value, Const):
+                return value.array
+            if name in self.raw_consts:
+                return _array(self.raw_consts[name])
+            if name not in self.aliases:
+                break
+            name = self.aliases[name]
         return None
 
     def set_shape(self, name: str, value: Value) -> Value:
@@ -731,10 +737,13 @@ def _axis(axis: int, rank: int, node: onnx.NodeProto) -> int:
 
 # ================================================================== conversion: driver ==
 
-def graph_from_onnx(model: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def graph_from_onnx(model: onnx.ModelProto, *, verify: bool = True
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The slimline graph IR of a model `check_onnx` accepted and its tensors (module weights
     as `<module>.weight` ..., plus every IR tensor). `Rejected` (422) for what cannot be
-    converted, naming the node."""
+    converted, naming the node. With `verify`, the converted module must reproduce
+    onnxruntime on the same file (`verify_with_onnxruntime`)."""
+    original = model
     _check_ops(model.graph)
     _check_signature(model.graph)
     inp = graph_inputs(model.graph)[0]
@@ -752,6 +761,8 @@ def graph_from_onnx(model: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, t
     for t in model.graph.initializer:
         conv.raw_consts[t.name] = t
     for node in model.graph.node:
+        if node.op_type == "Identity" and node.input and node.output:
+            conv.aliases[node.output[0]] = node.input[0]
         if node.op_type == "Constant" and node.output:
             value = _constant_attr(node)
             if value is not None:
@@ -779,6 +790,8 @@ def graph_from_onnx(model: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, t
                if k.rsplit(".", 1)[0] in ir["modules"] or k in ir["tensors"]}
     if baked is not None:
         verify_batch(ir, tensors, baked)
+    if verify:
+        verify_with_onnxruntime(original, ir, tensors)
     return ir, tensors
 
 
@@ -1198,6 +1211,43 @@ def verify_batch(ir: dict[str, Any], tensors: dict[str, torch.Tensor], batch: in
     if not isinstance(out, torch.Tensor) or out.shape[:1] != (other,) or not all(
             torch.allclose(out[s:s + batch], ref, rtol=1e-4, atol=1e-5) for s, ref in chunks):
         raise _invalid(fix)
+
+
+def verify_with_onnxruntime(model: onnx.ModelProto, ir: dict[str, Any],
+                            tensors: dict[str, torch.Tensor], *, tolerance: float = 1e-2
+                            ) -> None:
+    """The converted module must give onnxruntime's output on the same file for a random
+    input (the file's batch size, or 2), within `tolerance` of the output's scale; a converter
+    that got an op wrong is refused here rather than trained on. A file onnxruntime cannot run
+    is not judged (its conversion stands)."""
+    _, dims = _value_type(graph_inputs(model.graph)[0])
+    batch = dims[0] if dims and isinstance(dims[0], int) else 2
+    x = torch.randn(batch, *ir["input"]["shape"], generator=torch.Generator().manual_seed(1))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        want = np.asarray(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors have no common base
+        if isinstance(exc, MemoryError) or "alloc" in str(exc).lower():
+            raise MemoryError(str(exc)) from None
+        return
+    with torch.no_grad():
+        got = build_module(ir, tensors)(x).numpy()
+    finite = np.isfinite(want)
+    scale = max(1.0, float(np.abs(want[finite]).max())) if finite.any() else 1.0
+    if got.shape != want.shape or not np.array_equal(finite, np.isfinite(got)) \
+            or float(np.abs(got[finite] - want[finite]).max(initial=0.0)) > tolerance * scale:
+        diff = (float(np.abs(got[finite] - want[finite]).max(initial=0.0))
+                if got.shape == want.shape else math.inf)
+        raise _invalid(f"the converted graph does not reproduce onnxruntime on this file "
+                       f"(outputs {list(got.shape)} vs {list(want.shape)}, largest difference "
+                       f"{diff:.3g} at output scale {scale:.3g}); this is a gap in slimline's "
+                       "ONNX import: upload the model as a torch.export .pt2 file instead, "
+                       "and report it")
 
 
 def build_module(ir: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.nn.Module:

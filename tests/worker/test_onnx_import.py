@@ -394,6 +394,23 @@ def test_conv_bias_add_and_asymmetric_pads(tmp_path: Path) -> None:
     assert bn["eps"] == 1e-3 and bn["momentum"] == pytest.approx(0.2)
 
 
+def test_a_wrong_conversion_is_caught_by_onnxruntime(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The intake runs the file in onnxruntime and refuses a converted module that differs
+    (here a Sigmoid converter that is off by a constant)."""
+    import worker.onnx_import as onnx_import
+
+    def off_by_one(conv: Any, node: Any, inputs: list[Any]) -> Any:
+        return conv.call("aten.add.Tensor", conv.call("aten.sigmoid.default", inputs[0]), 1.0)
+
+    path = _save(_case_matmul_add()[0], tmp_path / "m.onnx")
+    graph_from_onnx(check_onnx(path, max_bytes=MAX))  # the real converter passes
+    monkeypatch.setitem(onnx_import.CONVERTERS, "Sigmoid", off_by_one)
+    _refused(path, 422, "does not reproduce onnxruntime", ".pt2")
+    ir, _ = graph_from_onnx(check_onnx(path, max_bytes=MAX), verify=False)
+    assert "aten.add.Tensor" in canonical(ir)
+
+
 def test_model_local_functions_are_inlined(tmp_path: Path) -> None:
     fn = helper.make_function("local", "Act", ["a"], ["b"],
                               [helper.make_node("Relu", ["a"], ["r"]),
