@@ -216,3 +216,65 @@ def pt2_zip_bomb(path: Path, inflated_bytes: int = 2 * 1024**3) -> int:
         ("model/data/weights/model_weights_config.json", json.dumps(config).encode(), 0),
         ("model/data/constants/model_constants_config.json", b'{"config": {}}', 0),
         ("model/data/weights/weight_0", b"", inflated_bytes // 4 * 4)])
+
+
+# ---- hostile / unsupported ONNX files ----
+
+def _onnx_linear(inputs: list[object], nodes: list[object], initializers: list[object],
+                 path: Path, opset: int = 18) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    graph = helper.make_graph(nodes, "g", inputs, [out], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
+def onnx_external_data(path: Path, location: str) -> Path:
+    """A small linear ONNX model whose weight 'W' lives in an external file at `location`
+    (relative to the upload; e.g. '../../etc/passwd')."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    weight = helper.make_tensor("W", TensorProto.FLOAT, [3, 4], [0.0] * 12)
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "48")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    node = helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1)
+    return _onnx_linear([x], [node], [weight], path)
+
+
+def onnx_custom_op(path: Path) -> Path:
+    """A linear ONNX model followed by an op of a custom domain (`com.example.Scramble`)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    weight = numpy_helper.from_array(np.ones((3, 4), np.float32), "W")
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
+             helper.make_node("Scramble", ["h"], ["logits"], domain="com.example")]
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    graph = helper.make_graph(nodes, "g", [x], [out], initializer=[weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.example", 1)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
+def onnx_integer_input(path: Path) -> Path:
+    """An ONNX model whose only input is int64 (token ids): no floating input."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])
+    weight = numpy_helper.from_array(np.ones((3, 4), np.float32), "W")
+    nodes = [helper.make_node("Cast", ["ids"], ["xf"], to=TensorProto.FLOAT),
+             helper.make_node("Gemm", ["xf", "W"], ["logits"], transB=1)]
+    return _onnx_linear([x], nodes, [weight], path)
