@@ -58,6 +58,10 @@ from core.pcn import PCNConv2d, PCNLinear
 # unit count is the width (it is pruned with another group) or a fixed count; per: input entries
 # per unit (a flattened conv map: h*w).
 Segment = tuple[str, tuple[str | int, ...], int]
+# a literal size in a shape argument that counts a group's units (an ONNX Flatten imported as
+# reshape(x, [-1, 64])): (node, argument index, entry or -1 for the argument itself, entries per
+# unit); `core.pcn_graph.prune_units` lowers it by the removed units x entries per unit
+Literal = tuple[str, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class UnitGroup:
     on both sides (BatchNorm2d, depthwise Conv2d); `segments` the readers/channel-wise layers
     that read the units at an offset of a wider input (a concatenation) as
     `(layer, before, per)` — `before` the widths of the segments in front, each a layer whose
-    current unit count is the width, or a fixed count."""
+    current unit count is the width, or a fixed count; `literals` the graph's literal sizes
+    that count the units (`Literal`), lowered when units go."""
 
     name: str
     producers: tuple[str, ...]
@@ -76,6 +81,7 @@ class UnitGroup:
     readers: tuple[tuple[str, ...], ...]
     channelwise: tuple[str, ...] = ()
     segments: tuple[Segment, ...] = ()
+    literals: tuple[Literal, ...] = ()
 
     @property
     def reader_layers(self) -> tuple[str, ...]:
@@ -314,6 +320,7 @@ class _Walk:
         self.reasons: dict[int, list[str]] = {}
         self.readers: list[tuple[int, str, fx.Node, tuple[str | int, ...] | None, int]] = []
         self.channelwise: list[tuple[int, str, tuple[str | int, ...] | None, int]] = []
+        self.literals: list[tuple[int, Literal]] = []
         self.untouched: dict[str, str] = {}
         calls: dict[str, int] = {}
         for node in model.graph.nodes:
@@ -593,7 +600,28 @@ class _Walk:
                 continue
             b, merge = mapped
             out[b] = _Flow(flow.segs, flow.per * merge)
+            if _base_name(node, self.modules) == "unflatten":
+                dim = _arg(node, 1, "dim")
+                sizes = _arg(node, 2, "sizes")
+                if isinstance(dim, int) and isinstance(sizes, (list, tuple)) and \
+                        0 <= b - dim % len(s_in) < len(sizes):
+                    self.literal(node, 2, b - dim % len(s_in), out[b])
+            elif node.op == "call_method" and len(node.args) > 2:  # x.view(-1, 64)
+                self.literal(node, 1 + b, -1, out[b])
+            elif len(node.args) > 1:
+                self.literal(node, 1, b, out[b])
         return out
+
+    def literal(self, node: fx.Node, index: int, entry: int, flow: _Flow) -> None:
+        """Record a literal size (not -1) at `node.args[index][entry]` (entry -1: the argument
+        itself) that counts the units of `flow`, so pruning can lower it."""
+        value = node.args[index] if index < len(node.args) else None
+        if entry >= 0:
+            value = value[entry] if isinstance(value, (list, tuple)) and \
+                entry < len(value) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value != -1:
+            for pid in flow.pids():
+                self.literals.append((pid, (node.name, index, entry, flow.per)))
 
     def permute(self, node: fx.Node, label: str) -> Flows:
         inp = node.args[0]
@@ -796,11 +824,16 @@ class _Walk:
             return self.unknown(node, label)
         shift = len(s_out) - len(s_in)
         out: Flows = {}
+        name = _base_name(node, self.modules)
         for a, f in self.flows(inp).items():
             if s_out[a + shift] != s_in[a]:
                 self.block([f], f"{label} ({node.name!r}) repeats its units")
             else:
                 out[a + shift] = f
+                if name == "expand" and node.op == "call_method" and len(node.args) > 2:
+                    self.literal(node, 1 + a + shift, -1, f)
+                elif name == "expand":
+                    self.literal(node, 1, a + shift, f)
         return out
 
     def repeat(self, node: fx.Node, label: str) -> Flows:
@@ -931,9 +964,11 @@ class _Walk:
                 channelwise.append(layer)
                 if before is not None:
                     segments.append((layer, before, per))
+        literals = tuple(dict.fromkeys(lit for pid, lit in self.literals if pid in mine))
         return UnitGroup(name=producers[0], producers=tuple(producers), norms=tuple(norms),
                          readers=tuple(tuple(t) for t in tensors.values()),
-                         channelwise=tuple(channelwise), segments=tuple(segments))
+                         channelwise=tuple(channelwise), segments=tuple(segments),
+                         literals=literals)
 
 
 def _nodes_in(args: Any) -> Iterator[fx.Node]:
@@ -1001,5 +1036,5 @@ def graph_untouched(model: nn.Module) -> dict[str, str]:
     return {**{name: reason for name, (_, reason) in deps.blocked.items()}, **deps.untouched}
 
 
-__all__ = ["GraphDeps", "Segment", "UnitGroup", "graph_deps", "graph_input_shape",
+__all__ = ["GraphDeps", "Literal", "Segment", "UnitGroup", "graph_deps", "graph_input_shape",
            "graph_unit_groups", "graph_untouched", "is_graph_model", "op_label"]

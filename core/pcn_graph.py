@@ -30,7 +30,7 @@ import itertools
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from core.errors import SpecError
 from core.graph_deps import UnitGroup, graph_unit_groups, graph_untouched, is_graph_model
@@ -290,3 +290,25 @@ def prune_units(model: nn.Module, group: UnitGroup, keep: torch.Tensor) -> None:
     for reader in group.reader_layers:
         rows = layer_rows(model, group, reader, keep, units)
         set_layer(model, reader, _slice_input(get_layer(model, reader), rows))
+    if group.literals:
+        _lower_literals(model, group, units - int(keep.numel()))
+
+
+def _lower_literals(model: nn.Module, group: UnitGroup, removed: int) -> None:
+    """Lower the graph's literal sizes that count the group's units (`UnitGroup.literals`)."""
+    if not isinstance(model, fx.GraphModule):
+        raise SpecError(f"group {group.name!r} rewrites graph literals; the model is no graph")
+    nodes = {n.name: n for n in model.graph.nodes}
+    for name, index, entry, per in group.literals:
+        node = nodes.get(name)
+        if node is None or index >= len(node.args):
+            raise SpecError(f"group {group.name!r}: graph node {name!r} is gone")
+        args = list(node.args)
+        if entry < 0:
+            args[index] = int(args[index]) - removed * per
+        else:
+            sizes = list(args[index])
+            sizes[entry] = int(sizes[entry]) - removed * per
+            args[index] = sizes
+        node.args = tuple(args)
+    model.recompile()

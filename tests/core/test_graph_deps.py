@@ -259,6 +259,30 @@ def test_channel_prune_shrinks_runs_and_replays(name: str, ratio: float, tmp_pat
     torch.testing.assert_close(full(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_onnx_imports_prune_like_pt2_ones(tmp_path) -> None:
+    """The ONNX converter writes a Flatten as reshape(x, [-1, C]): the literal C is lowered
+    with the units (and again when the edit replays)."""
+    pytest.importorskip("onnx")
+    import onnx
+
+    from tests.import_models import export_onnx
+    from worker.onnx_import import graph_from_onnx
+    original, pt2 = imported("resnet18")
+    path = export_onnx(original, tmp_path / "m.onnx", example_input(2, SHAPE))
+    model = import_graph(*graph_from_onnx(onnx.load(str(path))))
+    assert list(unit_groups(model)) == list(unit_groups(pt2))
+    assert unit_groups(model)["layer4.0.conv2"].literals  # reshape(x, [-1, 32])
+    x = _x()
+    keep, removed = _every_other(model)
+    pruned = copy.deepcopy(model)
+    for g, group in unit_groups(pruned).items():
+        prune_units(pruned, group, keep[g])
+    torch.testing.assert_close(pruned(x), _reference(model, removed)(x), rtol=1e-5, atol=1e-5)
+    new, _ = channel_prune(model, ChannelPruneConfig(target={"param_ratio": 0.6}))
+    save(new, tmp_path / "m.safetensors")
+    torch.testing.assert_close(load(tmp_path / "m.safetensors")(x), new(x), rtol=0, atol=0)
+
+
 def test_channel_prune_cuts_masks_through_concatenations(concat_net: nn.Module) -> None:
     gen = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(m.weight.shape, generator=gen) > 0.3
