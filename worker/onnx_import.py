@@ -547,7 +547,7 @@ class Converter:
                            "imported graph cannot hold; export the model in float32")
         name = self.owner_name([_dotted_name(const.name)], "const")
         dtype = _NP_DTYPES[np.dtype(array.dtype)]
-        trainable = const.weight and dtype == "float32"
+        trainable = const.weight and dtype == "float32" and array.size > 1  # not a threshold
         self.tensor_specs[name] = {"shape": list(array.shape), "dtype": dtype,
                                    "trainable": trainable}
         self.tensors[name] = _torch(array)
@@ -1392,7 +1392,8 @@ def _prelu(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]) ->
     if slope.size != 1 and sorted(slope.shape, reverse=True)[1:] != [1] * (slope.ndim - 1):
         raise _invalid(f"{_what(node)}: a slope of shape {list(slope.shape)} is not per "
                        "channel; slimline supports one slope or one per channel")
-    weight = Const(flat.astype(np.float32), node.input[1], weight=True)
+    name = node.input[1] if slope.ndim == 1 else f"{node.input[1]}_per_channel"
+    weight = Const(flat.astype(np.float32), name, weight=True)
     return conv.call("aten.prelu.default", x, conv.attr(weight), _dims=x.dims)
 
 
@@ -2148,12 +2149,52 @@ def _const_only(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None
     raise _invalid(f"{_what(node)} is supported on constant inputs only; {_STATIC_HINT}")
 
 
+# ONNX comparison -> (aten op against a number, aten op between tensors, the op with the
+# operands swapped, negate the tensor-tensor result)
+_COMPARE = {"Greater": ("gt", "gt", "Less", False), "Less": ("lt", "lt", "Greater", False),
+            "GreaterOrEqual": ("ge", "lt", "LessOrEqual", True),
+            "LessOrEqual": ("le", "gt", "GreaterOrEqual", True),
+            "Equal": ("eq", "eq", "Equal", False)}
+
+
+def _compare(conv: Converter, node: onnx.NodeProto, op: str, a: Value | None,
+             b: Value | None) -> Value:
+    """A comparison of run-time tensors (masks of decomposed activations and attention)."""
+    scalar_op, tensor_op, swapped, negate = _COMPARE[op]
+    sa, sb = _scalar(a), _scalar(b)
+    if isinstance(a, Act) and sb is not None and _fits(b, a):
+        return Act(conv.call(f"aten.{scalar_op}.Scalar", a, sb).node, a.dims, "bool")
+    if isinstance(b, Act) and sa is not None and _fits(a, b):
+        return _compare(conv, node, swapped, b, a)
+    ta, tb = conv.tensor(a, _what(node)), conv.tensor(b, _what(node))
+    dims = _broadcast(ta.dims, tb.dims)
+    out = conv.call(f"aten.{tensor_op}.Tensor", ta, tb, _dims=dims)
+    if negate:
+        out = conv.call("aten.logical_not.default", out, _dims=dims)
+    return Act(out.node, dims, "bool")
+
+
+@converter("Greater", "Less", "GreaterOrEqual", "LessOrEqual")
+def _comparison(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]) -> Value:
+    if any(isinstance(v, ShapeVal) for v in inputs):
+        raise _invalid(f"{_what(node)}: compares a size known only at run time; "
+                       f"{_STATIC_HINT}")
+    return _compare(conv, node, node.op_type, inputs[0], inputs[1])
+
+
+@converter("Not", "And", "Or")
+def _logical(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]) -> Value:
+    ts = [conv.tensor(v, _what(node)) for v in inputs]
+    op = {"Not": "logical_not", "And": "logical_and", "Or": "logical_or"}[node.op_type]
+    out = conv.call(f"aten.{op}.default", *ts, _dims=_broadcast(*(t.dims for t in ts)))
+    return Act(out.node, out.dims, "bool")
+
+
 @converter("Equal", fold=True)
 def _equal(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]) -> Value:
     a, b = inputs[0], inputs[1]
-    if not all(isinstance(v, (ShapeVal, Const)) for v in (a, b)):
-        raise _invalid(f"{_what(node)}: a comparison of tensors computed at run time is not "
-                       "supported")
+    if any(isinstance(v, Act) for v in (a, b)):
+        return _compare(conv, node, "Equal", a, b)
     xs, ys = _items(a, node, "first input"), _items(b, node, "second input")
     if len(xs) == 1:
         xs = xs * len(ys)
@@ -2252,3 +2293,86 @@ def _attention(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]
     return conv.call("aten.scaled_dot_product_attention.default", q, k, v, attn_mask, 0.0,
                      bool(a.get("is_causal", 0)), _dims=(*q.dims[:3], v.dims[3]),  # type: ignore[index]
                      **kwargs)
+
+
+@converter("Einsum")
+def _einsum(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]) -> Value:
+    equation = str(_attrs(node)["equation"])
+    operands = [conv.tensor(v, _what(node)) for v in inputs]
+    return conv.call("aten.einsum.default", equation, operands)
+
+
+@converter("InstanceNormalization", "GroupNormalization")
+def _group_norm(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]) -> Value:
+    """InstanceNormalization (per channel) and GroupNormalization as `aten.group_norm` with
+    per-channel scale and bias tensors."""
+    a = _attrs(node)
+    x = conv.tensor(inputs[0], _what(node))
+    dims = conv.dims(x, _what(node))
+    channels = dims[1] if len(dims) >= 3 else None
+    if channels is None:
+        raise _invalid(f"{_what(node)}: needs a (N, C, ...) input with a fixed channel count")
+    groups = channels if node.op_type == "InstanceNormalization" else int(a["num_groups"])
+    if groups <= 0 or channels % groups:
+        raise _invalid(f"{_what(node)}: {channels} channels do not split into {groups} groups")
+    params = []
+    for value, what in ((inputs[1], "scale"), (inputs[2], "bias")):
+        array = _need_const(value, node, what).astype(np.float32).reshape(-1)
+        name = node.input[1] if what == "scale" else node.input[2]
+        if array.size == groups and groups != channels:  # opset 18: one per group
+            array, name = np.repeat(array, channels // groups), f"{name}_per_channel"
+        if array.size != channels:
+            raise _invalid(f"{_what(node)}: its {what} has {array.size} values for "
+                           f"{channels} channels")
+        params.append(conv.attr(Const(array, name, weight=True)))
+    eps = _f32(a.get("epsilon", 1e-5))
+    return conv.call("aten.group_norm.default", x, groups, params[0], params[1], eps, False,
+                     _dims=dims)
+
+
+@converter("Resize")
+def _resize(conv: Converter, node: onnx.NodeProto, inputs: list[Value | None]) -> Value:
+    """2-d nearest (PyTorch's: asymmetric coordinates, floor) and bilinear (half_pixel or
+    align_corners) resizing by constant scales or sizes."""
+    a = _attrs(node)
+    x = conv.tensor(inputs[0], _what(node))
+    dims = conv.dims(x, _what(node))
+    if len(dims) != 4:
+        raise _invalid(f"{_what(node)}: only 2-d (N, C, H, W) resizing is supported")
+    mode = a.get("mode", "nearest")
+    coords = a.get("coordinate_transformation_mode", "half_pixel")
+    if a.get("axes") is not None or int(a.get("antialias", 0)):
+        raise _invalid(f"{_what(node)}: axes / antialias are not supported")
+    scales = inputs[2] if len(inputs) > 2 else None
+    sizes = inputs[3] if len(inputs) > 3 else None
+    factors: list[float] | None = None
+    size: list[Item] | None = None
+    if scales is not None and not (isinstance(scales, Const) and scales.array.size == 0):
+        values = [float(v) for v in _need_const(scales, node, "scales").reshape(-1)]
+        if len(values) != 4 or values[:2] != [1.0, 1.0]:
+            raise _invalid(f"{_what(node)}: scales {values} resize more than H and W")
+        factors = values[2:]
+    elif sizes is not None:
+        items = _items(sizes, node, "sizes")
+        if len(items) != 4 or not all(isinstance(i, int) for i in items[2:]) \
+                or items[1] != dims[1] or isinstance(items[0], int) and items[0] != dims[0]:
+            raise _invalid(f"{_what(node)}: sizes {items} are not the input's batch and "
+                           "channels and a fixed 2-d size")
+        size = items[2:]
+    else:
+        raise _invalid(f"{_what(node)}: neither scales nor sizes are given")
+    out_hw = (size if size is not None else
+              [None if d is None else int(math.floor(d * f))
+               for d, f in zip(dims[2:], factors or [], strict=True)])
+    out_dims = (dims[0], dims[1], *(d if isinstance(d, int) else None for d in out_hw))
+    if mode == "nearest":
+        if coords != "asymmetric" or a.get("nearest_mode", "round_prefer_floor") != "floor":
+            raise _invalid(f"{_what(node)}: nearest resizing with {coords} coordinates is "
+                           "not supported (PyTorch's nearest: asymmetric, floor)")
+        return conv.call("aten.upsample_nearest2d.vec", x, size, factors, _dims=out_dims)
+    if mode == "linear" and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        align = coords == "align_corners"
+        return conv.call("aten.upsample_bilinear2d.vec", x, size, align, factors,
+                         _dims=out_dims)
+    raise _invalid(f"{_what(node)}: {mode} resizing with {coords} coordinates is not "
+                   "supported")

@@ -352,9 +352,33 @@ def _case_attention() -> tuple[onnx.ModelProto, list[int], dict[str, str]]:
     return _graph_model(nodes, inits, ["N", 6, 4], opset=23), [6, 4], {}
 
 
+def _case_misc() -> tuple[onnx.ModelProto, list[int], dict[str, str]]:
+    """Resizing (PyTorch's nearest, bilinear), instance and group norms, einsum, a
+    softplus-style threshold mask (Greater + Where, as the dynamo exporter writes it)."""
+    nodes = [
+        helper.make_node("Resize", ["x", "", "sc"], ["up"], mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("InstanceNormalization", ["up", "in_s", "in_b"], ["inn"]),
+        helper.make_node("Shape", ["inn"], ["shp"], end=2),  # (N, C) then the new H, W
+        helper.make_node("Concat", ["shp", "hw"], ["sz"], axis=0),
+        helper.make_node("Resize", ["inn", "", "", "sz"], ["bl"], mode="linear",
+                         coordinate_transformation_mode="half_pixel"),
+        helper.make_node("GroupNormalization", ["bl", "gn_s", "gn_b"], ["gn"], num_groups=2,
+                         epsilon=1e-4),
+        helper.make_node("Greater", ["gn", "thr"], ["mask"]),
+        helper.make_node("Exp", ["gn"], ["ex"]),
+        helper.make_node("Where", ["mask", "gn", "ex"], ["wh"]),
+        helper.make_node("Einsum", ["wh", "ew"], ["y"], equation="bchw,wk->bk")]
+    inits = {"sc": np.array([1, 1, 2, 2], np.float32), "in_s": _w(4) + 1, "in_b": _w(4, seed=1),
+             "hw": _i(7, 9), "gn_s": _w(4, seed=2) + 1, "gn_b": _w(4, seed=3),
+             "thr": np.array(0.5, np.float32), "ew": _w(9, 3, seed=4)}
+    return _graph_model(nodes, inits, ["N", 4, 3, 3], opset=21), [4, 3, 3], {}
+
+
 CASES = {"gemm": _case_gemm, "matmul_add": _case_matmul_add, "conv_pools": _case_conv_pools,
          "activations": _case_activations, "shapes": _case_shapes,
-         "layernorm_gelu": _case_layernorm_gelu, "attention": _case_attention}
+         "layernorm_gelu": _case_layernorm_gelu, "attention": _case_attention,
+         "misc": _case_misc}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
