@@ -283,6 +283,9 @@ def _shapes(model: fx.GraphModule) -> dict[fx.Node, Any]:
         model.eval()
         with torch.no_grad():
             recorder.run(x)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise SpecError(f"the graph does not run on a zero input of shape {list(x.shape)}, "
+                        f"so its unit groups cannot be found: {exc}") from None
     finally:
         model.train(was_training)
     return recorder.shapes
@@ -369,10 +372,16 @@ class _Walk:
             elif node.op == "output":
                 self.block(self.all_flows(node.args),
                            "the graph output (logits) carries its units")
-            elif node.op == "call_module":
-                self.state[node] = self.call_module(node)
             else:
-                self.state[node] = self.call_op(node)
+                try:
+                    self.state[node] = self.call_module(node) if node.op == "call_module" \
+                        else self.call_op(node)
+                except (AttributeError, IndexError, KeyError, TypeError, ValueError,
+                        ZeroDivisionError) as exc:  # arguments a handler did not expect
+                    if isinstance(exc, SpecError):
+                        raise
+                    self.state[node] = self.unknown(node, f"{op_label(node)} (arguments not "
+                                                          f"understood: {exc})")
 
     def call_module(self, node: fx.Node) -> Any:
         name = str(node.target)
