@@ -1,5 +1,6 @@
 """The `slimline` command line: run the stack (`up`, `api`, `worker`, `db upgrade`), manage keys,
-and talk to a running API (`submit`, `status`, `download`); `demo` runs the whole flow locally.
+and talk to a running API (`upload`, `import`, `submit`, `status`, `download`); `demo` runs the
+whole flow locally.
 
 The HTTP helpers are in cli/client.py, the process helpers in cli/processes.py, the demo in
 cli/demo.py. Heavy imports (torch, celery, uvicorn, the API app) happen inside the commands that
@@ -26,7 +27,9 @@ from cli.client import (
     fail,
     fetch_model,
     print_outcome,
+    report_summary,
     request,
+    upload_model,
     watch_job,
 )
 from cli.processes import (
@@ -173,6 +176,114 @@ def keys_create(name: Annotated[str, typer.Option(help="A label for the key.")],
 
 
 # ---- talking to the API ----
+
+InputShape = Annotated[str | None, typer.Option(
+    "--input-shape", help="The input's shape without the batch dimension, e.g. 3,32,32.")]
+Layout = Annotated[str | None, typer.Option(help="Input layout: NCHW, NHWC or flat.")]
+Mean = Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.5,0.5,0.5.")]
+Std = Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.25,0.25,0.25.")]
+NumClasses = Annotated[int | None, typer.Option(
+    "--num-classes", min=1, help="Number of classes (must match the model's output).")]
+Name = Annotated[str | None, typer.Option(help="A name for the model (default: the file's).")]
+
+
+def _preprocessing_fields(input_shape: str | None, layout: str | None, mean: str | None,
+                          std: str | None, num_classes: int | None) -> dict[str, str]:
+    return {"input_shape": input_shape or "", "layout": layout or "", "mean": mean or "",
+            "std": std or "", "num_classes": "" if num_classes is None else str(num_classes)}
+
+
+def _print_uploaded(model: dict) -> None:
+    params = model.get("params") or {}
+    typer.echo(f"uploaded model {model['id']} ({model['name']}, {model['format']}, arch "
+               f"{model['arch'].get('name')}, {params.get('total', 0):,} params)", err=True)
+    for line in report_summary(model.get("report")):
+        typer.echo(line, err=True)
+    typer.echo(model["id"])
+
+
+@app.command()
+def upload(file: Annotated[Path, typer.Argument(
+               help=".safetensors, .pt/.pth state dict, .pt2 (torch.export.save) or .onnx.")],
+           name: Name = None,
+           arch: Annotated[str | None, typer.Option(
+               help='Architecture JSON for a state dict without one, e.g. {"name": "lenet300"}.'
+           )] = None,
+           input_shape: InputShape = None, layout: Layout = None, mean: Mean = None,
+           std: Std = None, num_classes: NumClasses = None,
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Upload a model; prints a short prunability summary, then its id as the last line."""
+    if not file.is_file():
+        raise fail(f"{file} does not exist", 2)
+    fields = {"name": name or "", "arch": arch or "",
+              **_preprocessing_fields(input_shape, layout, mean, std, num_classes)}
+    with client(url, key) as http:
+        model = upload_model(http, file, fields)
+    _print_uploaded(model)
+
+
+@app.command("import")
+def import_model(
+        target: Annotated[str, typer.Argument(
+            metavar="MODULE:FACTORY",
+            help="Your model's factory, e.g. mypkg.models:build_net (a function returning an "
+                 "nn.Module, or the nn.Module class); imported here, on your machine.")],
+        input_shape: Annotated[str, typer.Option(
+            "--input-shape", help="The input's shape without the batch dimension, e.g. "
+                                  "3,32,32.")],
+        weights: Annotated[Path | None, typer.Option(
+            help="A state dict to load (.pt/.pth read with weights_only=True, or "
+                 ".safetensors).")] = None,
+        factory_args: Annotated[str | None, typer.Option(
+            "--factory-args", help='JSON: keyword arguments ({"num_classes": 10}) or a list of '
+                                   "positional ones.")] = None,
+        layout: Layout = None, mean: Mean = None, std: Std = None,
+        num_classes: NumClasses = None, name: Name = None,
+        save: Annotated[Path | None, typer.Option(
+            help="Also keep the exported .pt2 at this path.")] = None,
+        url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Build your model from your own code, export it with torch.export (dynamic batch) and
+    upload the .pt2; prints a short prunability summary, then the model id as the last line.
+    Your code runs only here: the service receives the exported graph and weights."""
+    import tempfile
+
+    from cli.local_export import (
+        ImportFailure,
+        build_model,
+        export_program,
+        load_weights,
+        resolve_factory,
+        save_program,
+    )
+
+    try:
+        shape = [int(d) for d in input_shape.split(",")]
+        if not shape or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        raise fail(f"--input-shape {input_shape!r} is not comma-separated positive integers, "
+                   "e.g. 3,32,32", 2) from None
+    try:
+        model = build_model(resolve_factory(target), factory_args)
+        if weights is not None:
+            load_weights(model, weights)
+        program, dynamic = export_program(model, shape)
+    except ImportFailure as exc:
+        raise fail(str(exc)) from None
+    if not dynamic:
+        typer.echo("torch.export could not keep the batch dimension dynamic; exported with a "
+                   "static batch (the service rewrites it where it can prove it)", err=True)
+    fields = {"name": name or target.split(":")[-1].split(".")[-1],
+              **_preprocessing_fields(input_shape, layout, mean, std, num_classes)}
+    with tempfile.TemporaryDirectory(prefix="slimline-import-") as tmp:
+        path = save_program(program, Path(tmp) / "model.pt2")
+        if save is not None:
+            save.write_bytes(path.read_bytes())
+            typer.echo(f"wrote {save}", err=True)
+        with client(url, key) as http:
+            uploaded = upload_model(http, path, fields)
+    _print_uploaded(uploaded)
+
 
 @app.command()
 def submit(spec: Annotated[str, typer.Argument(help="JobSpec JSON file, or - for stdin.")],

@@ -135,3 +135,58 @@ def _retry_after(response: Any) -> float | None:
         return min(MAX_RETRY_WAIT_S, max(0.0, float(response.headers["retry-after"])))
     except (KeyError, ValueError):
         return None
+
+
+# ---- uploads (slimline upload / slimline import) ----
+
+# the API validates an upload in a subprocess (and may wait for a slot): allow for both
+UPLOAD_READ_TIMEOUT_S = 600.0
+
+
+def upload_model(http: Any, path: Path, fields: dict[str, str]) -> dict[str, Any]:
+    """POST /v1/models with `path` as the file and the non-empty `fields`; returns the Model.
+    An answer 503 with Retry-After (every inspector slot busy) is retried a few times."""
+    import httpx
+
+    data = {k: v for k, v in fields.items() if v}
+    timeout = httpx.Timeout(60.0, read=UPLOAD_READ_TIMEOUT_S)
+    for attempt in range(OVERLOADED_RETRIES + 1):
+        with open(path, "rb") as f:
+            response = request(http.post, "/v1/models", data=data,
+                               files={"file": (path.name, f)}, timeout=timeout)
+        wait = _retry_after(response)
+        if wait is None or attempt == OVERLOADED_RETRIES:
+            break
+        typer.echo(f"the API is busy; retrying in {wait:g} s", err=True)
+        time.sleep(wait)
+    model: dict[str, Any] = checked(response)
+    return model
+
+
+def report_summary(report: dict[str, Any] | None, limit: int = 6) -> list[str]:
+    """A few lines about a model's prunability report: sizes, coupled groups, how many layers
+    each method can touch, and the first things left untouched (with the reason)."""
+    if not report:
+        return ["prunability: no report for this model"]
+    totals = report.get("totals") or {}
+    layers = report.get("layers") or []
+    lines = [f"prunability: {len(layers)} layers, {totals.get('params', 0):,} params, "
+             f"{totals.get('macs', 0):,} MACs; {len(report.get('groups') or [])} coupled "
+             f"channel groups, {len(report.get('untouched_groups') or [])} left untouched"]
+    counts: dict[str, int] = {}
+    for layer in layers:
+        for method in layer.get("methods") or []:
+            counts[method] = counts.get(method, 0) + 1
+    if counts:
+        lines.append("  methods (layers they apply to): " + ", ".join(
+            f"{method} {n}/{len(layers)}" for method, n in counts.items()))
+    untouched = [f"{layer['name']} ({method}): {reason}" for layer in layers
+                 for method, reason in (layer.get("untouched") or {}).items()]
+    untouched += [f"group {group.get('name')}: {group.get('reason')}"
+                  for group in report.get("untouched_groups") or []]
+    for line in untouched[:limit]:
+        lines.append(f"  untouched: {line}")
+    if len(untouched) > limit:
+        lines.append(f"  ... {len(untouched) - limit} more untouched (GET /v1/models/<id> has "
+                     "the full report)")
+    return lines
