@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from core import models as zoo
+from core.prunability import prunability_report
 from service import states
 from service.artifacts import add_artifact, artifact_key, put_files
 from service.db import session_scope
@@ -53,6 +54,7 @@ def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectSt
     retried while the database is unreachable. Returns the job's final status."""
     model_path = workdir / "model.safetensors"
     zoo.save(outcome.model, model_path)
+    prunability = output_report(outcome.model)
     result = json_safe(outcome.result)
     result["after"]["checkpoint_bytes"] = model_path.stat().st_size
 
@@ -70,7 +72,7 @@ def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectSt
                                name=outcome.model_name[:200], arch=zoo.model_arch(outcome.model),
                                fmt="safetensors", params=result["after"]["params"],
                                path=model_path, source_job_id=job_id, model_id=model_id,
-                               stored=True)
+                               stored=True, report=prunability)
         result["model_id"] = model.id
         # the model artifact is the Model's own object (one copy in the store)
         session.add(Artifact(job_id=job_id, name="model.safetensors", kind="model",
@@ -90,6 +92,17 @@ def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectSt
 
     return retry_while_unavailable(commit, tolerance_s=settings.db_outage_tolerance_s,
                                    what=f"job {job_id}: storing the result")
+
+
+def output_report(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The output model's prunability report (what each method can still do to it), computed
+    before the final transaction; a failure leaves the model without one (never fails the
+    job)."""
+    try:
+        return json_safe(prunability_report(model))
+    except Exception:  # the report is informative only
+        log.warning("no prunability report for the output model", exc_info=True)
+        return None
 
 
 def end_attempt(job_id: str, attempt: int, settings: Settings, status: str,
