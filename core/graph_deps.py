@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from core.applies import conv_kind
 from core.errors import SpecError
 from core.layers import as_layer
 from core.pcn import PCNConv2d, PCNLinear
@@ -411,11 +412,10 @@ class _Walk:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             if module.groups == module.in_channels == module.out_channels:
                 return self.channelwise_layer(name, flows, in_shape, "depthwise conv")
-            reason = (f"grouped conv {name!r} (groups={module.groups}) reads its units in "
-                      "groups")
-            self.untouched[name] = (f"grouped conv (groups={module.groups}, "
-                                    f"{module.in_channels} -> {module.out_channels} channels): "
-                                    "its units are not pruned")
+            kind = conv_kind(module)
+            reason = f"{kind} {name!r} reads its units in groups"
+            self.untouched[name] = (f"{kind}, {module.in_channels} -> {module.out_channels} "
+                                    "channels: its units are not pruned")
             self.block(flows.values(), reason)
             return {}
         if isinstance(module, _PRODUCERS):
