@@ -166,7 +166,7 @@ def test_concatenation_segments_grouped_conv_and_gate(concat_net: nn.Module) -> 
     assert deps.groups["d"].producers == ("d", "se2")  # the gate multiplies d's units
     assert deps.groups["d"].segment("fc") == ((), 49)
     assert deps.groups["e"].segment("fc") == (("d",), 49)
-    assert "grouped conv 'g'" in deps.blocked["c"][1]
+    assert "grouped conv (groups=2) 'g'" in deps.blocked["c"][1]
     assert "groups=2" in deps.untouched["g"]
     assert set(deps.groups) == {"a", "b", "d", "se1", "e"}
 
