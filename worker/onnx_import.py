@@ -930,15 +930,29 @@ def _evaluate(node: onnx.NodeProto, arrays: list[np.ndarray | None], opset: int,
     outs = [f"out{i}" for i in range(len(node.output))]
     single = helper.make_node(node.op_type, names, outs)
     single.attribute.extend(node.attribute)
+    # small integer inputs (shapes, axes, pads, sizes) are initializers, so shape inference
+    # sees their values and the output's size is known before anything is computed
+    small = {n: a for n, a in zip(names, arrays, strict=True)
+             if a is not None and a.dtype.kind in "iu" and a.size <= 1024}
+    feeds = {n: a for n, a in zip(names, arrays, strict=True) if a is not None and n not in small}
     graph = helper.make_graph(
         [single], "fold",
         [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-         for n, a in zip(names, arrays, strict=True) if a is not None],
-        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs])
+         for n, a in feeds.items()],
+        [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outs],
+        initializer=[numpy_helper.from_array(a, n) for n, a in small.items()])
     fold_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     try:
-        results = onnx.reference.ReferenceEvaluator(fold_model).run(
-            None, {n: a for n, a in zip(names, arrays, strict=True) if a is not None})
+        inferred = onnx.shape_inference.infer_shapes(fold_model, data_prop=True)
+        for value in inferred.graph.output:
+            _, dims = _value_type(value)
+            if dims is not None and all(isinstance(d, int) for d in dims) \
+                    and math.prod(dims) > MAX_FOLD_ELEMENTS:  # type: ignore[arg-type]
+                raise too_big(math.prod(dims))  # type: ignore[arg-type]
+    except onnx.shape_inference.InferenceError:
+        pass  # the evaluator reports what is wrong with the inputs
+    try:
+        results = onnx.reference.ReferenceEvaluator(fold_model).run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - whatever the reference op raises on bad input
         if isinstance(exc, MemoryError):
             raise

@@ -594,6 +594,17 @@ def test_constant_bomb_is_refused(tmp_path: Path) -> None:
     _refused(_save(model, tmp_path / "bomb.onnx"), 422, "ConstantOfShape", "elements")
 
 
+def test_broadcast_bomb_of_constants_is_refused(tmp_path: Path) -> None:
+    """Two constant vectors whose sum broadcasts to 2^40 elements: refused from the inferred
+    output shape, before numpy allocates it."""
+    nodes = [helper.make_node("Add", ["col", "row"], ["big"]),
+             helper.make_node("ReduceMax", ["big"], ["m"], keepdims=0),
+             helper.make_node("Mul", ["x", "m"], ["y"])]
+    inits = {"col": np.zeros((1 << 20, 1), np.float32), "row": np.zeros((1, 1 << 20), np.float32)}
+    _refused(_save(_graph_model(nodes, inits, ["N", 4]), tmp_path / "b.onnx"), 422,
+             "Add", "elements")
+
+
 def test_training_mode_and_unsupported_attributes_are_refused(tmp_path: Path) -> None:
     model = _graph_model([helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"])],
                          {"s": _i(-1), "e": _i(-100), "a": _i(1), "st": _i(-1)}, ["N", 4])
