@@ -461,6 +461,8 @@ class Converter:
     absorbed: set[int] = field(default_factory=set)  # id() of nodes another converter did
     raw_consts: dict[str, onnx.TensorProto] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)  # Identity: output -> input
+    origin: dict[str, str] = field(default_factory=dict)  # IR node -> the ONNX node it is from
+    current: str = ""  # the ONNX node being converted
 
     # ---- names ----
     def node_name(self, base: str) -> str:
@@ -516,6 +518,7 @@ class Converter:
             raise _invalid(f"the converter needs op {op}, which this server does not allow; "
                            "report it with the model")
         name = self.node_name(base or op.split(".")[1])
+        self.origin[name] = self.current
         self.nodes.append({"name": name, "op": op, "args": [_enc(a) for a in args],
                            "kwargs": {k: _enc(v) for k, v in kwargs.items()}})
         return Act(name, None if _dims is None else tuple(_dims))
@@ -527,6 +530,7 @@ class Converter:
         for key, value in state.items():
             self.tensors[f"{target}.{key}"] = _torch(value)
         name = self.node_name(target.replace(".", "_"))
+        self.origin[name] = self.current
         self.nodes.append({"name": name, "op": "module", "target": target,
                            "args": [_enc(x)], "kwargs": {}})
         return Act(name, None if dims is None else tuple(dims))
@@ -789,7 +793,7 @@ def graph_from_onnx(model: onnx.ModelProto, *, verify: bool = True
     tensors = {k: v for k, v in conv.tensors.items()
                if k.rsplit(".", 1)[0] in ir["modules"] or k in ir["tensors"]}
     if baked is not None:
-        verify_batch(ir, tensors, baked)
+        verify_batch(ir, tensors, baked, conv.origin)
     if verify:
         verify_with_onnxruntime(original, ir, tensors)
     return ir, tensors
@@ -859,6 +863,7 @@ def _infer_shapes(model: onnx.ModelProto
 
 
 def _convert_node(conv: Converter, node: onnx.NodeProto) -> None:
+    conv.current = _what(node)
     fn = CONVERTERS.get(node.op_type)
     if fn is None:
         raise _invalid(f"ONNX op {node.op_type} is not supported ({_what(node)})")
@@ -1205,26 +1210,43 @@ class _BatchRewriter:
         return concat
 
 
-def verify_batch(ir: dict[str, Any], tensors: dict[str, torch.Tensor], batch: int) -> None:
+class _Tracing(torch.fx.Interpreter):
+    """Runs a GraphModule remembering the node in progress (to name the one that fails)."""
+
+    current = ""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.current = n.name
+        return super().run_node(n)
+
+
+def verify_batch(ir: dict[str, Any], tensors: dict[str, torch.Tensor], batch: int,
+                 origin: dict[str, str] | None = None) -> None:
     """The converted module of a file exported with batch size `batch` must give each sample
-    the same output at batch `batch` and at another size; else a clear refusal."""
-    fix = (f"the graph has its batch size ({batch}) baked into it; re-export with a dynamic "
-           "batch: torch.onnx.export(model, (x,), path, input_names=['x'], "
-           "dynamic_axes={'x': {0: 'batch'}}) (or dynamo=True with dynamic_shapes)")
+    the same output at batch `batch` and at another size; else a clear refusal naming the
+    ONNX node that fails (`origin`: IR node -> ONNX node)."""
+    def fix(where: str) -> str:
+        return (f"the graph has its batch size ({batch}) baked into {where}; re-export with a "
+                "dynamic batch: torch.onnx.export(model, (x,), path, input_names=['x'], "
+                "dynamic_axes={'x': {0: 'batch'}}) (or dynamo=True with dynamic_shapes)")
+
     module = build_module(ir, tensors)
     other = 2 * batch + 1  # every sample is also run in a batch of the export size
     x = torch.randn(other, *ir["input"]["shape"], generator=torch.Generator().manual_seed(0))
+    tracer = _Tracing(module)
     try:
         with torch.no_grad():
-            out = module(x)
+            out = tracer.run(x)
             chunks = [(s, module(x[s:s + batch])) for s in (0, batch, batch + 1)]
     except Exception as exc:  # noqa: BLE001 - any shape error means the batch is baked in
         if isinstance(exc, MemoryError):
             raise
-        raise _invalid(f"{fix} (at batch {other}: {_clip(str(exc), 200)})") from None
+        where = (origin or {}).get(tracer.current) or f"node {tracer.current!r}"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise _invalid(f"{fix(where)} (at batch {other}: {_clip(first, 200)})") from None
     if not isinstance(out, torch.Tensor) or out.shape[:1] != (other,) or not all(
             torch.allclose(out[s:s + batch], ref, rtol=1e-4, atol=1e-5) for s, ref in chunks):
-        raise _invalid(fix)
+        raise _invalid(fix("it (each sample's output depends on the batch)"))
 
 
 def verify_with_onnxruntime(model: onnx.ModelProto, ir: dict[str, Any],
