@@ -196,13 +196,14 @@ def export_pt2(model: nn.Module, path: str | Path, example: torch.Tensor | None 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None,
                 *, dynamo: bool = True, opset: int = 18) -> Path:
     """`torch.onnx.export` with a dynamic batch dimension, by the dynamo exporter (default) or
-    the TorchScript one (`dynamo=False`)."""
+    the TorchScript one (`dynamo=False`); the weights inside the one file (the dynamo exporter
+    writes them to a separate `.data` file unless `external_data=False`)."""
     x = example_input() if example is None else example
     if dynamo:
         torch.onnx.export(model.eval(), (x,), str(path), dynamo=True, opset_version=opset,
                           input_names=["x"], output_names=["logits"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-                          verbose=False)
+                          external_data=False, verbose=False)
     else:
         torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=opset,
                           input_names=["x"], output_names=["logits"],
