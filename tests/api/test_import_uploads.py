@@ -248,3 +248,26 @@ def test_pt2_over_the_size_cap_is_413(real_client, settings, files, tmp_path):
     r = upload(real_client, tmp_path / "big.pt2")
     assert r.status_code == 413 and "SLIMLINE_MAX_DATASET_BYTES" in r.json()["detail"], r.text
     assert_nothing_left(real_client, settings)
+
+
+def test_inspector_runs_with_weights_only_loads_forced(client, monkeypatch):
+    """api.inspect_client starts the inspector with TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 and without
+    a TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD the API's environment may have."""
+    import asyncio
+
+    from tests.api.conftest import safetensors_bytes
+
+    seen: dict[str, str] = {}
+    real = asyncio.create_subprocess_exec
+
+    async def spy(*args, env=None, **kwargs):
+        seen.update(env or {})
+        return await real(*args, env=env, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spy)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    r = client.post("/v1/models", files={"file": ("m.safetensors", safetensors_bytes())},
+                    data={"arch": '{"name": "lenet300"}'})
+    assert r.status_code == 201, r.text
+    assert seen["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in seen
