@@ -34,7 +34,7 @@ from core.dctps_layer import (
 )
 from core.edits import register_edit
 from core.errors import SpecError
-from core.surgery import get_layer, prunable_layers, set_layer, with_edit
+from core.surgery import get_layer, plain_layers, set_layer, with_edit
 
 __all__ = [
     "ALLOCATIONS",
@@ -181,10 +181,8 @@ def dctps_transform(model: nn.Module, density: float, allocation: str = "epl",
     `{shape, weights, nnz, density}` and the totals (seed 002 Fig. A.2).
     """
     alpha = check_alpha(alpha)
-    if layers is None:
-        names = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
-    else:
-        names = list(dict.fromkeys(layers))
+    # every plain layer (never a low-rank layer's factors), or the given ones
+    names = [n for n, _ in plain_layers(model)] if layers is None else list(dict.fromkeys(layers))
     if not names:
         raise SpecError("dctps: no Linear/Conv2d layers to transform")
     found = {n: get_layer(model, n) for n in names}

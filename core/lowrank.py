@@ -74,7 +74,7 @@ from core.lowrank_scores import (
     output_scores_naive,
     select_ranks,
 )
-from core.surgery import get_layer, prunable_layers, set_layer, with_edit
+from core.surgery import get_layer, plain_layers, set_layer, with_edit
 
 
 def lowrank_transform(model: nn.Module, plan: dict[str, dict[str, Any]]
@@ -108,16 +108,16 @@ def lowrank_transform(model: nn.Module, plan: dict[str, dict[str, Any]]
 def lowrank_untouched(model: nn.Module) -> dict[str, str]:
     """{layer: reason} of the model's Linear/Conv2d layers lowrank cannot factor
     (`lowrank_applies`: depthwise/grouped convs); "all" leaves them out."""
-    return {n: reason for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
-            and (reason := lowrank_applies(n, m)) is not None}
+    return {n: reason for n, m in plain_layers(model)
+            if (reason := lowrank_applies(n, m)) is not None}
 
 
 def lowrank_layers(model: nn.Module, layers: str | list[str] = "all") -> list[str]:
-    """"all" = every Linear / dense Conv2d in forward order (`lowrank_untouched` left out),
-    else the names (checked: SpecError naming the reason or the valid layers)."""
+    """"all" = every Linear / dense Conv2d in forward order (`core.surgery.plain_layers`: not
+    a factor of a low-rank layer; `lowrank_untouched` left out), else the names (checked:
+    SpecError naming the reason or the valid layers)."""
     untouched = lowrank_untouched(model)
-    plain = [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
-             and n not in untouched]
+    plain = [n for n, _ in plain_layers(model) if n not in untouched]
     chosen = plain if layers == "all" else list(dict.fromkeys(layers))
     refused = {n: untouched[n] for n in chosen if n in untouched}
     if refused:

@@ -23,7 +23,7 @@ from core.edits import register_edit
 from core.errors import SpecError
 from core.layers import ConvDims, LinearDims, as_layer, conv_macs, linear_macs
 from core.pca import LayerStats, effective_dimensionality
-from core.surgery import get_layer, prunable_layers, set_layer, with_edit
+from core.surgery import get_layer, plain_layers, set_layer, with_edit
 
 SELECTORS = ("threshold", "dims", "energy")
 
@@ -237,18 +237,18 @@ def _validate_select(select: Any, chosen: list[str]) -> None:
 def pcn_untouched(model: nn.Module) -> dict[str, str]:
     """{layer: reason} of the model's Linear/Conv2d layers the input transform cannot replace
     (`pcn_applies`: depthwise/grouped or dilated convs); "auto" leaves them out."""
-    return {n: reason for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))
-            and (reason := pcn_applies(n, m)) is not None}
+    return {n: reason for n, m in plain_layers(model)
+            if (reason := pcn_applies(n, m)) is not None}
 
 
 def resolve_layers(model: nn.Module, layers: list[str] | str,
                    auto: Callable[[list[str]], list[str]]) -> list[str]:
     """The layer names to transform: `auto(valid)` for "auto" (less the layers the transform
     cannot replace, `pcn_untouched`), else the given names, checked to be Linear/Conv2d layers
-    of `model` it can replace (SpecError naming the valid ones, or the reason, otherwise)."""
+    of `model` it can replace (SpecError naming the valid ones, or the reason, otherwise).
+    Valid layers are `core.surgery.plain_layers` (never a factor of a low-rank layer)."""
     untouched = pcn_untouched(model)
-    valid = [n for n, m in prunable_layers(model)
-             if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in untouched]
+    valid = [n for n, _ in plain_layers(model) if n not in untouched]
     if layers == "auto":
         chosen = [n for n in auto(valid) if n not in untouched]
     elif isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers):

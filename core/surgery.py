@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.errors import SpecError
-from core.layers import as_layer, probe
+from core.layers import as_layer, probe, weight_layers
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
@@ -74,6 +74,16 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     seen = dict.fromkeys(order)  # first call wins; keeps order
     by_name = dict(layers)
     return [(n, by_name[n]) for n in seen] + [(n, m) for n, m in layers if n not in seen]
+
+
+def plain_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The plain nn.Linear/nn.Conv2d layers of `prunable_layers` (forward order) that are not
+    part of another weight layer: a low-rank layer's factors belong to it, so the methods
+    that replace whole layers (lowrank, pcn, dctps) never pick them."""
+    inside = [name for name, _, _ in weight_layers(model)]
+    return [(n, m) for n, m in prunable_layers(model)
+            if isinstance(m, (nn.Linear, nn.Conv2d))
+            and not any(n.startswith(outer + ".") for outer in inside)]
 
 
 def with_edit(model: nn.Module, edit: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from core.dctps import DCTpSLayer
 from core.errors import Cancelled, SpecError
 from core.graph import is_graph_model
 from core.metrics import count_macs, param_counts
-from core.models import prunable_layers
+from core.surgery import plain_layers
 from core.train import evaluate
 from service import curves as job_curves
 from service.registry import MethodSpec
@@ -188,8 +188,9 @@ def dctps_layers(model: nn.Module) -> list[str]:
 
 
 def dense_layers(model: nn.Module) -> list[str]:
-    """Plain Linear/Conv2d layers in forward order (PCN layers are already transformed)."""
-    return [n for n, m in prunable_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """Plain Linear/Conv2d layers in forward order (`core.surgery.plain_layers`: PCN layers are
+    already transformed, a low-rank layer's factors are part of it)."""
+    return [n for n, _ in plain_layers(model)]
 
 
 def untouched_layers(model: nn.Module, op: str) -> dict[str, str]:
@@ -210,9 +211,9 @@ def chosen_layers(model: nn.Module, names: Any, field: str, op: str | None = Non
     from core.pcn_select import auto_layers
 
     untouched = untouched_layers(model, op) if op is not None else {}
-    if names in (None, "auto"):
-        return [n for n in auto_layers(model) if n not in untouched]
     plain = dense_layers(model)
+    if names in (None, "auto"):
+        return [n for n in auto_layers(model) if n in plain and n not in untouched]
     unknown = [n for n in names if n not in plain]
     if unknown:
         hint = ""

@@ -58,7 +58,7 @@ from core.spectra import (
 from core.train import evaluate
 from service.methods.analyze import AnalyzeStep
 from worker import analyze_plots  # noqa: F401  (registers the analyze step's plots)
-from worker.context import StepContext, dctps_layers, dense_layers
+from worker.context import StepContext, dctps_layers, dense_layers, untouched_layers
 from worker.registry import handler
 
 SPECTRUM_POINTS = 200  # grid points of the Marchenko–Pastur density kept per layer
@@ -329,7 +329,9 @@ def run_analyze(ctx: StepContext, step: AnalyzeStep) -> dict[str, Any]:
         ctx.reporter.progress(0.0, f"analyze: loading other_model {step.other_model}")
         other = dense_view(ctx.fetch_model(step.other_model))
     groups = set(unit_groups(model)) if "unit_pruning" in step.kinds else set()
-    plain = set(dense_layers(model))
+    # the weight analyses read dense matrices: grouped convs are skipped with the reason
+    refused = untouched_layers(model, "analyze")
+    plain = set(dense_layers(model)) - set(refused)
     scheme = _init_scheme(ctx, step)
     generator = torch.Generator().manual_seed(ctx.generator.initial_seed() + 1)
     run = Run(ctx, step, model, other, scheme, generator, Progress(ctx, len(step.kinds)))
@@ -347,7 +349,7 @@ def run_analyze(ctx: StepContext, step: AnalyzeStep) -> dict[str, Any]:
         usable = groups if analysis.on_groups else plain
         todo = [n for n in layers if n in usable]
         skipped = {n: ("not a unit group (the output layer's units are the classes)"
-                       if analysis.on_groups else "not a Linear/Conv2d layer")
+                       if analysis.on_groups else refused.get(n, "not a Linear/Conv2d layer"))
                    for n in layers if n not in usable}
         if not todo:
             valid = sorted(usable)

@@ -30,6 +30,7 @@ from worker.context import (
     config_from_spec,
     dense_layers,
     keep_valid_masks,
+    untouched_layers,
 )
 from worker.plots import DPI, plot
 from worker.registry import handler
@@ -42,7 +43,7 @@ def _layers(ctx: StepContext, step: DCTpSStep) -> list[str] | None:
             raise SpecError("dctps found no plain Linear/Conv2d layer to transform (are they "
                             "all DCTpS, PCN or low-rank layers already?)")
         return None
-    return chosen_layers(ctx.model, step.layers, "dctps layers")
+    return chosen_layers(ctx.model, step.layers, "dctps layers", op="dctps")
 
 
 def checkpoint_size(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> int:
@@ -59,6 +60,7 @@ def checkpoint_size(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> 
 def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
     ctx.reporter.progress(0.0, f"dctps: {step.allocation} allocation, density {step.density:g}")
     layers = _layers(ctx, step)
+    untouched = untouched_layers(ctx.model, "dctps")  # every Linear/Conv2d applies today
     dense_bytes = sum(layer_weight(ctx.model, n).numel()
                       * layer_weight(ctx.model, n).element_size()
                       for n in (layers or dense_layers(ctx.model)))
@@ -80,7 +82,7 @@ def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
                         "counted. S starts at zero, so nonzero grows only with training."),
         "val_accuracy": val,
         "checkpoint_bytes": checkpoint_size(ctx.model, ctx.masks),
-        "dense_weight_bytes": dense_bytes}
+        "dense_weight_bytes": dense_bytes, "untouched": untouched}
     if dropped_masks:
         details["masks_dropped"] = dropped_masks
     record = {"step": ctx.step_index, "global_epoch": ctx.global_epoch,

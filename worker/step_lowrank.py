@@ -3,7 +3,9 @@
 one global scale, the lowest-scoring ones dropped greedily until the parameter target
 (`param_ratio`) or the MAC target (`mac_ratio`: the chosen layers' MACs per sample) is met (or
 the given ranks are used), and each layer is materialised as a real factor pair
-(`core.lowrank`). Fine-tuning is a normal `train` step after it.
+(`core.lowrank`). Fine-tuning is a normal `train` step after it. Layers lowrank cannot
+factor (depthwise/grouped convs of an imported model) are left as they are and reported in
+`untouched` with the reason.
 """
 from __future__ import annotations
 
@@ -12,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from torch import nn
 
 from core.configs import LowRankConfig
 from core.errors import SpecError
 from core.lowrank import layer_positions, lowrank_plan, lowrank_transform
-from core.models import get_layer
 from core.train import evaluate
 from service.methods.lowrank import LowRankStep
 from worker.context import (
@@ -28,18 +28,20 @@ from worker.context import (
     dense_layers,
     keep_valid_masks,
     model_metrics,
+    untouched_layers,
 )
 from worker.plots import DPI, plot
 from worker.registry import handler
 
 
 def _layers(ctx: StepContext, step: LowRankStep) -> list[str]:
+    """"all" = every plain Linear/Conv2d lowrank can factor (depthwise/grouped convs are left
+    untouched and reported), else the checked names."""
     if step.layers == "all":
-        layers = [n for n in dense_layers(ctx.model)
-                  if not (isinstance(get_layer(ctx.model, n), nn.Conv2d)
-                          and get_layer(ctx.model, n).groups != 1)]
+        untouched = untouched_layers(ctx.model, "lowrank")
+        layers = [n for n in dense_layers(ctx.model) if n not in untouched]
     else:
-        layers = chosen_layers(ctx.model, step.layers, "lowrank layers")
+        layers = chosen_layers(ctx.model, step.layers, "lowrank layers", op="lowrank")
     if not layers:
         raise SpecError("lowrank found no plain Linear/Conv2d layer to factor")
     return layers
@@ -48,8 +50,9 @@ def _layers(ctx: StepContext, step: LowRankStep) -> list[str]:
 @handler(LowRankStep)
 def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
     layers = _layers(ctx, step)
+    untouched = untouched_layers(ctx.model, "lowrank")
     positions = layer_positions(ctx.model, layers, ctx.input_shape)
-    config = config_from_spec(LowRankConfig, step)
+    config = config_from_spec(LowRankConfig, step)  # core's "all" = the same `layers`
     start = time.perf_counter()
     inputs = None
     if step.target.ranks is None:
@@ -76,7 +79,7 @@ def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
         "weight_ratio": after / before if before else 1.0,
         "layer_macs_before": macs_before, "layer_macs_after": macs_after,
         "mac_ratio": macs_after / macs_before if macs_before else 1.0,
-        "scoring_wall_s": scoring_wall_s,
+        "scoring_wall_s": scoring_wall_s, "untouched": untouched,
         "after_cut": model_metrics(ctx.model, ctx.input_shape, ctx.splits.test, ctx.device)
         | {"val_accuracy": val},
         "val_accuracy": val}
@@ -92,12 +95,15 @@ def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
                                       "smaller by truncation alone")
     if dropped_masks:
         details["masks_dropped"] = dropped_masks
-    record = {"step": ctx.step_index, "global_epoch": ctx.global_epoch, "score": step.score,
-              "blocking": step.blocking,
-              "layers": {n: {"ranks": r["ranks"], "full_ranks": r["full_ranks"],
-                             "weight_params_before": r["weight_params_before"],
-                             "weight_params_after": r["weight_params_after"]}
-                         for n, r in report.items()}}
+    record: dict[str, Any] = {
+        "step": ctx.step_index, "global_epoch": ctx.global_epoch, "score": step.score,
+        "blocking": step.blocking,
+        "layers": {n: {"ranks": r["ranks"], "full_ranks": r["full_ranks"],
+                       "weight_params_before": r["weight_params_before"],
+                       "weight_params_after": r["weight_params_after"]}
+                   for n, r in report.items()}}
+    if untouched:  # layers lowrank cannot factor, with the reason
+        record["untouched"] = untouched
     ctx.emit("lowrank", record)
     return details
 

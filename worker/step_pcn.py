@@ -31,6 +31,7 @@ from worker.context import (
     config_from_spec,
     keep_valid_masks,
     model_metrics,
+    untouched_layers,
 )
 from worker.registry import handler, train_hook
 
@@ -40,7 +41,13 @@ PLATEAU_MIN_EPOCHS = 1
 
 def _chosen_layers(ctx: StepContext, step: PCNStep) -> list[str]:
     """The layers to transform, checked before any statistics are collected."""
-    layers = chosen_layers(ctx.model, step.layers, "pcn layers")
+    layers = chosen_layers(ctx.model, step.layers, "pcn layers", op="pcn")
+    if not layers:
+        untouched = untouched_layers(ctx.model, "pcn")
+        raise SpecError("pcn found no plain Linear/Conv2d layer to transform (layers that are "
+                        "already PCN, low-rank or DCTpS layers are not transformed again"
+                        + (f"; left untouched: {', '.join(untouched)}" if untouched else "")
+                        + "); run pcn before lowrank/dctps, or give its layers")
     extra = sorted(set(step.per_layer) - set(layers))
     if extra:
         raise SpecError(f"per_layer names layers that are not transformed: {extra}; "
@@ -103,6 +110,7 @@ def transform(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
     Replaces ctx.model; returns the pcn step's op-specific result."""
     ctx.reporter.progress(0.0, "pcn: collecting activation statistics")
     layers = _chosen_layers(ctx, step)
+    untouched = untouched_layers(ctx.model, "pcn")
     start = time.perf_counter()
     timings: dict[str, float] = {}
     config = config_from_spec(PCNConfig, step)
@@ -136,6 +144,7 @@ def transform(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
         "output": {group: {"units": r["units"], "keep": r["keep"], "kept": r["kept"]}
                    for group, r in report["output"].items()},
         "layer_selection": "auto" if step.layers == "auto" else "given",
+        "untouched": untouched,
         "samples": min(step.samples, len(ctx.splits.train)),
         "stats_wall_s": stats_wall_s, "surgery_wall_s": surgery_wall_s,
         # of stats_wall_s: the forward pass with accumulation, and the eigensolvers
@@ -160,6 +169,8 @@ def record_transform(ctx: StepContext, step_index: int, details: dict[str, Any])
             "fired_at_epoch": details.get("fired_at_epoch"),
             "layers": {n: r["dims"] for n, r in details["layers"].items()},
             "output": {g: r["keep"] for g, r in details["output"].items()}}
+    if details.get("untouched"):  # layers the transform cannot replace, with the reason
+        data["untouched"] = details["untouched"]
     ctx.emit("pcn", data)
 
 
