@@ -8,6 +8,14 @@ input_shape)` of the built model (tests/service/test_archcheck.py holds both sid
 compared with `max_model_params` / `max_model_macs`. A model too big is refused before anything
 is queued, so no worker ever allocates it.
 
+An imported model's arch `{"name": "graph", "graph": <sha256>, "input_shape", "num_classes",
+"init": "torch", "edits", ["preprocessing"]}` (what `GET /v1/models/{id}` shows for a .pt2/.onnx
+upload or a job's output on one) is checked for its form only (`check_graph_arch`): its size was
+checked when the graph was uploaded, and the submission checks that the tenant holds that graph
+(`service.submission`). Its layer names cannot be checked here (they are in the stored graph,
+not in the arch): the worker names the valid ones when a step names an unknown layer. Any arch
+may carry `preprocessing` (`{"layout", "mean", "std"}`, checked like core does).
+
 `edits` are kept as they are accepted today (a list of `{"op": <edit op>, ...}`; the worker
 replays them), and their details are checked by core when the model is built. The only edit
 that can make a model bigger than its architecture is `pcn_input` (a layer with m inputs gets
@@ -16,6 +24,7 @@ an m x dims basis, dims <= m): its size is added as an upper bound.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +58,15 @@ MAX_LAYERS = 64
 MAX_RESNET_DEPTH = 1202  # ResNet-1202, the deepest of He et al.
 MAX_RESNET_WIDTH = 1024.0
 MAX_EDITS = 4096
+# imported graphs (core.arch / core.graph; a test keeps them equal)
+GRAPH = "graph"
+GRAPH_KWARGS = ("graph", "input_shape", "num_classes", "init")
+GRAPH_INITS = ("torch",)
+MAX_INPUT_DIMS = 8
+MAX_INPUT_ELEMENTS = 1 << 31
+LAYOUTS = ("NCHW", "NHWC", "flat")
+MAX_PREPROCESSING_CHANNELS = 4096
+_SHA = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +248,70 @@ def _edits(value: Any, where: str, net: _Net) -> None:
                 net.macs += positions * m * dims
 
 
+def _preprocessing(value: Any, where: str) -> None:
+    """Torch-free mirror of `core.arch.normalize_preprocessing`."""
+    if not isinstance(value, dict):
+        raise _bad(where, f'must be an object {{"layout", "mean", "std"}}, got {_show(value)}')
+    unknown = sorted(str(k) for k in set(value) - {"layout", "mean", "std"})
+    if unknown:
+        raise _bad(f"{where}.{unknown[0]}", "unknown key; valid keys: layout, mean, std")
+    _choice(value.get("layout", "NCHW"), f"{where}.layout", LAYOUTS)
+    lengths = {}
+    for key in ("mean", "std"):
+        values = value.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not 1 <= len(values) <= MAX_PREPROCESSING_CHANNELS \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) for v in values):
+            raise _bad(f"{where}.{key}", f"must be a list of 1..{MAX_PREPROCESSING_CHANNELS} "
+                                         f"finite numbers (one per channel) or null, got "
+                                         f"{_show(values)}")
+        if key == "std" and any(v <= 0 for v in values):
+            raise _bad(f"{where}.std", f"must be > 0, got {_show(values)}")
+        lengths[key] = len(values)
+    if len(set(lengths.values())) > 1:
+        raise _bad(where, f"mean ({lengths['mean']} values) and std ({lengths['std']} values) "
+                          "must have the same length")
+
+
+def check_graph_arch(arch: dict[str, Any], where: str = "model.arch") -> str:
+    """The form of an imported model's arch (like `core.arch.normalize_arch`); returns its
+    graph id. InvalidSpec (422) naming the field."""
+    unknown = sorted(str(k) for k in set(arch) - {"name", "edits", "preprocessing",
+                                                  *GRAPH_KWARGS})
+    if unknown:
+        raise _bad(f"{where}.{unknown[0]}", f"unknown kwarg for an imported graph (unknown: "
+                   f"{', '.join(unknown)}); valid kwargs: {', '.join(GRAPH_KWARGS)}, "
+                   "preprocessing")
+    missing = [k for k in ("graph", "input_shape", "num_classes") if k not in arch]
+    if missing:
+        raise _bad(where, f"an imported graph's arch needs {', '.join(missing)}; copy the arch "
+                          "of your imported model (GET /v1/models/{id}), or pass its model id")
+    graph = arch["graph"]
+    if not isinstance(graph, str) or not _SHA.fullmatch(graph):
+        raise _bad(f"{where}.graph", f"must be a graph id (64 lowercase hex digits), got "
+                                     f"{_show(graph)}")
+    shape = arch["input_shape"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_INPUT_DIMS:
+        raise _bad(f"{where}.input_shape", f"must be a list of 1..{MAX_INPUT_DIMS} positive "
+                                           f"integers (without the batch), got {_show(shape)}")
+    dims = [_int(v, f"{where}.input_shape[{i}]", 1, MAX_SIDE) for i, v in enumerate(shape)]
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise _bad(f"{where}.input_shape", f"{dims} has more than {MAX_INPUT_ELEMENTS:,} values")
+    _int(arch["num_classes"], f"{where}.num_classes", 1, MAX_CLASSES)
+    _choice(arch.get("init", "torch"), f"{where}.init", GRAPH_INITS)
+    if "preprocessing" in arch:
+        _preprocessing(arch["preprocessing"], f"{where}.preprocessing")
+    if "edits" in arch:
+        _edits(arch["edits"], f"{where}.edits", _Net())
+    return graph
+
+
+def is_graph_arch(arch: Any) -> bool:
+    return isinstance(arch, dict) and arch.get("name") == GRAPH
+
+
 def arch_size(arch: Any, where: str = "model.arch") -> ArchSize:
     """Check an architecture dict like `core.models.build` would (type and range of every
     kwarg, with `num_classes` >= 2), then count its parameters and MACs. InvalidSpec (422)
@@ -237,11 +319,15 @@ def arch_size(arch: Any, where: str = "model.arch") -> ArchSize:
     if not isinstance(arch, dict):
         raise _bad(where, f'must be an object like {{"name": "lenet300"}}, got {_show(arch)}')
     name = arch.get("name")
+    if name == GRAPH:
+        raise _bad(f"{where}.name", "an imported graph's size is known from the stored graph, "
+                                    "not from its arch (check_arch checks its form)")
     if not isinstance(name, str) or name not in ZOO_DEFAULTS:
         raise _bad(f"{where}.name", f"unknown architecture {_show(name)}; the zoo has: "
-                                    f"{', '.join(ZOO_NAMES)}")
+                                    f"{', '.join(ZOO_NAMES)} (and 'graph' for an imported model)")
     defaults = ZOO_DEFAULTS[name]
-    unknown = sorted(str(k) for k in set(arch) - set(defaults) - {"name", "edits"})
+    unknown = sorted(str(k) for k in set(arch) - set(defaults) - {"name", "edits",
+                                                                   "preprocessing"})
     if unknown:
         raise _bad(f"{where}.{unknown[0]}", f"unknown kwarg for architecture {name!r} "
                    f"(unknown: {', '.join(unknown)}); valid kwargs: {', '.join(sorted(defaults))}")
@@ -249,6 +335,8 @@ def arch_size(arch: Any, where: str = "model.arch") -> ArchSize:
     full["input_shape"] = _input_shape(full["input_shape"], f"{where}.input_shape")
     full["num_classes"] = _int(full["num_classes"], f"{where}.num_classes", 2, MAX_CLASSES)
     _choice(full["init"], f"{where}.init", INITS)
+    if "preprocessing" in arch:
+        _preprocessing(arch["preprocessing"], f"{where}.preprocessing")
     net = _Net()
     _BUILDERS[name](full, where, net)
     if "edits" in arch:
@@ -257,8 +345,12 @@ def arch_size(arch: Any, where: str = "model.arch") -> ArchSize:
 
 
 def check_arch(arch: Any, *, max_params: int, max_macs: int,
-               where: str = "model.arch") -> ArchSize:
-    """`arch_size`, then the size limits (SLIMLINE_MAX_MODEL_PARAMS / _MACS)."""
+               where: str = "model.arch") -> ArchSize | None:
+    """`arch_size`, then the size limits (SLIMLINE_MAX_MODEL_PARAMS / _MACS). An imported
+    graph's arch: its form only (`check_graph_arch`; None: its size was checked at upload)."""
+    if is_graph_arch(arch):
+        check_graph_arch(arch, where)
+        return None
     size = arch_size(arch, where)
     if size.params > max_params:
         raise _bad(where, f"the model has {size.params:,} parameters, the limit is "

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import queue
-from service.archcheck import check_arch
+from service.archcheck import check_arch, is_graph_arch
 from service.datasets import check_dataset_ref
 from service.db import after_commit, rows_changed, session_scope
 from service.errors import (
@@ -56,8 +56,10 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
         raise BadRequest("Idempotency-Key must be 1..200 printable characters")
     if spec.model_id is None:
         limits = settings or Settings.model_construct()
-        check_arch(spec.model.arch, max_params=limits.max_model_params,  # type: ignore[union-attr]
-                   max_macs=limits.max_model_macs)
+        arch = spec.model.arch  # type: ignore[union-attr]
+        check_arch(arch, max_params=limits.max_model_params, max_macs=limits.max_model_macs)
+        if is_graph_arch(arch):
+            check_graph_known(session, tenant_id, arch["graph"])
     else:
         check_model_fits_steps(get_model(session, tenant_id, spec.model_id), spec)
     for other in spec.other_model_ids:
@@ -121,6 +123,19 @@ def dispatch(job_id: str, job_queue: str, settings: Settings) -> bool:
         log.warning("could not mark job %s unsent (%s); the reconciler sends it after the "
                     "dispatch grace", job_id, type(err).__name__)
     return False
+
+
+def check_graph_known(session: Session, tenant_id: str, graph: str) -> None:
+    """An imported graph's arch builds only from a graph the tenant uploaded (stored once per
+    tenant, `service.model_registry.graph_key`): one of the tenant's models must be built on it
+    (422 naming `model.arch.graph` otherwise)."""
+    found = session.scalars(select(Model.id).where(
+        Model.tenant_id == tenant_id, Model.arch["name"].as_string() == "graph",
+        Model.arch["graph"].as_string() == graph).limit(1)).first()
+    if found is None:
+        raise InvalidSpec(f"model.arch.graph: none of your models is built on graph {graph}; "
+                          "upload the model (.pt2 or .onnx, POST /v1/models) and use its id, or "
+                          "the arch GET /v1/models/{id} shows for it")
 
 
 def check_model_fits_steps(model: Model, spec: JobSpec) -> None:

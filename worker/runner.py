@@ -16,6 +16,7 @@ up to `db_outage_tolerance_s`.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ from typing import Any
 import torch
 
 from core.errors import Cancelled, CheckpointError, DatasetError, ExportError, SpecError
+from core.graph import register_graph
 from core.models import model_arch, set_masks
 from service import states
 from service.db import session_scope
 from service.dbretry import is_unavailable, retry_while_unavailable
-from service.errors import SlimlineError
+from service.errors import NotFound, SlimlineError
+from service.model_registry import graph_key
 from service.orm import utcnow
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
@@ -142,6 +145,27 @@ def _resume(ctx: StepContext, checkpointer: Checkpointer, attempt: int
     return snapshot, entry
 
 
+def register_arch_graph(spec: JobSpec, tenant_id: str, store: ObjectStore, workdir: Path
+                        ) -> None:
+    """A fresh model of an imported graph's arch (`{"arch": {"name": "graph", "graph": sha,
+    ...}}`): fetch the tenant's stored graph (`service.model_registry.graph_key`) and register
+    it, so `core.models.build` finds it. SpecError when the tenant has no such graph."""
+    arch = None if spec.model_id is not None else spec.model.arch  # type: ignore[union-attr]
+    if not isinstance(arch, dict) or arch.get("name") != "graph":
+        return
+    sha = str(arch.get("graph"))
+    path = workdir / "graph.json"
+    try:
+        store.get_to_file(graph_key(tenant_id, sha), path)
+        ir = json.loads(path.read_text(encoding="utf-8"))
+    except (NotFound, ValueError, OSError) as exc:
+        raise SpecError(f"graph {sha} is not stored for you ({type(exc).__name__}); upload the "
+                        "model (.pt2 or .onnx) again and use its id") from None
+    if register_graph(ir) != sha:
+        raise SpecError(f"the stored graph {sha} does not hash to its id; upload the model "
+                        "again")
+
+
 def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
             reporter: JobReporter, workdir: Path) -> Outcome:
     """Everything between the claim and the final transaction."""
@@ -154,6 +178,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     device = resolve_device(spec.device)
     torch.manual_seed(spec.seed)
     reporter.progress(0.0, "loading model")
+    register_arch_graph(spec, tenant_id, store, workdir)
     source = load_input_model(spec, tenant_id, settings, store, workdir)
     reporter.progress(0.0, f"loading dataset {spec.dataset}")
     train_set, test_set = load_dataset(spec, tenant_id, settings, store, workdir,
