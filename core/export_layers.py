@@ -11,7 +11,8 @@ stores the result as one initializer):
   `-mu U`: exactly the padding correction of seed 000 App. D.
 * `LowRankLayer`: unchanged — its forward already applies every factor pair as two layers.
 * DCTpS "dense": a plain Linear/Conv2d with `alpha * D + S` (one GEMM/Conv, the dense model's
-  speed and bytes). DCTpS "implicit": `core.export_dctps` (D never stored).
+  speed and bytes). DCTpS "implicit": `core.export_dctps` (D never stored); a grouped conv
+  (an imported model's depthwise conv) stays in the dense form, said in its description.
 * Masked (pruned) and channel-pruned layers are plain Linear/Conv2d: dense weights, zeros kept.
 """
 from __future__ import annotations
@@ -95,6 +96,10 @@ def export_form(layer: nn.Module, dctps: str) -> tuple[nn.Module, str] | None:
         if dctps == "dense":
             return dense_dctps(layer), "dctps dense: one Gemm/Conv with alpha*D + S"
         if isinstance(layer, DCTpSConv2d):
+            if layer.groups != 1:  # the DFT of a patch mixes channels: dense conv only
+                return dense_dctps(layer), (f"dctps dense: one Conv with alpha*D + S (the "
+                                            f"implicit form needs groups=1, this conv has "
+                                            f"groups={layer.groups})")
             return ImplicitDCTConv2d(layer), "dctps implicit: patches + DFT (alpha*D) + Conv (S)"
         return ImplicitDCTLinear(layer), "dctps implicit: DFT (alpha*D) + Gemm (S)"
     if isinstance(layer, LowRankLayer):

@@ -336,3 +336,27 @@ def test_onnx_of_a_compressed_imported_model_equals_torch(name: str, tmp_path: P
     with torch.no_grad():
         want = model.eval()(x).numpy()
     assert np.abs(got - want).max() <= TOL * np.abs(want).max()
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "vit"])
+def test_implicit_dctps_onnx_equals_torch_grouped_convs_stay_dense(name: str,
+                                                                     tmp_path: Path) -> None:
+    model = imported(name)
+    dctps_transform(model, 0.2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # S as after training (it starts at zero)
+        for key, p in model.named_parameters():
+            if key.endswith("values"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "model.onnx"
+    record = export_onnx(model, SHAPE, path, dctps="implicit")
+    grouped = {n for n, m in model.named_modules()
+               if isinstance(m, DCTpSLayer) and getattr(m, "groups", 1) > 1}
+    assert (name == "mobilenetv2") == bool(grouped)
+    for layer, ops in record["layers"].items():
+        assert ops.startswith("dctps dense" if layer in grouped else "dctps implicit"), ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = batch(5)
+    got = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    assert np.abs(got - want).max() <= TOL * np.abs(want).max()
