@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from core.errors import SpecError
 from core.masks import prunable
@@ -78,10 +78,27 @@ def init_scaled_gaussian(model: nn.Module, gamma: float, generator: torch.Genera
     _reset_biases_and_norms(model)
 
 
+# an imported graph's activation ops -> the LDI gain they take (GELU/SiLU/ReLU6 behave as ReLU
+# around the edge of chaos' scale; sigmoid-like squashing as tanh)
+_GRAPH_ACTIVATIONS = {"relu": "relu", "relu_": "relu", "relu6": "relu", "hardtanh": "relu",
+                      "hardtanh_": "relu", "gelu": "relu", "silu": "relu", "silu_": "relu",
+                      "leaky_relu": "relu", "leaky_relu_": "relu", "elu": "relu",
+                      "hardswish": "relu", "hardswish_": "relu", "mish": "relu",
+                      "tanh": "tanh", "sigmoid": "tanh", "hardsigmoid": "tanh"}
+
+
 def activation_of(model: nn.Module) -> str:
     """The nonlinearity between layers: a zoo model's `activation` kwarg (zoo models other than
-    `mlp` use ReLU); otherwise the first Tanh/ReLU module found; otherwise "linear"."""
+    `mlp` use ReLU); an imported graph's first activation op (`_GRAPH_ACTIVATIONS`: ReLU-like
+    ones count as "relu", squashing ones as "tanh"); otherwise the first Tanh/ReLU module found;
+    otherwise "linear"."""
     arch = getattr(model, "slimline_arch", None)
+    if isinstance(model, fx.GraphModule):
+        for node in model.graph.nodes:
+            parts = str(node.target).split(".") if node.op == "call_function" else []
+            if len(parts) == 3 and parts[0] == "aten" and parts[1] in _GRAPH_ACTIVATIONS:
+                return _GRAPH_ACTIVATIONS[parts[1]]
+        return "linear"
     if arch is not None:
         return str(arch.get("activation", "relu"))
     for module in model.modules():

@@ -11,6 +11,7 @@ live weight.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -123,20 +124,29 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
         details["orthogonality_score"] = orthogonality_score(ctx.model, masks)
     details["jacobian"] = {"dense": jacobian_dense, "pruned": _jacobian(ctx)}
     first_name, first = prunable(ctx.model)[0]
-    heatmap = retained_input_heatmap(masks[first_name].cpu(), ctx.input_shape)
     record = {"step": ctx.step_index, "op": step.op, "sparsity": step.sparsity,
               "scope": step.scope, "global_epoch": ctx.global_epoch,
               "layers": {n: {"kept": int(r["kept"]), "total": int(r["total"]),
                              "fraction": float(r["fraction"])} for n, r in report.items()},
               "collapsed": collapsed, "jacobian": details["jacobian"],
-              "first_layer": first_name,
-              "heatmap_of": "inputs" if isinstance(first, nn.Linear) else "kernel taps",
-              "heatmap": [[round(float(v), 5) for v in row] for row in
-                          (input_map(heatmap, ctx.layout) if isinstance(first, nn.Linear)
-                           else heatmap.mean(0))]}
+              "first_layer": first_name} | _heatmap(ctx, first, masks[first_name])
     ctx.emit("pruning", record)
     del first
     return details
+
+
+def _heatmap(ctx: StepContext, first: nn.Module, mask: torch.Tensor) -> dict[str, Any]:
+    """The first layer's retained inputs (a Linear reading the flattened input) or kernel taps
+    (a conv); none when its first Linear reads something else (an imported model that embeds
+    patches or tokens before its first Linear)."""
+    if isinstance(first, nn.Linear) and mask.shape[1] != math.prod(ctx.input_shape):
+        return {"heatmap_of": "none: the first layer does not read the input itself",
+                "heatmap": None}
+    heatmap = retained_input_heatmap(mask.cpu(), ctx.input_shape)
+    linear = isinstance(first, nn.Linear)
+    return {"heatmap_of": "inputs" if linear else "kernel taps",
+            "heatmap": [[round(float(v), 5) for v in row] for row in
+                        (input_map(heatmap, ctx.layout) if linear else heatmap.mean(0))]}
 
 
 @plot("pruning.png")
@@ -165,6 +175,11 @@ def pruning_plot(curves: dict[str, Any], path: Path) -> bool:
                       f"{jac['pruned']['mean']:.3g} (pruned)")
         bars.set_title(title, fontsize="medium")
         bars.grid(alpha=0.3, axis="y")
+        if rec.get("heatmap") is None:
+            heat.axis("off")
+            heat.set_title(f"{rec['first_layer']}: no retained-input map "
+                           f"({rec.get('heatmap_of', '')})", fontsize="small")
+            continue
         image = heat.imshow(rec["heatmap"], cmap="viridis", vmin=0)
         heat.set_title(f"{rec['first_layer']}: retained {rec.get('heatmap_of', 'inputs')}",
                        fontsize="small")

@@ -41,7 +41,7 @@ from core.pca import collect_input_stats
 from core.pcn import PCNConv2d, PCNLinear, pcn_untouched
 from core.pcn_output import apply_pcn, chosen_layers, plan_pcn
 from core.prune import apply_masks, linearise_activations, prune_masks, synflow_masks
-from core.sigprop import jacobian_singular_values
+from core.sigprop import activation_of, init_ldi, jacobian_singular_values
 from core.spectra import elbow_accuracy, spectrum
 from core.surgery import get_layer, prunable_layers
 from core.tail import TailRunner
@@ -360,3 +360,33 @@ def test_implicit_dctps_onnx_equals_torch_grouped_convs_stay_dense(name: str,
     with torch.no_grad():
         want = model.eval()(x).numpy()
     assert np.abs(got - want).max() <= TOL * np.abs(want).max()
+
+
+class TanhPatches(nn.Module):
+    """An MLP over 16 rows of 49 pixels: its first Linear does not read the flattened input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(49, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(x.shape[0], 16, 49)
+        return self.head(torch.tanh(self.embed(rows)).mean(1))
+
+
+def import_module(module: nn.Module) -> nn.Module:
+    program = torch.export.export(
+        module.eval(), (example_input(),),
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+    return cm.import_graph(*graph_from_program(program))
+
+
+def test_ldi_takes_the_gain_of_an_imported_graphs_activation() -> None:
+    assert activation_of(imported("mobilenetv2")) == "relu"  # ReLU6 (aten.hardtanh)
+    assert activation_of(imported("vit")) == "relu"  # GELU
+    torch.manual_seed(0)
+    patches = import_module(TanhPatches())
+    assert activation_of(patches) == "tanh"
+    init_ldi(patches, torch.Generator().manual_seed(0))
+    w = get_layer(patches, "head").weight  # (10, 16): orthonormal rows, tanh gain 1
+    torch.testing.assert_close(w @ w.T, torch.eye(10), atol=1e-5, rtol=0)

@@ -23,7 +23,7 @@ from service.db import session_scope
 from service.errors import InvalidSpec
 from service.model_registry import register_model, store_graph
 from service.orm import Artifact, JobEvent
-from tests.core.test_imported_methods import imported
+from tests.core.test_imported_methods import TanhPatches, import_module, imported
 from tests.worker.conftest import get_job, run_ok, stored_model_path
 from worker import runner
 
@@ -180,3 +180,25 @@ def test_a_job_on_an_imported_graph_arch_builds_it_from_the_tenants_stored_graph
     assert result["steps"][0]["epochs"] == 1
     out = cm.load(stored_model_path(settings, store, tmp_path, result["model_id"]))
     assert out.slimline_arch["graph"] == sha and model_id != result["model_id"]
+
+
+def test_snip_on_a_model_whose_first_linear_does_not_read_the_input(settings, store, submit,
+                                                                     tenant_id, tmp_path):
+    model = import_module(TanhPatches())
+    path = tmp_path / "patches.safetensors"
+    cm.save(model, path)
+    with session_scope(settings) as session:
+        model_id = register_model(session, store, tenant_id=tenant_id, name="patches",
+                                  arch=model.slimline_arch, fmt="safetensors",
+                                  params={"total": 0, "trainable": 0, "nonzero": 0},
+                                  path=path).id
+    job_id, result = run_ok(settings, submit, job(model_id, [
+        {"op": "snip", "sparsity": 0.5, "batch_size": 32, "init": "ldi"}]))
+    assert result["steps"][0]["kept"] == round(0.5 * result["steps"][0]["prunable"])
+    (record,) = events(settings, job_id, "pruning")
+    assert record["first_layer"] == "embed" and record["heatmap"] is None
+    assert record["heatmap_of"].startswith("none")
+    with session_scope(settings) as session:
+        names = {a.name for a in session.scalars(
+            select(Artifact).where(Artifact.job_id == job_id)).all()}
+    assert "pruning.png" in names
