@@ -24,7 +24,7 @@ from core.configs import LowRankConfig, PruneConfig
 from core.data import ArrayDataset, Splits, synthetic
 from core.dctps import DCTpSLayer, dctps_transform
 from core.errors import SpecError
-from core.export import export_onnx
+from core.export import export_onnx, export_pt2
 from core.import_pt2 import graph_from_program
 from core.lowrank import (
     LowRankLayer,
@@ -390,3 +390,29 @@ def test_ldi_takes_the_gain_of_an_imported_graphs_activation() -> None:
     init_ldi(patches, torch.Generator().manual_seed(0))
     w = get_layer(patches, "head").weight  # (10, 16): orthonormal rows, tanh gain 1
     torch.testing.assert_close(w @ w.T, torch.eye(10), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("blocking", ["alds", "square"])
+def test_blocked_full_rank_lowrank_of_vit_linears_on_tokens(blocking: str) -> None:
+    # a ViT's Linears read (N, tokens, features): blocks slice and concatenate the last dim
+    model = imported("vit")
+    layers = [n for n in lowrank_layers(model) if isinstance(get_layer(model, n), nn.Linear)]
+    plan = {n: {"blocking": blocking, "ranks": full_ranks(get_layer(model, n), blocking)}
+            for n in layers}
+    assert any(len(p["ranks"]) > 1 for p in plan.values())
+    new, _ = lowrank_transform(model, plan)
+    x = batch()
+    with torch.no_grad():
+        assert close(new(x), model(x)) < TOL
+
+
+def test_pt2_of_a_compressed_imported_model_runs_without_slimline(tmp_path: Path) -> None:
+    model = imported("resnet18")
+    config = LowRankConfig.from_dict({"target": {"param_ratio": 0.5}, "score": "magnitude"})
+    model, _ = lowrank_transform(model, lowrank_plan(model, config, input_shape=SHAPE))
+    path = tmp_path / "model.pt2"
+    export_pt2(model, SHAPE, path)
+    program = torch.export.load(str(path))
+    x = batch(3)
+    with torch.no_grad():
+        assert close(program.module()(x), model.eval()(x)) < TOL
