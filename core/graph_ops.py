@@ -68,7 +68,7 @@ ATEN_OPS: tuple[str, ...] = (
     # dtype changes (device/layout/memory_format arguments are dropped by the importers)
     "_to_copy.default", "to.dtype", "type_as.default",
     # identities
-    "alias.default", "detach.default", "lift_fresh_copy.default",
+    "alias.default", "detach.default", "detach_.default", "lift_fresh_copy.default",
 )
 
 # Python operators torch.export emits for symbolic sizes and multi-output ops

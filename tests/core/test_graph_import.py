@@ -483,3 +483,22 @@ def test_op_names() -> None:
     assert op_name(torch.ops.aten.sin.default) == "aten.sin.default"
     assert ALLOWED_OPS["aten.conv2d.default"] is torch.ops.aten.conv2d.default
     assert "aten.zeros.default" not in ALLOWED_OPS  # constructors take a device: left out
+
+
+def test_a_tensor_literal_in_forward_imports():
+    """`torch.tensor([...])` inside forward exports as lift_fresh_copy + detach_ on a constant."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1) * torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+    model = Scaled().eval()
+    x = torch.randn(2, 1, 2, 2)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    imported = cm.import_graph(*graph_from_program(program))
+    y = torch.randn(5, 1, 2, 2)
+    torch.testing.assert_close(imported(y), model(y))
