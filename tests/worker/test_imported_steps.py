@@ -202,3 +202,33 @@ def test_snip_on_a_model_whose_first_linear_does_not_read_the_input(settings, st
         names = {a.name for a in session.scalars(
             select(Artifact).where(Artifact.job_id == job_id)).all()}
     assert "pruning.png" in names
+
+
+def test_a_job_on_an_imported_model_resumes_from_its_checkpoint(settings, store, submit,
+                                                                tenant_id, tmp_path,
+                                                                monkeypatch):
+    from tests.worker.test_resume import WorkerDied, die_after_checkpoints, lose_worker
+
+    model_id, original = upload(settings, store, tenant_id, tmp_path, "vit")
+    steps = [{"op": "train", "epochs": 2, "batch_size": 32, "max_batches": 3, "lr": 0.003},
+             {"op": "pcn", "select": {"energy": 0.9}, "samples": 64},
+             {"op": "train", "epochs": 1, "batch_size": 32, "max_batches": 3},
+             {"op": "evaluate"}]
+    _, reference = run_ok(settings, submit, job(model_id, steps))
+    expected = cm.load(stored_model_path(settings, store, tmp_path,
+                                         reference["model_id"])).state_dict()
+    job_id = submit(job(model_id, steps))
+    die_after_checkpoints(monkeypatch, 4)  # after the pcn step: a checkpoint with its edits
+    with pytest.raises(WorkerDied):
+        runner.run_job(job_id, settings)
+    monkeypatch.undo()
+    lose_worker(settings, job_id)
+    # a fresh worker process has not seen the graph: the checkpoint carries it
+    monkeypatch.delitem(core.graph._GRAPHS, original.slimline_arch["graph"])
+    assert runner.run_job(job_id, settings) == "succeeded"
+    result = get_job(settings, job_id).result
+    assert result["attempts"] == 2 and [r["step"] for r in result["resumes"]] == [2]
+    got = cm.load(stored_model_path(settings, store, tmp_path, result["model_id"])).state_dict()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
