@@ -3,7 +3,9 @@ the torch-free form check accepts what core accepts and refuses, naming the fiel
 refuses; the mirror of core's names is exact."""
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,7 +15,14 @@ from service.archcheck import GRAPH as CHECK_GRAPH
 from service.archcheck import GRAPH_KWARGS as CHECK_GRAPH_KWARGS
 from service.archcheck import LAYOUTS as CHECK_LAYOUTS
 from service.archcheck import arch_size, check_arch, check_graph_arch, is_graph_arch
+from service.auth import get_or_create_tenant
+from service.db import dispose_engines, session_scope, upgrade_db
 from service.errors import InvalidSpec
+from service.orm import Model
+from service.settings import Settings
+from service.spec import JobSpec
+from service.submission import create_job
+from tests.pg import temporary_database
 
 SHA = "ab" * 32
 ARCH = {"name": "graph", "graph": SHA, "input_shape": [1, 28, 28], "num_classes": 10,
@@ -76,3 +85,35 @@ def test_a_zoo_arch_may_carry_preprocessing():
     normalize_arch(arch)
     with pytest.raises(InvalidSpec, match=r"model.arch.preprocessing.mean"):
         arch_size({"name": "lenet300", "preprocessing": {"mean": ["a"]}})
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request, tmp_path) -> Iterator[Settings]:
+    with contextlib.ExitStack() as stack:
+        url = (stack.enter_context(temporary_database("slimline_graph"))
+               if request.param == "postgresql" else "")
+        s = Settings(home=tmp_path, database_url=url)
+        upgrade_db(s)
+        yield s
+        dispose_engines()
+
+
+def test_a_graph_arch_is_submitted_only_on_a_graph_of_the_tenant(settings):
+    """The JSON lookup of `check_graph_known` on both databases: the graph must be one the
+    tenant's models are built on (not another tenant's)."""
+    spec = JobSpec.model_validate({"model": {"arch": ARCH}, "dataset": "synthetic-blobs",
+                                   "steps": [{"op": "evaluate"}]})
+    with session_scope(settings) as session:
+        alice = get_or_create_tenant(session, "alice").id
+        bob = get_or_create_tenant(session, "bob").id
+        session.add(Model(tenant_id=bob, name="bobs", arch=ARCH, format="safetensors",
+                          size_bytes=1, sha256="0" * 64, params={}, storage_key="k"))
+        session.add(Model(tenant_id=alice, name="zoo", arch={"name": "lenet300"},
+                          format="safetensors", size_bytes=1, sha256="0" * 64, params={},
+                          storage_key="k2"))
+    with session_scope(settings) as session, pytest.raises(
+            InvalidSpec, match=f"model.arch.graph: none of your models is built on graph {SHA}"):
+        create_job(session, alice, spec)
+    with session_scope(settings) as session:
+        job, created = create_job(session, bob, spec)
+        assert created and job.spec["model"]["arch"]["graph"] == SHA
