@@ -178,7 +178,8 @@ def linearise_activations(net: nn.Module) -> int:
 
 
 def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int], *,
-                  rounds: int = 100, scope: str = "global") -> Masks:
+                  rounds: int = 100, scope: str = "global",
+                  report: dict[str, object] | None = None) -> Masks:
     """SynFlow masks (Tanaka et al. 2020; seed 002 Table E.2: 100 rounds, exponential schedule).
 
     On a float64 copy in eval mode with every parameter and floating buffer replaced by its
@@ -187,7 +188,8 @@ def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int],
     R = sum(f(1)) for an all-ones input of `input_shape`, scores |dR/dw * w| of the still-kept
     weights and keeps the top (1 - sparsity)^(k / rounds) fraction of them, so the final round
     keeps exactly kappa. Pruned weights are zeroed in the copy between rounds and never return.
-    The model itself is not modified.
+    The model itself is not modified. `report` (a dict, optional) gets `zero_score_layers`: the
+    layers whose first-round scores are all 0 (their kept weights are ties, lowest index first).
     """
     _check_sparsity(sparsity)
     if rounds < 1:
@@ -215,6 +217,10 @@ def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int],
         # Pruned weights get -1 (< every real score) so they are never chosen again.
         scores = {n: torch.where(masks[n], (g * w).detach().abs(), -1.0)
                   for n, g, w in zip(names, grads, weights, strict=True)}
+        if k == 1 and report is not None:
+            # no signal of the all-ones input reaches these layers (e.g. a LayerNorm of the
+            # constant input with a zero bias in front of them): their masks are ties
+            report["zero_score_layers"] = [n for n in names if float(scores[n].max()) <= 0]
         # The last round asks for `sparsity` itself, so exactly kappa survive.
         masks = masks_from_scores(scores, sparsity if k == rounds else 1.0 - density,
                                   scope=scope)
@@ -228,13 +234,15 @@ def prune_masks(model: nn.Module, config: PruneConfig, *,
                 generator: torch.Generator | None = None,
                 input_shape: Iterable[int] | None = None,
                 previous: Mapping[str, torch.Tensor] | None = None,
-                device: str | torch.device = "cpu") -> Masks:
+                device: str | torch.device = "cpu",
+                report: dict[str, object] | None = None) -> Masks:
     """Score and select by `config` (`PruneConfig.from_dict(step.model_dump())`): snip needs
     `batches` (labelled, `config.batches` of `config.batch_size`; scored on `device`), random a
     `generator`,
     synflow the `input_shape`. `previous` masks (an earlier pruning) stay pruned: their weights
     score below every live one and are and-ed into the result. The model is not modified
-    (apply the masks with `apply_masks`; `config.init`/`repair` are `core.sigprop`'s)."""
+    (apply the masks with `apply_masks`; `config.init`/`repair` are `core.sigprop`'s).
+    `report`: see `synflow_masks`."""
     previous = dict(previous or {})
     if config.op == "synflow":
         if input_shape is None:
@@ -244,7 +252,7 @@ def prune_masks(model: nn.Module, config: PruneConfig, *,
             net = copy.deepcopy(model)
             apply_masks(net, previous)
         masks = synflow_masks(net, config.sparsity, input_shape, rounds=config.rounds,
-                              scope=config.scope)
+                              scope=config.scope, report=report)
     else:
         if config.op == "snip":
             if batches is None:

@@ -90,10 +90,11 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
     _init(ctx, step)
     jacobian_dense = _jacobian(ctx)
     start = time.perf_counter()
+    scoring: dict[str, Any] = {}
     masks = prune_masks(ctx.model, config_from_spec(PruneConfig, step),
                         batches=_scoring_batches(ctx, step) if step.op == "snip" else None,
                         generator=ctx.generator, input_shape=ctx.input_shape,
-                        previous=ctx.masks, device=ctx.device)
+                        previous=ctx.masks, device=ctx.device, report=scoring)
     scoring_wall_s = time.perf_counter() - start
     report = layer_report(masks)
     collapsed = collapsed_layers(masks)
@@ -108,6 +109,12 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
         "prunable": sum(int(r["total"]) for r in report.values()),
         "layers": report, "collapsed": collapsed, "scoring_wall_s": scoring_wall_s,
         "untouched": untouched_layers(ctx.model, step.op)}
+    if scoring.get("zero_score_layers"):
+        details["zero_score_layers"] = scoring["zero_score_layers"]
+        details["zero_score_note"] = (
+            "the all-ones input of SynFlow does not reach these layers (e.g. a LayerNorm of the "
+            "constant input with a zero bias before them): their scores are all 0 and the "
+            "weights they keep are ties (lowest index first); snip or magnitude scores them")
     if step.op == "synflow" and (relu := linearise_activations(copy.deepcopy(ctx.model))):
         details["activations_as_relu"] = relu
         details["activations_note"] = (

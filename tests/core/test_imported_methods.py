@@ -416,3 +416,30 @@ def test_pt2_of_a_compressed_imported_model_runs_without_slimline(tmp_path: Path
     x = batch(3)
     with torch.no_grad():
         assert close(program.module()(x), model.eval()(x)) < TOL
+
+
+class InputNorm(nn.Module):
+    """A LayerNorm of the flattened input before the first Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(784), nn.Linear(784, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.norm(x.flatten(1)))))
+
+
+def test_synflow_through_a_layernorm_of_the_all_ones_input_is_finite_and_says_so() -> None:
+    torch.manual_seed(0)
+    model = import_module(InputNorm())
+    report: dict[str, object] = {}
+    # the all-ones input has variance 0: LayerNorm gives 0 * |weight| + |bias| = 0 (eps keeps
+    # it finite), so nothing reaches fc1's weights
+    masks = synflow_masks(model, 0.5, SHAPE, rounds=5, report=report)
+    assert report["zero_score_layers"] == ["fc1"]
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.5 * (784 * 32 + 320))
+    with torch.no_grad():
+        model.norm.bias.normal_(generator=torch.Generator().manual_seed(0))
+    report = {}
+    synflow_masks(model, 0.5, SHAPE, rounds=5, report=report)
+    assert report["zero_score_layers"] == []
