@@ -194,10 +194,12 @@ def export_pt2(model: nn.Module, path: str | Path, example: torch.Tensor | None 
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None,
-                *, dynamo: bool = True, opset: int = 18) -> Path:
+                *, dynamo: bool = True, opset: int = 18, keep_batchnorm: bool = False) -> Path:
     """`torch.onnx.export` with a dynamic batch dimension, by the dynamo exporter (default) or
     the TorchScript one (`dynamo=False`); the weights inside the one file (the dynamo exporter
-    writes them to a separate `.data` file unless `external_data=False`)."""
+    writes them to a separate `.data` file unless `external_data=False`). Both fold each
+    BatchNorm into the conv before it, except the TorchScript one with `keep_batchnorm`
+    (`do_constant_folding=False`)."""
     x = example_input() if example is None else example
     if dynamo:
         torch.onnx.export(model.eval(), (x,), str(path), dynamo=True, opset_version=opset,
@@ -207,5 +209,6 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     else:
         torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=opset,
                           input_names=["x"], output_names=["logits"],
+                          do_constant_folding=not keep_batchnorm,
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
     return Path(path)
