@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,10 @@ def export_checkpoint(source: Path, fmt: str, output: Path, opset: int = DEFAULT
     from core.export import export_onnx, export_pt2
 
     model = zoo.load(source).eval()
-    shape = input_shape(zoo.model_arch(model))
+    arch = zoo.model_arch(model)
+    shape = input_shape(arch)
+    if (arch.get("preprocessing") or {}).get("layout") == "flat" and len(shape) != 1:
+        shape = [math.prod(shape)]  # the (N, D) samples its jobs feed it (worker.inputs)
     if fmt == "onnx":
         info = export_onnx(model, shape, output, opset=opset)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -59,3 +60,17 @@ def test_a_failed_export_is_a_422_reply_and_leaves_nothing(checkpoint, tmp_path,
     assert answer["ok"] is False and answer["status"] == 422
     assert answer["error"] == "ExportError" and words in answer["detail"]
     assert not out.exists()
+
+
+def test_a_flat_layout_model_exports_with_the_inputs_its_jobs_feed_it(tmp_path, capsys):
+    """A model whose preprocessing layout is `flat` reads (N, D) in its jobs (and their export
+    step); the on-demand file takes the same input."""
+    arch = {**TINY_MLP, "preprocessing": {"layout": "flat", "mean": None, "std": None}}
+    source, out = tmp_path / "flat.safetensors", tmp_path / "flat.onnx"
+    zoo.save(zoo.build(arch), source)
+    assert export_file.main(["--input", str(source), "--format", "onnx",
+                             "--output", str(out)]) == 0
+    assert reply(capsys)["ok"]
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    c, h, w = TINY_MLP["input_shape"]
+    assert len(dims) == 2 and dims[1].dim_value == c * h * w
