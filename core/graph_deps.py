@@ -884,11 +884,8 @@ class _Walk:
         if shape is None or pads is None:
             return self.unknown(node, label)
         touched = {len(shape) - 1 - i // 2 for i, p in enumerate(pads) if p}
-        flows = dict(self.flows(inp))
-        for a in sorted(touched & set(flows)):
-            self.block([flows.pop(a)], f"{label} ({node.name!r}) pads the axis its units "
-                                       "are on")
-        return flows
+        return self.block_axes(inp, touched, f"{label} ({node.name!r}) pads the axis its "
+                                             "units are on")
 
     def reduce(self, node: fx.Node, label: str) -> Any:
         inp = node.args[0]
@@ -915,9 +912,13 @@ class _Walk:
         if shape is None or dims is None:
             return self.unknown(node, label)
         along = {d % len(shape) for d in dims}
+        return self.block_axes(inp, along, f"{label} ({node.name!r}) mixes its units")
+
+    def block_axes(self, inp: Any, axes: set[int], reason: str) -> Flows:
+        """`inp`'s flows with those on `axes` blocked (for `reason`) and dropped."""
         flows = dict(self.flows(inp))
-        for a in sorted(along & set(flows)):
-            self.block([flows.pop(a)], f"{label} ({node.name!r}) mixes its units")
+        for a in sorted(axes & set(flows)):
+            self.block([flows.pop(a)], reason)
         return flows
 
     # ---- result ----
