@@ -166,15 +166,21 @@ def make(name: str, seed: int = 0, **kwargs: object) -> nn.Module:
     """A test architecture with deterministic random weights (BN statistics made non-trivial),
     in eval mode."""
     torch.manual_seed(seed)
-    model = ARCHITECTURES[name](**kwargs)  # type: ignore[arg-type]
+    return nontrivial_batchnorm(ARCHITECTURES[name](**kwargs)).eval()  # type: ignore[arg-type]
+
+
+def nontrivial_batchnorm(model: nn.Module, shift: float = 0.1) -> nn.Module:
+    """In place (torch's global generator): every BatchNorm2d gets running means and biases in
+    [-shift, shift], running variances and weights in [0.5, 1.5] (not the identity a fresh
+    BatchNorm is, so a wrong slice or fold shows). Returns `model`."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_mean.uniform_(-shift, shift)
                 module.running_var.uniform_(0.5, 1.5)
                 module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.1)
-    return model.eval()
+                module.bias.uniform_(-shift, shift)
+    return model
 
 
 def example_input(batch: int = 2, shape: tuple[int, ...] = (1, 28, 28), seed: int = 1

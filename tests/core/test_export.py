@@ -23,6 +23,7 @@ from core.pca import collect_input_stats
 from core.pcn import pcn_input_transform
 from core.pcn_graph import unit_groups
 from core.pcn_output import pcn_transform
+from tests.import_models import nontrivial_batchnorm
 
 SHAPE = [1, 8, 8]
 TINY_CONV4 = {"name": "conv4", "input_shape": SHAPE, "channels": [4, 6, 8, 8], "fc": [24, 16]}
@@ -39,14 +40,7 @@ def _inputs(shape, n=SAMPLES, seed=1):
 def _model(arch, seed=0):
     torch.manual_seed(seed)
     model = build(arch, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # BN with non-trivial statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return model.eval()
+    return nontrivial_batchnorm(model, shift=0.2).eval()
 
 
 def _dataset(shape, n=200):

@@ -26,7 +26,7 @@ from core.pcn_graph import group_units, prune_units, unit_groups, untouched_unit
 from core.pcn_output import pcn_transform
 from core.prunability import prunability_report
 from core.redundancy import unit_pruning_curve
-from tests.import_models import example_input, make
+from tests.import_models import example_input, make, nontrivial_batchnorm
 
 SHAPE = (1, 16, 16)  # small inputs keep the channel_prune bisection fast
 ARCHS = {"resnet18": {"width": 4}, "mobilenetv2": {},
@@ -84,14 +84,7 @@ class ConcatNet(nn.Module):
 @pytest.fixture(scope="module")
 def concat_net() -> nn.Module:
     torch.manual_seed(0)
-    model = ConcatNet().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
+    model = nontrivial_batchnorm(ConcatNet().eval())
     return _export(model, torch.randn(2, 1, 14, 14))
 
 
