@@ -6,6 +6,8 @@ from typing import Any
 from service.settings import Settings
 
 TASK_NAME = "slimline.run_job"
+# the coordinator of an auto-compress search (service.search): runs for a moment, then returns
+TICK_TASK_NAME = "slimline.auto_tick"
 QUEUES = ("cpu", "gpu")
 
 

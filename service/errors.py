@@ -75,6 +75,10 @@ class JobNotCancelable(Conflict):
     pass
 
 
+class JobNotSearch(Conflict):
+    """Trials asked of a job that is not an auto-compress search."""
+
+
 class IdempotencyConflict(Conflict):
     pass
 

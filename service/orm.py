@@ -148,6 +148,13 @@ class Job(Base):
     # the latest complete checkpoint of a running job (worker.checkpoint): object keys, the
     # step and epoch it resumes at, the last event it covers
     checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # auto-compress (service.search): a trial is a child job of its search (`parent_id`);
+    # `kind` is "job", "auto" (a search's coordinator) or a trial's phase (see
+    # service.search.TRIAL_KINDS); `search` holds a coordinator's state or a trial's candidate
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE", name="fk_jobs_parent"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="job", server_default="job")
+    search: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),

@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 
 from celery import Celery
 
-from service.celery_config import TASK_NAME, celery_config
+from service.celery_config import TASK_NAME, TICK_TASK_NAME, celery_config
 from service.errors import BrokerUnavailable
 from service.settings import Settings, get_settings
 
@@ -36,6 +37,20 @@ def enqueue_job(job_id: str, queue: str, settings: Settings | None = None) -> No
                                                                     "interval_step": 0.5})
     except Exception as exc:  # kombu raises many kinds of connection errors
         raise BrokerUnavailable(f"could not reach the broker to queue job {job_id}: {exc}") \
+            from exc
+
+
+def enqueue_tick(job_id: str, queue: str, settings: Settings | None = None) -> None:
+    """Send `slimline.auto_tick(job_id)` (a search's coordinator) to `queue`. Ticks are
+    idempotent; each message has its own task id."""
+    try:
+        celery_client(settings).send_task(TICK_TASK_NAME, args=[job_id], queue=queue,
+                                          task_id=f"tick-{job_id}-{uuid.uuid4().hex[:12]}",
+                                          retry=True, retry_policy={"max_retries": 2,
+                                                                    "interval_start": 0.2,
+                                                                    "interval_step": 0.5})
+    except Exception as exc:  # kombu raises many kinds of connection errors
+        raise BrokerUnavailable(f"could not reach the broker to run search {job_id}: {exc}") \
             from exc
 
 

@@ -37,7 +37,8 @@ def check_job_quota(session: Session, tenant_id: str, spec: JobSpec, settings: S
                           f"{settings.max_total_epochs} per job (SLIMLINE_MAX_TOTAL_EPOCHS); "
                           "use fewer epochs or split the work into several jobs")
     active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.in_((QUEUED, RUNNING)))) or 0
+        Job.tenant_id == tenant_id, Job.status.in_((QUEUED, RUNNING)),
+        Job.parent_id.is_(None))) or 0  # a search's trials count as the search
     if active >= settings.max_active_jobs:
         raise QuotaExceeded(f"you have {active} queued or running jobs, the limit is "
                             f"{settings.max_active_jobs} (SLIMLINE_MAX_ACTIVE_JOBS); wait for "

@@ -14,6 +14,10 @@ One pass (`reconcile_once`), run every `reconcile_interval_s` by every worker an
    that then could not claim it). A duplicate message is harmless — the worker's claim is a
    compare-and-set on (status, attempts), so a second delivery finds the job running or done
    and drops it — and the doubling bounds how many duplicates a long queue accumulates.
+3. **Idle searches.** A running auto-compress search (`service.search`) whose coordinator has
+   not run for `search_tick_s` gets a coordinator message: it normally runs whenever a trial
+   ends, and this covers a message the broker lost or a worker that died mid-tick. Its trials
+   are ordinary jobs, recovered by steps 1 and 2.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from service.db import session_scope
 from service.dbretry import is_unavailable
 from service.errors import BrokerUnavailable
 from service.orm import Job, utcnow
+from service.search import send_tick, stalled_searches
 from service.settings import Settings
 from service.states import QUEUED, RUNNING, mark_failed, requeue
 
@@ -45,6 +50,7 @@ class Pass:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
+    ticked: list[str] = field(default_factory=list)  # searches whose coordinator was sent
 
 
 def reap_lost_workers(session: Session, timeout_s: float, max_attempts: int
@@ -54,7 +60,9 @@ def reap_lost_workers(session: Session, timeout_s: float, max_attempts: int
     commits."""
     cutoff = utcnow() - timedelta(seconds=timeout_s)
     stale = session.scalars(
-        select(Job).where(Job.status == RUNNING, Job.heartbeat_at < cutoff)
+        # a search's coordinator holds no worker (it is not heart-beaten while its trials run);
+        # step 3 runs it instead
+        select(Job).where(Job.status == RUNNING, Job.heartbeat_at < cutoff, Job.kind != "auto")
         .with_for_update(skip_locked=True)).all()
     requeued, failed = [], []
     for job in stale:
@@ -121,6 +129,12 @@ def reconcile_once(settings: Settings, *, recover: bool = True) -> Pass:
     if result.sent:
         log.info("reconciler: sent %d queued job(s) whose message may be lost: %s",
                  len(result.sent), result.sent[:10])
+    with session_scope(settings) as session:
+        stalled = stalled_searches(session, settings.search_tick_s)
+    for job_id, job_queue in stalled:
+        if not send_tick(job_id, job_queue, settings):
+            break
+        result.ticked.append(job_id)
     return result
 
 

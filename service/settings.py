@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # doubling per re-send), and runs every reconcile_interval_s in every worker and API process
     dispatch_grace_s: float = Field(default=60.0, gt=0)
     reconcile_interval_s: float = Field(default=15.0, gt=0)
+    # an auto-compress search whose coordinator has not run for this long is run by the
+    # reconciler (it normally runs whenever one of its trials ends)
+    search_tick_s: float = Field(default=60.0, gt=0)
     # a running job keeps computing through a database outage this long before it gives up
     db_outage_tolerance_s: float = Field(default=600.0, ge=0)
     # temp files of dead processes (interrupted uploads, killed workers) older than this are

@@ -77,9 +77,10 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
             return _replay(existing, document), False
     if settings is not None:
         check_job_quota(session, tenant_id, spec, settings)
+    kind = "auto" if any(step.op == "auto" for step in spec.steps) else "job"
     job = Job(tenant_id=tenant_id, status="queued", progress=0.0, stage="queued", spec=document,
               queue=spec.queue, idempotency_key=idempotency_key, cancel_requested=False,
-              attempts=0)
+              attempts=0, kind=kind)
     session.add(job)
     try:
         session.flush()
@@ -192,7 +193,8 @@ def list_jobs(session: Session, tenant_id: str, *, status: str | None = None, li
     """Newest first; keyset pagination on (created_at, id)."""
     if status is not None and status not in STATUSES:
         raise Unprocessable(f"status: must be one of {', '.join(STATUSES)}")
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    # a search's trials are listed by GET /v1/jobs/{id}/trials, not here
+    query = select(Job).where(Job.tenant_id == tenant_id, Job.parent_id.is_(None))
     if status is not None:
         query = query.where(Job.status == status)
     if cursor:
@@ -228,6 +230,12 @@ def cancel_job(session: Session, tenant_id: str, job_id: str, settings: Settings
     if request_cancel(job):
         canceled = job.id
         after_commit(session, lambda: queue.revoke(canceled, settings))
+    if job.kind == "auto":  # a search: its trials are canceled with it
+        from service.search import cancel_trials, request_tick
+
+        cancel_trials(session, job.id)
+        if job.status == RUNNING:  # the coordinator marks it canceled once its trials stopped
+            request_tick(session, job.id, job.queue, settings)
     record_event(session, job.id, "cancel_requested", {"status": job.status})
     session.flush()
     return job
@@ -250,4 +258,5 @@ def job_document(job: Job) -> dict[str, Any]:
     return {"id": job.id, "status": job.status, "progress": job.progress, "stage": job.stage,
             "spec": job.spec, "error": error, "result": job.result,
             "created_at": iso(job.created_at), "started_at": iso(job.started_at),
-            "finished_at": iso(job.finished_at), "attempts": job.attempts or 0}
+            "finished_at": iso(job.finished_at), "attempts": job.attempts or 0,
+            "kind": job.kind or "job", "parent_id": job.parent_id}

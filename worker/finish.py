@@ -34,7 +34,7 @@ class Outcome:
 
     result: dict[str, Any]
     model_name: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None: no model is kept (a search's screening trial)
     curves: dict[str, Any]
     plots: list[Path] = field(default_factory=list)  # PNG files, stored as "plot" artifacts
     # files the steps added (`StepContext.add_artifact`): (name, path, kind)
@@ -53,19 +53,30 @@ def store_outcome(job_id: str, attempt: int, settings: Settings, store: ObjectSt
     stored inside the transaction are deleted again by `session_scope` if it rolls back; it is
     retried while the database is unreachable. Returns the job's final status."""
     model_path = workdir / "model.safetensors"
-    zoo.save(outcome.model, model_path)
-    prunability = output_report(outcome.model)
     result = json_safe(outcome.result)
-    result["after"]["checkpoint_bytes"] = model_path.stat().st_size
+    prunability = None
+    if outcome.model is not None:
+        zoo.save(outcome.model, model_path)
+        prunability = output_report(outcome.model)
+        result["after"]["checkpoint_bytes"] = model_path.stat().st_size
 
     def produce(session: Any, job: Job) -> dict[str, Any]:
         tenant_id, model_id = job.tenant_id, new_id()
-        report = {"job_id": job_id, "spec": job.spec, **result, "model_id": model_id}
+        report = {"job_id": job_id, "spec": job.spec, **result,
+                  "model_id": model_id if outcome.model is not None else None}
         files = {"report.json": _write_json(workdir / "report.json", report),
                  "curves.json": _write_json(workdir / "curves.json", json_safe(outcome.curves)),
                  **{path.name: path for path in outcome.plots},
                  **{name: path for name, path, _ in outcome.files}}
         kinds = {name: kind for name, _, kind in outcome.files}
+        if outcome.model is None:  # a search's screening trial: its result is all it keeps
+            files = {"report.json": files["report.json"]}
+            put_files(session, store, {artifact_key(tenant_id, job_id, "report.json"):
+                                       files["report.json"]})
+            add_artifact(session, store, tenant_id=tenant_id, job_id=job_id,
+                         name="report.json", path=files["report.json"], stored=True,
+                         kind="report")
+            return result
         put_files(session, store, {model_key(tenant_id, model_id): model_path} | {
             artifact_key(tenant_id, job_id, name): path for name, path in files.items()})
         model = register_model(session, store, tenant_id=tenant_id,

@@ -18,10 +18,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import select
 
 from core.errors import Cancelled, CheckpointError, DatasetError, ExportError, SpecError
 from core.graph import register_graph
@@ -31,7 +33,8 @@ from service.db import session_scope
 from service.dbretry import is_unavailable, retry_while_unavailable
 from service.errors import NotFound, SlimlineError
 from service.model_registry import graph_key
-from service.orm import utcnow
+from service.orm import Job, utcnow
+from service.search import AUTO, MODELLESS_KINDS, send_tick
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
 from service.states import LostOwnership
@@ -278,6 +281,39 @@ def run_job(job_id: str, settings: Settings | None = None) -> str | None:
     database error when the job cannot even be claimed because the database is unreachable
     (after waiting up to `db_outage_tolerance_s`): the task then gives the message back."""
     settings = settings or get_settings()
+    role = retry_while_unavailable(lambda: job_role(job_id, settings),
+                                   tolerance_s=settings.db_outage_tolerance_s,
+                                   what=f"job {job_id}: reading it")
+    if role is None:
+        log.warning("job %s does not exist; dropping the message", job_id)
+        return None
+    if role.kind == AUTO:  # a search: its coordinator runs for a moment and returns
+        from worker.auto_search import tick
+
+        return tick(job_id, settings)
+    try:
+        return _run_attempt(job_id, settings, role)
+    finally:
+        if role.parent_id is not None:  # a trial ended (or was dropped): run its search
+            send_tick(role.parent_id, role.queue, settings)
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str
+    parent_id: str | None
+    queue: str
+
+
+def job_role(job_id: str, settings: Settings) -> Role | None:
+    """What the job is: an ordinary job, a search (`auto`) or a trial of one."""
+    with session_scope(settings) as session:
+        row = session.execute(select(Job.kind, Job.parent_id, Job.queue)
+                              .where(Job.id == job_id)).first()
+    return None if row is None else Role(row[0] or "job", row[1], row[2])
+
+
+def _run_attempt(job_id: str, settings: Settings, role: Role) -> str | None:
     attempt = retry_while_unavailable(lambda: claim(job_id, settings),
                                       tolerance_s=settings.db_outage_tolerance_s,
                                       what=f"job {job_id}: claiming")
@@ -293,6 +329,8 @@ def run_job(job_id: str, settings: Settings | None = None) -> str | None:
         try:
             with reporter:
                 outcome = execute(job_id, attempt, settings, store, reporter, Path(tmp))
+                if role.kind in MODELLESS_KINDS:  # a search keeps only the result of these
+                    outcome.model = None
                 status = store_outcome(job_id, attempt, settings, store, outcome, Path(tmp),
                                        reporter)
         except Cancelled:

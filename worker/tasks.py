@@ -12,6 +12,7 @@ import logging
 
 from celery.exceptions import Reject
 
+from service.celery_config import TICK_TASK_NAME
 from service.dbretry import is_unavailable
 from worker import runner
 from worker.celery_app import app
@@ -28,5 +29,20 @@ def run_job(job_id: str) -> str | None:
         if is_unavailable(exc):
             log.warning("job %s: the database is unreachable; giving the message back",
                         job_id)
+            raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
+        raise
+
+
+@app.task(name=TICK_TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def auto_tick(job_id: str) -> str | None:
+    """Run an auto-compress search's coordinator once (`worker.auto_search.tick`): a moment of
+    bookkeeping, never waiting for its trials. Lost or failed ticks are re-sent by the
+    reconciler (`service.reconcile`, idle searches)."""
+    from worker.auto_search import tick
+
+    try:
+        return tick(str(job_id))
+    except Exception as exc:
+        if is_unavailable(exc):
             raise Reject(f"database unreachable: {type(exc).__name__}", requeue=True) from exc
         raise

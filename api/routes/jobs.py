@@ -19,9 +19,10 @@ from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, TenantDep
 from api.errors import is_database_down
 from service.curves import fold as fold_curves
 from service.db import session_scope
-from service.errors import QuotaExceeded, Unprocessable
+from service.errors import JobNotSearch, QuotaExceeded, Unprocessable
 from service.events import event_dict, list_events
 from service.orm import Job
+from service.search import list_trials
 from service.settings import Settings
 from service.spec import JobSpec, control_character
 from service.states import TERMINAL
@@ -239,6 +240,18 @@ async def events(request: Request, job_id: str, session: SessionDep, settings: S
     except BaseException:
         release()
         raise
+
+
+@router.get("/{job_id}/trials")
+def trials(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
+    """An auto-compress job's trials, live: phase, method and knobs, status and progress, and
+    once finished the measured cost, validation and test accuracy and the machine
+    (`{items, budget}`; 409 for a job that is not a search)."""
+    job = get_job(session, tenant_id, job_id)
+    if job.kind != "auto":
+        raise JobNotSearch(f"job {job_id} is not an auto-compress job (its steps have no "
+                           "'auto' step), so it has no trials")
+    return {"items": list_trials(session, job), "budget": (job.search or {}).get("budget")}
 
 
 @router.get("/{job_id}/curves")

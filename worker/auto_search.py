@@ -1,0 +1,702 @@
+"""The coordinator of an auto-compress search (`{"op": "auto"}`; the service side is
+`service.search`). It never waits: `tick(job_id)` takes the search's row lock, looks at its
+trials (child jobs), records the finished ones, starts what comes next, and returns — run when the
+search is submitted, whenever one of its trials ends (the runner sends it), when it is canceled,
+and by the reconciler when it has been idle for `search_tick_s`. So the search holds no worker
+slot, its trials run on any worker (cpu or gpu queue, as its own queue says), a trial whose
+worker dies is re-queued and resumed like any job, and a lost or failed tick is simply run again.
+
+Phases (`job.search["phase"]`):
+
+1. `baseline` — one trial measures the starting model (every cost kind, validation accuracy,
+   latency or file size where the budget needs them, which methods apply).
+2. `screen` — `trials` candidates drawn by a multi-objective Optuna study (validation accuracy
+   up, cost down, cost above the budget infeasible; TPE; every method that applies is enqueued
+   first), each cut to its target and measured WITHOUT retraining. Up to `in_flight` run at once;
+   each finished one is told to the study before the next is drawn.
+3. `finetune` — the `finetune_trials` most accurate screened candidates within the budget (the
+   best of each method first, then the rest by accuracy) cut again and fine-tuned
+   `finetune_epochs`.
+4. `final` — the fine-tuned candidate with the highest validation accuracy within the budget is
+   fine-tuned `final_epochs` more (and exported as int8 ONNX when it quantizes).
+
+The study lives in the service's database: PostgreSQL schema `optuna_search`, or for the
+embedded SQLite default a file beside the service's (`<name>-search.sqlite3`), because Optuna
+keeps its own Alembic version table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from pydantic import ValidationError
+from sqlalchemy import create_engine, make_url, select, text, update
+from sqlalchemy.orm import Session
+
+from service import states
+from service.artifacts import add_artifact, artifact_key, put_files
+from service.curves import fold as fold_curves
+from service.db import rows_changed, session_scope
+from service.dbretry import is_unavailable
+from service.events import list_events, record_event
+from service.methods.auto import AutoStep, pareto
+from service.orm import Artifact, Job, Model, utcnow
+from service.search import AUTO, BASELINE, FINAL, FINETUNE, SCREEN, add_trial, cancel_trials
+from service.settings import Settings, get_settings
+from service.spec import JobSpec
+from service.store import store_from_settings
+from service.submission import spec_document
+from service.tmpfiles import temp_dir
+from worker.auto_space import (
+    Space,
+    cut_steps,
+    defaults,
+    describe,
+    measure_step,
+    method_choices,
+    suggest,
+    train_step,
+)
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SCHEMA = "optuna_search"
+_storages: dict[str, optuna.storages.RDBStorage] = {}
+_storage_lock = threading.Lock()
+
+
+def study_storage(settings: Settings) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on the service's database (see the module doc), one per process."""
+    url = make_url(settings.database_url)
+    key = url.render_as_string(hide_password=False)
+    with _storage_lock:
+        if key in _storages:
+            return _storages[key]
+        if url.get_backend_name() == "sqlite":
+            path = Path(url.database or "slimline.db")
+            target = f"sqlite:///{path.with_name(path.stem + '-search.sqlite3')}"
+            kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
+        else:
+            engine = create_engine(url)
+            try:
+                for _ in range(2):  # two workers creating it at once: one wins, retry sees it
+                    try:
+                        with engine.begin() as conn:
+                            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+                        break
+                    except Exception as exc:
+                        if is_unavailable(exc):
+                            raise
+                        time.sleep(0.2)
+            finally:
+                engine.dispose()
+            target = key
+            kwargs = {"connect_args": {"options": f"-csearch_path={SCHEMA}"},
+                      "pool_pre_ping": True, "pool_size": 2}
+        storage = optuna.storages.RDBStorage(target, engine_kwargs=kwargs)
+        _storages[key] = storage
+        return storage
+
+
+def study_name(job_id: str) -> str:
+    return f"auto-{job_id}"
+
+
+def open_study(settings: Settings, job_id: str, seed: int,
+               over_budget: dict[int, float] | None = None) -> optuna.Study:
+    """The search's study, with a sampler whose constraint is `over_budget[number]` (cost
+    minus budget, <= 0 feasible; filled in by the caller before `tell`)."""
+    over = over_budget if over_budget is not None else {}
+    sampler = optuna.samplers.TPESampler(
+        seed=seed % (2**31), constraints_func=lambda t: [over.get(t.number, 0.0)])
+    return optuna.create_study(study_name=study_name(job_id), storage=study_storage(settings),
+                               directions=["maximize", "minimize"], sampler=sampler,
+                               load_if_exists=True)
+
+
+# ---- the tick ---------------------------------------------------------------------------------
+
+def tick(job_id: str, settings: Settings | None = None) -> str | None:
+    """Advance search `job_id` (see the module doc); returns its status, None when there was
+    nothing to do. An unexpected error fails the search with the reason (and cancels its
+    trials) rather than retrying it forever; an unreachable database propagates (the task gives
+    its message back)."""
+    settings = settings or get_settings()
+    try:
+        with session_scope(settings) as session:
+            # the write lock (SQLite) / row lock (PostgreSQL) first: ticks run one at a time
+            if not rows_changed(session, update(Job).where(
+                    Job.id == job_id, Job.kind == AUTO,
+                    Job.status.in_((states.QUEUED, states.RUNNING)))
+                    .values(heartbeat_at=utcnow())):
+                return None
+            job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+            assert job is not None
+            return Coordinator(session, job, settings).advance()
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise
+        log.exception("search %s: the coordinator failed", job_id)
+        _fail_search(job_id, settings, "InternalError",
+                     f"the search coordinator hit an unexpected {type(exc).__name__}: "
+                     f"{(str(exc).splitlines() or [''])[0][:300]}; the worker log has the "
+                     "details")
+        return states.FAILED
+
+
+def _fail_search(job_id: str, settings: Settings, code: str, message: str) -> None:
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.terminal:
+            return
+        cancel_trials(session, job_id)
+        if job.status == states.QUEUED:
+            states.mark_running(job)
+        states.mark_failed(job, code, message)
+
+
+def info(child: Job) -> dict[str, Any]:
+    """A trial's candidate and, once recorded, its outcome (`jobs.search`)."""
+    return child.search or {}
+
+
+class SearchFailed(Exception):
+    def __init__(self, code: str, message: str, summary: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code, self.message, self.summary = code, message, summary
+
+
+class Coordinator:
+    """One tick's view of a search: its row (locked), its spec, its state and its trials."""
+
+    def __init__(self, session: Session, job: Job, settings: Settings) -> None:
+        self.session, self.job, self.settings = session, job, settings
+        self.spec = JobSpec.model_validate(job.spec, context={"max_epochs": settings.max_epochs})
+        step = self.spec.steps[0]
+        assert isinstance(step, AutoStep)
+        self.auto: AutoStep = step
+        self.state: dict[str, Any] = dict(job.search or {})
+        self.children: list[Job] = []
+        self.over: dict[int, float] = {}
+        self._study: optuna.Study | None = None
+
+    # -- helpers --
+    @property
+    def budget(self) -> float:
+        return self.auto.budget.value
+
+    @property
+    def kind(self) -> str:
+        return self.auto.budget.kind
+
+    def space(self) -> Space:
+        return Space.from_dict(self.state["space"])
+
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = open_study(self.settings, self.job.id,
+                                     self.spec.seed + len(self.state.get("told", [])),
+                                     self.over)
+        return self._study
+
+    def base_spec(self) -> dict[str, Any]:
+        base = {k: v for k, v in self.job.spec.items() if k != "steps"}
+        return base
+
+    def of(self, kind: str) -> list[Job]:
+        return [c for c in self.children if c.kind == kind]
+
+    def trial_spec(self, steps: list[dict[str, Any]], model: Any = None) -> dict[str, Any]:
+        spec = self.base_spec() | {"steps": steps}
+        if model is not None:
+            spec["model"] = model
+            spec.pop("normalize", None)  # the model's arch carries its preprocessing
+        checked = JobSpec.model_validate(spec, context={"max_epochs": self.settings.max_epochs})
+        return spec_document(checked)
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        record_event(self.session, self.job.id, kind, data)
+
+    def progress(self, value: float, stage: str) -> None:
+        self.job.progress = min(1.0, max(0.0, value))
+        self.job.stage = stage[:200]
+        self.event("progress", {"progress": self.job.progress, "stage": self.job.stage})
+
+    # -- the state machine --
+    def advance(self) -> str:
+        job = self.job
+        if job.status == states.QUEUED:
+            if job.cancel_requested:
+                states.mark_canceled(job)
+                return states.CANCELED
+            states.mark_running(job)
+            self.state = {"phase": BASELINE, "budget": self.auto.budget.model_dump(
+                exclude_none=True), "asked": 0, "told": []}
+            self.add_baseline()
+            self.save()
+            return job.status
+        self.children = list(self.session.scalars(
+            select(Job).where(Job.parent_id == job.id).order_by(Job.created_at, Job.id)
+            .execution_options(populate_existing=True)))
+        for child in self.children:
+            if child.terminal and not info(child).get("recorded"):
+                self.record(child)
+        if job.cancel_requested:
+            return self.cancel()
+        try:
+            phase = self.state["phase"]
+            if phase == BASELINE:
+                self.after_baseline()
+            if self.state["phase"] == SCREEN:
+                self.screen()
+            if self.state["phase"] == FINETUNE:
+                self.after_finetune()
+            if self.state["phase"] == FINAL:
+                self.after_final()
+        except SearchFailed as failed:
+            cancel_trials(self.session, job.id)
+            self.close_study()
+            if failed.summary is not None:
+                job.result = {"auto": failed.summary}
+                self.event("auto_result", failed.summary)
+            states.mark_failed(job, failed.code, failed.message)
+        self.save()
+        return job.status
+
+    def save(self) -> None:
+        self.job.search = json.loads(json.dumps(self.state, default=str))
+        self.session.flush()
+
+    def cancel(self) -> str:
+        cancel_trials(self.session, self.job.id)
+        running = [c for c in self.children if not c.terminal and c.status == states.RUNNING]
+        if running:
+            self.job.stage = f"canceling: waiting for {len(running)} running trial(s) to stop"
+            self.save()
+            return self.job.status
+        self.close_study()
+        states.mark_canceled(self.job)
+        self.save()
+        return states.CANCELED
+
+    def close_study(self) -> None:
+        """Trials the study still has running (a tick that rolled back after asking) fail."""
+        if "space" not in self.state:
+            return
+        try:
+            study = self.study()
+            for trial in study.get_trials(deepcopy=False,
+                                          states=(optuna.trial.TrialState.RUNNING,)):
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # the study is a record; the jobs are the truth
+            log.warning("search %s: could not close its study", self.job.id, exc_info=True)
+
+    # -- recording a finished trial --
+    def record(self, child: Job) -> None:
+        search = dict(info(child))
+        result = child.result or {}
+        measured: dict[str, Any] = next((s for s in reversed(result.get("steps") or [])
+                                         if s.get("op") == "measure"), {})
+        costs = measured.get("cost") or {}
+        raw = costs.get(self.kind)
+        ok = child.status == states.SUCCEEDED and isinstance(raw, (int, float))
+        cost = float(raw) if ok and raw is not None else 0.0
+        wall = None
+        if isinstance(child.started_at, datetime) and isinstance(child.finished_at, datetime):
+            wall = (child.finished_at - child.started_at).total_seconds()
+        machine = measured.get("machine") or {}
+        search.update(recorded=True, status=child.status, cost=cost if ok else None,
+                      val_accuracy=measured.get("val_accuracy") if ok else None,
+                      accuracy=(result.get("after") or {}).get("accuracy") if ok else None,
+                      within_budget=bool(ok and cost <= self.budget), wall_s=wall,
+                      model_id=result.get("model_id"))
+        if child.error_code:
+            search["error"] = {"code": child.error_code,
+                               "message": (child.error_message or "")[:500]}
+        child.search = search
+        if child.kind == BASELINE:
+            return
+        if child.kind == SCREEN and search.get("optuna") is not None:
+            number = int(search["optuna"])
+            try:
+                if ok:
+                    self.over[number] = float(cost) - self.budget
+                    self.study().tell(number, [float(search["val_accuracy"] or 0.0), cost])
+                else:
+                    self.study().tell(number, state=optuna.trial.TrialState.FAIL)
+            except (RuntimeError, ValueError) as exc:  # told by an earlier, rolled-back tick
+                log.info("search %s: trial %d already told (%s)", self.job.id, number, exc)
+            self.state.setdefault("told", []).append(number)
+        self.event("auto_trial", {
+            "trial": search.get("trial"), "phase": child.kind, "job_id": child.id,
+            "status": child.status, "method": search.get("method"),
+            "params": search.get("params"), "targets": search.get("targets"),
+            "cost": search["cost"], "costs": costs or None,
+            "val_accuracy": search["val_accuracy"], "accuracy": search["accuracy"],
+            "within_budget": search["within_budget"], "wall_s": wall,
+            "machine": {k: machine.get(k) for k in ("hostname", "cpu", "threads", "device")
+                        if k in machine} or None,
+            "error": search.get("error")})
+
+    # -- phases --
+    def add_baseline(self) -> None:
+        space_kind = self.kind
+        steps = [{"op": "measure", "report": True}]
+        if space_kind == "latency_ms":
+            steps[0]["latency_batch_size"] = self.auto.budget.latency_batch
+        if space_kind == "bytes":
+            steps[0]["bytes"] = True
+        add_trial(self.session, self.job, BASELINE, self.trial_spec(steps),
+                  {"trial": None, "phase": BASELINE, "method": "starting model",
+                   "budget_kind": self.kind}, self.settings)
+        self.progress(0.01, "measuring the starting model")
+
+    def after_baseline(self) -> None:
+        baseline = next(iter(self.of(BASELINE)), None)
+        if baseline is None:
+            self.add_baseline()
+            return
+        if not baseline.terminal:
+            return
+        if baseline.status != states.SUCCEEDED:
+            raise SearchFailed(baseline.error_code or "BaselineFailed",
+                               "the starting model could not be measured: "
+                               f"{baseline.error_message or baseline.status}")
+        result = baseline.result or {}
+        measured = next(s for s in result["steps"] if s.get("op") == "measure")
+        start = dict(measured["cost"])
+        start_val = measured.get("val_accuracy")
+        if start.get(self.kind) is not None and start[self.kind] <= self.budget:
+            raise SearchFailed(
+                "BudgetAlreadyMet",
+                f"the model already meets the budget: its {self.kind} is {start[self.kind]:g} "
+                f"<= {self.budget:g}; nothing to compress (lower the budget)")
+        choices, left_out = method_choices(self.kind, list(self.auto.methods)
+                                           if isinstance(self.auto.methods, list) else "all",
+                                           measured.get("applies"), self.auto.chains)
+        if not choices:
+            raise SearchFailed("NoMethodApplies",
+                               f"no method can reduce {self.kind} on this model: " + "; ".join(
+                                   f"{m}: {why}" for m, why in left_out.items()))
+        allow_int8 = self.auto.methods == "all" or "int8" in self.auto.methods
+        space = Space(kind=self.kind, value=self.budget, start=start, choices=tuple(choices),
+                      int8=allow_int8 and self.kind in ("latency_ms", "bytes"),
+                      latency_batch=self.auto.budget.latency_batch)
+        self.state.update(space=space.to_dict(), left_out=left_out, phase=SCREEN,
+                          start={"costs": start, "val_accuracy": start_val,
+                                 "accuracy": (result.get("before") or {}).get("accuracy"),
+                                 "machine": measured.get("machine"),
+                                 "before": result.get("before")})
+        study = self.study()
+        if not study.trials:
+            for params in defaults(space)[:self.auto.trials]:
+                study.enqueue_trial(params, skip_if_exists=True)
+        self.event("auto_budget", {
+            "budget": {"kind": self.kind, "value": self.budget,
+                       "batch_size": self.auto.budget.latency_batch
+                       if self.kind == "latency_ms" else None,
+                       "max_accuracy_drop": self.auto.max_accuracy_drop},
+            "baseline": {"cost": start.get(self.kind), "costs": start,
+                         "val_accuracy": start_val,
+                         "accuracy": (result.get("before") or {}).get("accuracy")},
+            "choices": choices, "left_out": left_out})
+
+    def in_flight(self) -> int:
+        return max(2, min(8, self.auto.trials // 4))
+
+    def screen(self) -> None:
+        space = self.space()
+        screens = self.of(SCREEN)
+        running = [c for c in screens if not c.terminal]
+        while self.state["asked"] < self.auto.trials and len(running) < self.in_flight():
+            child = self.ask(space)
+            self.state["asked"] += 1
+            if child is not None:
+                running.append(child)
+                self.children.append(child)
+        done = [c for c in self.of(SCREEN) if c.terminal]
+        if self.state["asked"] >= self.auto.trials and not running:
+            self.promote()
+            return
+        self.progress(0.02 + 0.38 * len(done) / self.auto.trials,
+                      f"screening: {len(done)}/{self.auto.trials} candidates scored without "
+                      f"retraining, {len(running)} running" + self.eta(done, self.auto.trials
+                                                                       - len(done)))
+
+    def eta(self, done: list[Job], left: int) -> str:
+        walls = [float(info(c)["wall_s"]) for c in done if info(c).get("wall_s")]
+        if not walls or left <= 0:
+            return ""
+        seconds = sum(walls) / len(walls) * left / max(1, min(left, self.in_flight()))
+        return f"; this phase ~{seconds / 60:.1f} min left" if seconds >= 60 else \
+            f"; this phase ~{seconds:.0f} s left"
+
+    def ask(self, space: Space) -> Job | None:
+        study = self.study()
+        trial = study.ask()
+        params = suggest(trial, space)
+        steps, targets = cut_steps(space, params)
+        search = {"trial": trial.number, "optuna": trial.number, "phase": SCREEN,
+                  "method": describe(params), "params": params, "targets": targets,
+                  "budget_kind": self.kind}
+        try:
+            spec = self.trial_spec(steps + [measure_step(space, bool(params.get("int8")))])
+        except ValidationError as exc:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            self.state.setdefault("told", []).append(trial.number)
+            self.event("auto_trial", {"trial": trial.number, "phase": SCREEN,
+                                      "status": "failed", "method": search["method"],
+                                      "params": params, "error": {
+                                          "code": "SpecError",
+                                          "message": str(exc).splitlines()[0][:300]}})
+            return None
+        return add_trial(self.session, self.job, SCREEN, spec, search, self.settings)
+
+    def promote(self) -> None:
+        screened = [info(c) for c in self.of(SCREEN) if info(c).get("within_budget")]
+        if not screened:
+            raise self.nothing_within_budget(SCREEN)
+        screened.sort(key=lambda s: (-(s.get("val_accuracy") or 0.0), s.get("cost") or 0.0))
+        chosen: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for s in screened:  # the best of each method first ...
+            key = str(s["params"].get("method")) + ("+int8" if s["params"].get("int8") else "")
+            if key not in seen:
+                seen.add(key)
+                chosen.append(s)
+        chosen = chosen[:self.auto.promoted]
+        for s in screened:  # ... then the rest by accuracy
+            if len(chosen) >= self.auto.promoted:
+                break
+            if s not in chosen:
+                chosen.append(s)
+        space = self.space()
+        for s in chosen:
+            params = s["params"]
+            steps, targets = cut_steps(space, params)
+            if self.auto.finetune_epochs:
+                steps.append(train_step(self.auto.finetune_epochs, self.auto.model_dump()))
+            steps.append(measure_step(space, bool(params.get("int8"))))
+            child = add_trial(self.session, self.job, FINETUNE, self.trial_spec(steps),
+                              {"trial": s["trial"], "phase": FINETUNE, "method": s["method"],
+                               "params": params, "targets": targets, "budget_kind": self.kind,
+                               "screen_val_accuracy": s.get("val_accuracy")}, self.settings)
+            self.children.append(child)
+        self.state["phase"] = FINETUNE
+        self.state["promoted"] = [s["trial"] for s in chosen]
+        self.close_study()
+        self.progress(0.40, f"fine-tuning the {len(chosen)} most promising candidates "
+                            f"({self.auto.finetune_epochs} epoch(s) each)")
+
+    def after_finetune(self) -> None:
+        tuned = self.of(FINETUNE)
+        running = [c for c in tuned if not c.terminal]
+        done = [c for c in tuned if c.terminal]
+        if running:
+            self.progress(0.40 + 0.45 * len(done) / max(1, len(tuned)),
+                          f"fine-tuning: {len(done)}/{len(tuned)} candidates done, "
+                          f"{len(running)} running" + self.eta(done, len(running)))
+            return
+        within = [info(c) for c in tuned if info(c).get("within_budget")
+                  and info(c).get("model_id") and info(c).get("val_accuracy") is not None]
+        if not within:
+            raise self.nothing_within_budget(FINETUNE)
+        winner = max(within, key=lambda s: (s["val_accuracy"], -s["cost"]))
+        steps: list[dict[str, Any]] = []
+        if self.auto.final_epochs:
+            steps.append(train_step(self.auto.final_epochs, self.auto.model_dump()))
+        int8 = bool(winner["params"].get("int8"))
+        steps.append(measure_step(self.space(), int8))
+        if int8:
+            steps.append({"op": "export", "formats": ["onnx"], "quantize": "int8_dynamic"})
+        child = add_trial(self.session, self.job, FINAL,
+                          self.trial_spec(steps, model=winner["model_id"]),
+                          {"trial": winner["trial"], "phase": FINAL, "method": winner["method"],
+                           "params": winner["params"], "targets": winner.get("targets"),
+                           "budget_kind": self.kind, "from_model": winner["model_id"]},
+                          self.settings)
+        self.children.append(child)
+        self.state.update(phase=FINAL, winner=winner["trial"])
+        self.progress(0.85, f"fine-tuning the winner ({winner['method']}) "
+                            f"{self.auto.final_epochs} more epoch(s)")
+
+    def after_final(self) -> None:
+        final = next(iter(self.of(FINAL)), None)
+        if final is None or not final.terminal:
+            if final is not None:
+                self.progress(0.85 + 0.15 * (final.progress or 0.0) * 0.95,
+                              f"fine-tuning the winner: {final.stage}")
+            return
+        if final.status != states.SUCCEEDED:
+            raise SearchFailed(final.error_code or "FinalFailed",
+                               f"the winner's final fine-tuning failed: "
+                               f"{final.error_message or final.status}")
+        self.finish(final)
+
+    # -- the outcome --
+    def tuned(self) -> list[dict[str, Any]]:
+        return [info(c) for c in self.of(FINETUNE)
+                if info(c).get("status") == states.SUCCEEDED]
+
+    def nothing_within_budget(self, phase: str) -> SearchFailed:
+        trials = [info(c) for c in self.of(phase) if info(c).get("cost") is not None]
+        errors = [info(c).get("error", {}).get("message") for c in self.of(phase)
+                  if info(c).get("error")]
+        if not trials:
+            detail = f"; first error: {errors[0]}" if errors else ""
+            return SearchFailed("NoTrialSucceeded",
+                                f"none of the {len(self.of(phase))} {phase} trials produced a "
+                                f"model{detail}", self.summary(None, "no trial succeeded"))
+        closest = sorted(trials, key=lambda s: s["cost"])[:3]
+        relax = (f"raise the budget to at least {closest[0]['cost']:g} {self.kind} (the cheapest "
+                 "candidate), or try other methods")
+        message = (f"no candidate met the budget of {self.budget:g} {self.kind}; the closest: "
+                   + "; ".join(f"{s['method']} at {s['cost']:g} (val accuracy "
+                               f"{(s.get('val_accuracy') or 0) * 100:.1f} %)" for s in closest)
+                   + f". To get a model: {relax}")
+        return SearchFailed("BudgetNotMet", message, self.summary(None, message, relax=relax))
+
+    def summary(self, winner: dict[str, Any] | None, reason: str, *,
+                relax: str | None = None, verdict: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+        start = self.state.get("start") or {}
+        tuned = self.tuned()
+        front = [tuned[i] for i in pareto(tuned)]
+        counts = {phase: len(self.of(phase)) for phase in (SCREEN, FINETUNE, FINAL)}
+        compute = sum(info(c).get("wall_s") or 0.0 for c in self.children)
+        return {
+            "budget": {"kind": self.kind, "value": self.budget, "meaning": BUDGET_MEANING[
+                self.kind], **({"batch_size": self.auto.budget.latency_batch}
+                               if self.kind == "latency_ms" else {})},
+            "max_accuracy_drop": self.auto.max_accuracy_drop,
+            "start": {"cost": (start.get("costs") or {}).get(self.kind),
+                      "val_accuracy": start.get("val_accuracy"),
+                      "accuracy": start.get("accuracy")},
+            "winner": winner, "reason": reason, "relax": relax, "verdict": verdict,
+            "trials": counts, "methods": (self.state.get("space") or {}).get("choices"),
+            "left_out": self.state.get("left_out"),
+            "pareto": [{"trial": s["trial"], "method": s["method"], "cost": s["cost"],
+                        "val_accuracy": s["val_accuracy"]} for s in front],
+            "compute_s": compute,
+            "wall_s": (utcnow() - self.job.started_at).total_seconds()
+            if self.job.started_at else None}
+
+    def finish(self, final: Job) -> None:
+        result = final.result or {}
+        search = final.search or {}
+        measured: dict[str, Any] = next((s for s in reversed(result.get("steps") or [])
+                                         if s.get("op") == "measure"), {})
+        start = self.state.get("start") or {}
+        tuned = {s["trial"]: s for s in self.tuned()}
+        won = tuned.get(search.get("trial")) or {}
+        cost = (measured.get("cost") or {}).get(self.kind)
+        others = sorted((s for s in tuned.values() if s is not won and s.get("within_budget")),
+                        key=lambda s: -(s.get("val_accuracy") or 0))
+        winner = {"trial": search.get("trial"), "method": search.get("method"),
+                  "params": search.get("params"), "targets": search.get("targets"),
+                  "cost": cost, "costs": measured.get("cost"),
+                  "val_accuracy": measured.get("val_accuracy"),
+                  "accuracy": (result.get("after") or {}).get("accuracy"),
+                  "finetune_val_accuracy": won.get("val_accuracy"),
+                  "machine": measured.get("machine"), "model_id": result.get("model_id"),
+                  "job_id": final.id}
+        start_val = start.get("val_accuracy")
+        verdict: dict[str, Any] = {"budget": cost is not None and cost <= self.budget}
+        relax = None
+        words = [f"{winner['method']} at {cost:g} {self.kind} "
+                 f"({cost / self.budget * 100:.1f} % of the budget {self.budget:g})"
+                 if cost is not None else str(winner["method"]),
+                 f"had the highest validation accuracy after {self.auto.finetune_epochs} "
+                 f"fine-tuning epoch(s) ({(won.get('val_accuracy') or 0) * 100:.2f} %) of the "
+                 f"{len(tuned)} fine-tuned candidates within the budget"]
+        if others:
+            words.append(f"(next: {others[0]['method']}, "
+                         f"{(others[0].get('val_accuracy') or 0) * 100:.2f} %)")
+        words.append(f"; after {self.auto.final_epochs} more epoch(s) its test accuracy is "
+                     f"{(winner['accuracy'] or 0) * 100:.2f} %")
+        if start.get("accuracy") is not None:
+            words.append(f"(the starting model: {start['accuracy'] * 100:.2f} %)")
+        if self.auto.max_accuracy_drop is not None and start_val is not None:
+            drop = start_val - (winner["val_accuracy"] or 0.0)
+            verdict["accuracy"] = drop <= self.auto.max_accuracy_drop + 1e-12
+            verdict["val_accuracy_drop"] = drop
+            if not verdict["accuracy"]:
+                cheaper = [s for s in self.tuned() if start_val - (s.get("val_accuracy") or 0)
+                           <= self.auto.max_accuracy_drop]
+                relax = (f"allow max_accuracy_drop >= {drop:.4f}" + (
+                    f", or raise the budget to about {min(s['cost'] for s in cheaper):g} "
+                    f"{self.kind} (the cheapest candidate within the accuracy bound)"
+                    if cheaper else ", or raise the budget"))
+                words.append(f". It does NOT meet max_accuracy_drop {self.auto.max_accuracy_drop}"
+                             f": it loses {drop * 100:.2f} points of validation accuracy; "
+                             f"{relax}")
+        if not verdict["budget"]:
+            words.append(f". Measured again after the final fine-tuning its {self.kind} is "
+                         f"{cost}, above the budget (a latency measurement varies)")
+        reason = " ".join(words).replace(" ;", ";").replace(" .", ".")
+        summary = self.summary(winner, reason, relax=relax, verdict=verdict)
+        self.event("auto_result", summary)
+        before = (self.state.get("start") or {}).get("before") or {}
+        after = result.get("after") or {}
+        job_result = {
+            "model_id": result.get("model_id"), "before": before, "after": after,
+            "steps": [{"op": "auto", "wall_s": summary["wall_s"],
+                       **{k: after.get(k) for k in ("params", "macs", "accuracy")},
+                       "winner": winner, "reason": reason}],
+            "auto": summary, "dataset": self.spec.dataset, "device": result.get("device"),
+            "attempts": 1}
+        self.store_artifacts(job_result, result.get("model_id"))
+        states.mark_succeeded(self.job, job_result)
+
+    def store_artifacts(self, job_result: dict[str, Any], model_id: str | None) -> None:
+        """report.json, curves.json, frontier.png, and the chosen model's checkpoint (the
+        Model's own object) as the search's artifacts."""
+        from worker.step_auto import frontier_plot
+
+        session, job = self.session, self.job
+        store = store_from_settings(self.settings)
+        curves = fold_curves((e.kind, e.data or {})
+                             for e in list_events(session, job.id, 0, 100_000))
+        with temp_dir(self.settings.home / "work", f"search-{job.id}") as tmp:
+            folder = Path(tmp)
+            files = {"report.json": folder / "report.json", "curves.json": folder / "curves.json"}
+            files["report.json"].write_text(json.dumps(
+                {"job_id": job.id, "spec": job.spec, **job_result}, indent=2, default=str))
+            files["curves.json"].write_text(json.dumps(curves, indent=2, default=str))
+            plot = folder / "frontier.png"
+            try:
+                if frontier_plot(curves, plot):
+                    files["frontier.png"] = plot
+            except Exception:  # a plot must not fail a search whose model is fine
+                log.warning("search %s: could not draw frontier.png", job.id, exc_info=True)
+            put_files(session, store, {artifact_key(job.tenant_id, job.id, name): path
+                                       for name, path in files.items()})
+            for name, path in files.items():
+                add_artifact(session, store, tenant_id=job.tenant_id, job_id=job.id, name=name,
+                             path=path, stored=True,
+                             kind="plot" if name.endswith(".png") else name.split(".")[0])
+        model = session.get(Model, model_id) if model_id else None
+        if model is not None:
+            session.add(Artifact(job_id=job.id, name="model.safetensors", kind="model",
+                                 size_bytes=model.size_bytes, sha256=model.sha256,
+                                 storage_key=model.storage_key))
+
+
+BUDGET_MEANING = {
+    "total_params": "every value the dense-format model stores (parameters, frozen buffers, "
+                    "BatchNorm statistics; DCTpS layers as dense weights): what a deployed ONNX "
+                    "holds; masks do not reduce it",
+    "nonzero_params": "the non-zero stored values: what a sparse file stores",
+    "trainable_params": "the parameters a training step updates",
+    "macs": "multiply-accumulates of one sample, what a dense runtime executes; masks do not "
+            "reduce it",
+    "latency_ms": "onnxruntime latency of one batch, measured on the worker that ran the trial",
+    "bytes": "the size of the exported ONNX file (the int8 one when the model quantizes)",
+}
