@@ -59,6 +59,13 @@ def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 2
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
 
+def ort_accuracy(session: ort.InferenceSession, x: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the session's logits on `x` against `labels` (0.0 for no rows)."""
+    if not len(labels):
+        return 0.0
+    return float((ort_logits(session, x).argmax(1) == labels).mean())
+
+
 def initializer_bytes(path: str | Path) -> int:
     """Bytes of every initializer of an ONNX file (the weights it holds)."""
     model = onnx.load(str(path))

@@ -52,8 +52,8 @@ def run_export(ctx: StepContext, step: ExportStep) -> dict[str, Any]:
         raise RuntimeError("the export step needs the job's workdir (set by the runner)")
     outdir = ctx.workdir / "export"
     outdir.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(ctx.model).cpu().float().eval()  # ctx.model stays as it is
-    threads = max(1, torch.get_num_threads())
+    model = float_cpu_copy(ctx.model)  # ctx.model stays as it is
+    threads = onnx_threads()
     inputs, source = verification_inputs(ctx, step.samples)
     test = ctx.splits.test
     with torch.no_grad():
@@ -146,8 +146,8 @@ class Check:
                   "initializer_bytes": onnx_tools.initializer_bytes(path),
                   "optimized_initializer_bytes": onnx_tools.optimized_initializer_bytes(path),
                   **self.compare(logits, int8=int8),
-                  "accuracy": accuracy(onnx_tools.ort_logits(session, self.test.x.numpy()),
-                                       self.test.y.numpy())}
+                  "accuracy": onnx_tools.ort_accuracy(session, self.test.x.numpy(),
+                                                      self.test.y.numpy())}
         latency = {f"batch_{b}": onnx_tools.ort_latency_ms(
             path, self.input_shape, b, self.threads, session=session) for b in LATENCY_BATCHES}
         start = self.start["latency_ms"]
@@ -184,6 +184,20 @@ class Check:
             why = (f"max |logit difference| {diff:.3g} is {relative:.3g} of the largest |logit| "
                    f"{scale:.3g}, above {FP32_TOLERANCE:g}")
         return record | {"verified": ok, "reason": None if ok else why}
+
+
+def onnx_threads() -> int:
+    """The threads an onnxruntime session of a step gets (intra-op; its latency is measured on
+    them): the worker's torch thread count — `SLIMLINE_WORKER_THREADS`, else this process's
+    share of the CPUs (`worker.celery_app.torch_threads`) — so a job never times on more cores
+    than it trains on."""
+    return max(1, torch.get_num_threads())
+
+
+def float_cpu_copy(model: nn.Module) -> nn.Module:
+    """A float32 CPU copy of `model` in eval mode (what is exported; the job's model stays as
+    it is, on its device and in its mode)."""
+    return copy.deepcopy(model).cpu().float().eval()
 
 
 def verification_inputs(ctx: StepContext, samples: int) -> tuple[np.ndarray, dict[str, int]]:
