@@ -109,13 +109,10 @@ def study_name(job_id: str) -> str:
     return f"auto-{job_id}"
 
 
-def open_study(settings: Settings, job_id: str, seed: int,
-               over_budget: dict[int, float] | None = None) -> optuna.Study:
-    """The search's study, with a sampler whose constraint is `over_budget[number]` (cost
-    minus budget, <= 0 feasible; filled in by the caller before `tell`)."""
-    over = over_budget if over_budget is not None else {}
-    sampler = optuna.samplers.TPESampler(
-        seed=seed % (2**31), constraints_func=lambda t: [over.get(t.number, 0.0)])
+def open_study(settings: Settings, job_id: str, seed: int) -> optuna.Study:
+    """The search's study: two objectives (validation accuracy up, cost down) and a constraint
+    per told trial (`over_budget`, cost minus budget, <= 0 feasible; see `tell`), TPE."""
+    sampler = optuna.samplers.TPESampler(seed=seed % (2**31))
     return optuna.create_study(study_name=study_name(job_id), storage=study_storage(settings),
                                directions=["maximize", "minimize"], sampler=sampler,
                                load_if_exists=True)
@@ -184,7 +181,6 @@ class Coordinator:
         self.auto: AutoStep = step
         self.state: dict[str, Any] = dict(job.search or {})
         self.children: list[Job] = []
-        self.over: dict[int, float] = {}
         self._study: optuna.Study | None = None
 
     # -- helpers --
@@ -202,8 +198,7 @@ class Coordinator:
     def study(self) -> optuna.Study:
         if self._study is None:
             self._study = open_study(self.settings, self.job.id,
-                                     self.spec.seed + len(self.state.get("told", [])),
-                                     self.over)
+                                     self.spec.seed + len(self.state.get("told", [])))
         return self._study
 
     def base_spec(self) -> dict[str, Any]:
@@ -327,8 +322,13 @@ class Coordinator:
             number = int(search["optuna"])
             try:
                 if ok:
-                    self.over[number] = float(cost) - self.budget
-                    self.study().tell(number, [float(search["val_accuracy"] or 0.0), cost])
+                    study = self.study()
+                    # the storage's public lookup; the study's id has no public accessor
+                    trial_id = study._storage.get_trial_id_from_study_id_trial_number(
+                        study._study_id, number)
+                    optuna.trial.Trial(study, trial_id).set_constraint(
+                        "over_budget", cost - self.budget)
+                    study.tell(number, [float(search["val_accuracy"] or 0.0), cost])
                 else:
                     self.study().tell(number, state=optuna.trial.TrialState.FAIL)
             except (RuntimeError, ValueError) as exc:  # told by an earlier, rolled-back tick
