@@ -22,7 +22,7 @@ EXPORTED = ("onnx", "pt2")
 EXPORT_ARTIFACTS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 # ops that leave the weights as they are: an export step followed only by these exported the
 # job's final model
-READ_ONLY_OPS = frozenset({"export", "evaluate", "analyze"})
+READ_ONLY_OPS = frozenset({"export", "evaluate", "analyze", "measure"})
 
 
 @dataclass(frozen=True)
