@@ -431,10 +431,13 @@ class Coordinator:
                                                                        - len(done)))
 
     def eta(self, done: list[Job], left: int) -> str:
+        """The phase's time left: the mean wall time of its finished trials times the trials
+        left, over the trials running at once now (the workers taking them)."""
         walls = [float(info(c)["wall_s"]) for c in done if info(c).get("wall_s")]
         if not walls or left <= 0:
             return ""
-        seconds = sum(walls) / len(walls) * left / max(1, min(left, self.in_flight()))
+        at_once = sum(1 for c in self.children if c.status == states.RUNNING)
+        seconds = sum(walls) / len(walls) * left / max(1, min(left, at_once))
         return f"; this phase ~{seconds / 60:.1f} min left" if seconds >= 60 else \
             f"; this phase ~{seconds:.0f} s left"
 

@@ -18,7 +18,9 @@ def test_create_job_commits_then_enqueues(client, enqueued):
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert set(job) == {"id", "status", "progress", "stage", "spec", "error", "result",
-                        "created_at", "started_at", "finished_at", "attempts"}
+                        "created_at", "started_at", "finished_at", "attempts", "kind",
+                        "parent_id"}
+    assert job["kind"] == "job" and job["parent_id"] is None
     assert job["status"] == "queued" and job["error"] is None and job["progress"] == 0.0
     assert job["spec"]["steps"][0]["optimizer"] == "adam"  # defaults are filled in
     assert enqueued == [(job["id"], "cpu")]
@@ -290,7 +292,7 @@ def test_curves_per_layer_from_tracking_and_transform_events(client, settings):
                                         "output": {}})
     curves = client.get(f"/v1/jobs/{job_id}/curves").json()
     assert set(curves) == {"training", "effective_dim", "spectra", "transforms", "pruning",
-                           "lowrank", "dctps", "analysis", "channel_pruning"}
+                           "lowrank", "dctps", "analysis", "channel_pruning", "auto"}
     assert curves["effective_dim"] == {"fc2": [
         {"step": 0, "epoch": e, "global_epoch": e, "in_dim": 300,
          "effective_dim": {"0.1": 40 + e}, "accuracy": 0.5 + e / 10,
