@@ -29,6 +29,7 @@ from cli.client import (
     print_outcome,
     report_summary,
     request,
+    trials_table,
     upload_model,
     watch_job,
 )
@@ -329,6 +330,22 @@ def status(job_id: str,
             raise typer.Exit(0 if job["status"] == "succeeded" else 1)
         job = checked(request(http.get, f"/v1/jobs/{job_id}"))
     typer.echo(json.dumps(job, indent=2))
+
+
+@app.command()
+def trials(job_id: str,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the JSON document.")]
+           = False,
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """The trials of an auto-compress job: phase, method, cost, accuracy (live)."""
+    from rich.console import Console
+
+    with client(url, key) as http:
+        doc = checked(request(http.get, f"/v1/jobs/{job_id}/trials"))
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    Console().print(trials_table(doc["items"], doc.get("budget")))
 
 
 class DownloadFormat(StrEnum):

@@ -80,6 +80,9 @@ def print_outcome(job: dict[str, Any]) -> None:
         after = (job.get("result") or {}).get("after", {})
         typer.echo(f"job {job['id']} succeeded: model {job['result']['model_id']}, "
                    f"accuracy {after.get('accuracy')}, params {after.get('params')}")
+        auto = job["result"].get("auto")
+        if auto:  # an auto-compress search: why its winner won
+            typer.echo(auto.get("reason", ""))
     elif job["status"] == "failed":
         error = job.get("error") or {}
         typer.secho(f"job {job['id']} failed: {error.get('code')}: {error.get('message')}",
@@ -190,3 +193,28 @@ def report_summary(report: dict[str, Any] | None, limit: int = 6) -> list[str]:
         lines.append(f"  ... {len(untouched) - limit} more untouched (GET /v1/models/<id> has "
                      "the full report)")
     return lines
+
+
+def trials_table(items: list[dict[str, Any]], budget: dict[str, Any] | None) -> Any:
+    """A rich table of an auto-compress search's trials (`GET /v1/jobs/{id}/trials`)."""
+    from rich.table import Table
+
+    kind = next(iter(budget or {}), "cost")
+    table = Table(title=f"trials (budget: {budget})" if budget else "trials")
+    for column in ("phase", "trial", "status", "method", kind, "val acc", "test acc", "s"):
+        table.add_column(column, justify="right" if column in (kind, "val acc", "test acc", "s",
+                                                              "trial") else "left")
+
+    def pct(value: Any) -> str:
+        return f"{value * 100:.2f}" if isinstance(value, (int, float)) else ""
+
+    for t in items:
+        cost = t.get("cost")
+        status = t["status"] + (f" ({t['error']['code']})" if t.get("error") else "")
+        table.add_row(t["phase"], "" if t.get("trial") is None else str(t["trial"]), status,
+                      str(t.get("method") or ""),
+                      f"{cost:g}" + ("" if t.get("within_budget") in (None, True) else " (over)")
+                      if isinstance(cost, (int, float)) else "",
+                      pct(t.get("val_accuracy")), pct(t.get("accuracy")),
+                      f"{t['wall_s']:.1f}" if t.get("wall_s") else "")
+    return table

@@ -427,8 +427,13 @@ class Coordinator:
             return
         self.progress(0.02 + 0.38 * len(done) / self.auto.trials,
                       f"screening: {len(done)}/{self.auto.trials} candidates scored without "
-                      f"retraining, {len(running)} running" + self.eta(done, self.auto.trials
-                                                                       - len(done)))
+                      f"retraining, {self.busy(running)}" + self.eta(done, self.auto.trials
+                                                                     - len(done)))
+
+    @staticmethod
+    def busy(active: list[Job]) -> str:
+        running = sum(1 for c in active if c.status == states.RUNNING)
+        return f"{running} running, {len(active) - running} queued"
 
     def eta(self, done: list[Job], left: int) -> str:
         """The phase's time left: the mean wall time of its finished trials times the trials
@@ -505,7 +510,7 @@ class Coordinator:
         if running:
             self.progress(0.40 + 0.45 * len(done) / max(1, len(tuned)),
                           f"fine-tuning: {len(done)}/{len(tuned)} candidates done, "
-                          f"{len(running)} running" + self.eta(done, len(running)))
+                          f"{self.busy(running)}" + self.eta(done, len(running)))
             return
         within = [info(c) for c in tuned if info(c).get("within_budget")
                   and info(c).get("model_id") and info(c).get("val_accuracy") is not None]
