@@ -115,6 +115,9 @@ class PCNConfig(StepConfig):
 
     @property
     def target(self) -> dict[str, Any] | None:
+        """`select.target`: `{kind: N}` with kind one of `core.budget.BUDGET_KINDS` (met by
+        `core.pcn_budget.pcn_transform_to_budget`) or `{"max_accuracy_drop": d}`
+        (`core.pcn_select.pcn_transform_to_target`); None when the selector is a criterion."""
         return self.select.get("target")
 
     def stats_kwargs(self) -> dict[str, Any]:

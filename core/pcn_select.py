@@ -3,8 +3,12 @@
 * `auto_layers` / `auto_output` (the widest layers; where output pruning pays): defined in
   `core.pcn_auto`, re-exported here.
 * `pcn_transform_to_target`: one common eigenvalue threshold for every layer, found by
-  bisection over a log-spaced grid so that the model meets `{"trainable_params": N}` (at or
-  below N) or `{"max_accuracy_drop": d}` (validation accuracy, no retraining).
+  bisection over a log-spaced grid so that the model meets `{"max_accuracy_drop": d}`
+  (validation accuracy, no retraining) or `{"trainable_params": N}` (at or below N; coarse:
+  the pcn step's size targets use the per-layer allocation below instead).
+* `pcn_transform_to_budget` (defined in `core.pcn_budget`, re-exported here): a size target
+  (`trainable_params`, `total_params`, `nonzero_params`, `macs`) met by per-layer dims, greedy
+  by explained variance per unit of measured cost, landing within ~1% below the budget.
 """
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ from core.errors import SpecError
 from core.metrics import param_counts
 from core.pca import LayerStats
 from core.pcn_auto import AUTO_OUTPUT_RULE, auto_layers, auto_output
+from core.pcn_budget import pcn_transform_to_budget
 from core.pcn_output import chosen_layers, pcn_transform
 from core.train import evaluate
 
-__all__ = ["AUTO_OUTPUT_RULE", "auto_layers", "auto_output", "pcn_transform_to_target",
-           "threshold_grid"]
+__all__ = ["AUTO_OUTPUT_RULE", "auto_layers", "auto_output", "pcn_transform_to_budget",
+           "pcn_transform_to_target", "threshold_grid"]
 
 # ---- target search ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from core.pca import LayerStats, collect_input_stats
 from core.pcn import layer_selector
 from core.pcn_graph import shared_input_sets
 from core.pcn_output import apply_pcn, plan_pcn
-from core.pcn_select import pcn_transform_to_target
+from core.pcn_select import pcn_transform_to_budget, pcn_transform_to_target
 from core.train import evaluate
 from service.methods.pcn import PCNStep
 from worker.context import (
@@ -64,7 +64,7 @@ def _collect_stats(ctx: StepContext, config: PCNConfig, layers: list[str],
     Default (solver 'auto', no top_k): only the kept components — each tensor's eigenpairs are
     computed until its layers' selectors are decided (`core.pca.selector_enough`), through the
     N x N Gram matrix where a layer sees fewer samples than dims. A target search compares
-    thresholds over the whole spectrum, so it computes every component (Gram route where
+    directions over the whole spectrum, so it computes every component (Gram route where
     N < m). `top_k` / `solver` override both."""
     shared = {n: tensor[0] for tensor in shared_input_sets(ctx.model) for n in tensor}
     stat_layers = list(dict.fromkeys(shared.get(n, n) for n in layers))
@@ -89,19 +89,33 @@ def _collect_stats(ctx: StepContext, config: PCNConfig, layers: list[str],
                                    ctx.generator.initial_seed()))
 
 
+def _budget_reason(search: dict[str, Any]) -> str:
+    kind, goal, value = search["kind"], search["goal"], int(search["value"])
+    dims = ", ".join(f"{n} {d}" for n, d in search["dims"].items())
+    if search["capped"]:
+        return (f"every input direction with variance is kept ({dims} dims): {kind} {value:,} "
+                f"is below the budget {goal:,}, which allows more than the layers hold")
+    cost = ", ".join(f"{n} {c:,}" for n, c in search["marginal_cost"].items())
+    return (f"dims per layer ({dims}) taken greedily, the direction explaining the most of its "
+            f"layer's input variance per {kind} it costs first (one more dim costs {cost}), "
+            f"as many as fit: the measured {kind} {value:,} is at or below the budget {goal:,} "
+            f"({100 * value / goal:.1f}%)")
+
+
 def _search_summary(search: dict[str, Any]) -> dict[str, Any]:
+    if "dims" in search:  # a size target: core.pcn_budget
+        keys = ("kind", "goal", "value", "knob", "fraction", "evaluations", "dims", "minimum")
+        summary = {k: search[k] for k in keys}
+        summary["value"] = int(search["value"])
+        summary["reason"] = _budget_reason(search)
+        return summary
     (kind, goal), = search["target"].items()
     summary = {"kind": kind, "goal": goal, "threshold": search["threshold"],
                "value": search["value"], "trials": len(search["trials"])}
-    if kind == "trainable_params":
-        summary["reason"] = (f"the smallest common eigenvalue threshold on the search grid "
-                             f"whose model has <= {goal} trainable parameters "
-                             f"({int(search['value'])}); a smaller one exceeds the budget")
-    else:
-        summary["baseline"] = search["baseline"]
-        summary["reason"] = (f"the largest common eigenvalue threshold on the search grid whose "
-                             f"validation accuracy without retraining ({search['value']:.4f}) "
-                             f"is >= baseline {search['baseline']:.4f} - {goal}")
+    summary["baseline"] = search["baseline"]
+    summary["reason"] = (f"the largest common eigenvalue threshold on the search grid whose "
+                         f"validation accuracy without retraining ({search['value']:.4f}) "
+                         f"is >= baseline {search['baseline']:.4f} - {goal}")
     return summary
 
 
@@ -120,9 +134,14 @@ def transform(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
     ctx.reporter.progress(0.5, "pcn: transforming layers")
     output = "auto" if config.output_based else None
     start = time.perf_counter()
-    if config.target is not None:
+    target = config.target
+    if target is not None and "max_accuracy_drop" not in target:
+        (kind, goal), = target.items()
+        new_model, report = pcn_transform_to_budget(
+            ctx.model, stats, kind, goal, layers, output=output, input_shape=ctx.input_shape)
+    elif target is not None:
         new_model, report = pcn_transform_to_target(
-            ctx.model, stats, config.target, layers, output=output, val_dataset=ctx.splits.val,
+            ctx.model, stats, target, layers, output=output, val_dataset=ctx.splits.val,
             device=ctx.device)
     else:
         plan = plan_pcn(ctx.model, stats, config.selector(), layers, output=output)

@@ -37,19 +37,29 @@ class PCNLayerSelect(Strict):
         return self
 
 
+SIZE_TARGETS = ("trainable_params", "total_params", "nonzero_params", "macs")
+
+
 class PCNTarget(Strict):
-    """A size or accuracy goal met by one common eigenvalue threshold, found by search
-    (`core.pcn_select.pcn_transform_to_target`; candidates are evaluated without retraining)."""
+    """A size or accuracy goal, found by search without retraining. A size (the whole model's
+    trainable / total / non-zero parameters or MACs per sample, as `core.budget` measures them)
+    is met by per-layer dims, greedy by explained variance per unit of cost and fitted so the
+    measured cost lands at or just below it (`core.pcn_budget.pcn_transform_to_budget`);
+    `max_accuracy_drop` by one common eigenvalue threshold whose candidates are evaluated on
+    the validation split (`core.pcn_select.pcn_transform_to_target`)."""
 
     trainable_params: int | None = Field(default=None, ge=1, le=10**12)
+    total_params: int | None = Field(default=None, ge=1, le=10**12)
+    nonzero_params: int | None = Field(default=None, ge=1, le=10**12)
+    macs: int | None = Field(default=None, ge=1, le=10**12)
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PCNTarget:
-        given = [k for k in ("trainable_params", "max_accuracy_drop")
-                 if getattr(self, k) is not None]
+        given = [k for k in (*SIZE_TARGETS, "max_accuracy_drop") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("a target is exactly one of trainable_params (an integer >= 1) or "
+            raise ValueError("a target is exactly one of trainable_params, total_params, "
+                             "nonzero_params, macs (an integer in 1..10**12) or "
                              f"max_accuracy_drop (a fraction in [0, 1]), got {given or 'none'}")
         return self
 
@@ -99,7 +109,7 @@ class PCNStep(MethodSpec):
     def _consistent(self) -> PCNStep:
         if self.select.target is not None and self.per_layer:
             raise ValueError("per_layer cannot be combined with select.target: the target "
-                             "search uses one common threshold for every layer")
+                             "search chooses every layer's dims")
         if isinstance(self.layers, list):
             extra = sorted(set(self.per_layer) - set(self.layers))
             if extra:
