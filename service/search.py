@@ -1,9 +1,9 @@
 """Auto-compress searches as the service sees them (torch-free): a search is a job of kind
 `auto` whose trials are child jobs (`jobs.parent_id`), each an ordinary job any worker runs —
 claimed, heart-beaten, checkpointed, re-queued when its worker is lost, exactly like a job a user
-submitted. The coordinator (`worker.auto_search.tick`) holds no worker slot: it runs for a moment
-whenever a trial ends (the runner sends it), when the search is submitted or canceled, and when
-the reconciler finds it idle for `search_tick_s` (`stalled_searches`), and returns.
+submitted. The coordinator (`worker.auto_search.tick`) holds no worker slot: it runs for a
+moment whenever a trial ends (the runner runs it right there), when the search is submitted or
+canceled, and when the reconciler finds it idle for `search_tick_s` (`stalled_searches`).
 
 Here: creating trial rows, canceling a search with its trials, the trials as the API lists them
 (`GET /v1/jobs/{id}/trials`), and the queue message that runs the coordinator.

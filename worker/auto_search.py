@@ -1,10 +1,11 @@
 """The coordinator of an auto-compress search (`{"op": "auto"}`; the service side is
 `service.search`). It never waits: `tick(job_id)` takes the search's row lock, looks at its
-trials (child jobs), records the finished ones, starts what comes next, and returns — run when the
-search is submitted, whenever one of its trials ends (the runner sends it), when it is canceled,
-and by the reconciler when it has been idle for `search_tick_s`. So the search holds no worker
-slot, its trials run on any worker (cpu or gpu queue, as its own queue says), a trial whose
-worker dies is re-queued and resumed like any job, and a lost or failed tick is simply run again.
+trials (child jobs), records the finished ones, starts what comes next, and returns — run when
+the search is submitted, whenever one of its trials ends (the runner runs it in place), when it
+is canceled, and by the reconciler when it has been idle for `search_tick_s`. So the search
+holds no worker slot, its trials run on any worker (cpu or gpu queue, as its own queue says), a
+trial whose worker dies is re-queued and resumed like any job, and a lost or failed tick is
+simply run again.
 
 Phases (`job.search["phase"]`):
 
@@ -321,16 +322,21 @@ class Coordinator:
         if child.kind == SCREEN and search.get("optuna") is not None:
             number = int(search["optuna"])
             try:
-                if ok:
-                    study = self.study()
-                    # the storage's public lookup; the study's id has no public accessor
-                    trial_id = study._storage.get_trial_id_from_study_id_trial_number(
-                        study._study_id, number)
-                    optuna.trial.Trial(study, trial_id).set_constraint(
-                        "over_budget", cost - self.budget)
-                    study.tell(number, [float(search["val_accuracy"] or 0.0), cost])
+                study = self.study()
+                if not ok:  # a candidate that cannot be cut (e.g. a target out of the method's
+                    # reach) is told as the worst feasible-less point, so the sampler learns to
+                    # avoid it (a failed study trial would teach it nothing)
+                    start = float((self.state.get("space") or {}).get("start", {}).get(
+                        self.kind) or self.budget * 2)
+                    values = [0.0, max(start, self.budget * 1.01)]
                 else:
-                    self.study().tell(number, state=optuna.trial.TrialState.FAIL)
+                    values = [float(search["val_accuracy"] or 0.0), cost]
+                over = values[1] - self.budget
+                # the storage's public lookup; the study's id has no public accessor
+                trial_id = study._storage.get_trial_id_from_study_id_trial_number(
+                    study._study_id, number)
+                optuna.trial.Trial(study, trial_id).set_constraint("over_budget", over)
+                study.tell(number, values)
             except (RuntimeError, ValueError) as exc:  # told by an earlier, rolled-back tick
                 log.info("search %s: trial %d already told (%s)", self.job.id, number, exc)
             self.state.setdefault("told", []).append(number)

@@ -294,8 +294,22 @@ def run_job(job_id: str, settings: Settings | None = None) -> str | None:
     try:
         return _run_attempt(job_id, settings, role)
     finally:
-        if role.parent_id is not None:  # a trial ended (or was dropped): run its search
-            send_tick(role.parent_id, role.queue, settings)
+        if role.parent_id is not None:  # a trial ended (or was dropped): advance its search
+            advance_search(role.parent_id, role.queue, settings)
+
+
+def advance_search(search_id: str, queue: str, settings: Settings) -> None:
+    """Run the search's coordinator right here, now that one of its trials ended (a moment's
+    bookkeeping; a message would wait behind the queued trials). If that fails, send it as a
+    message; the reconciler runs an idle search anyway."""
+    from worker.auto_search import tick
+
+    try:
+        tick(search_id, settings)
+    except Exception as exc:  # noqa: BLE001 - the database may be unreachable right now
+        log.warning("search %s: could not advance it after its trial (%s); sending it",
+                    search_id, type(exc).__name__)
+        send_tick(search_id, queue, settings)
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,9 @@ def test_cancel_stops_the_trials_and_ticks_are_idempotent(settings, submit, trai
     assert [c.id for c in children(settings, job_id)] == [c.id for c in first]
     screens = [c for c in first if c.kind == "screen"]
     assert 2 <= len(screens) < 8 and all(c.status == "queued" for c in screens)
-    runner.run_job(screens[0].id, settings)
+    runner.run_job(screens[0].id, settings)  # the trial's end advances the search in place
+    at_cancel = children(settings, job_id)
+    assert len(at_cancel) == len(first) + 1  # the finished trial's place was refilled
 
     with session_scope(settings) as session:
         cancel_job(session, tenant_id, job_id, settings)
@@ -148,4 +150,4 @@ def test_cancel_stops_the_trials_and_ticks_are_idempotent(settings, submit, trai
     kids = children(settings, job_id)
     assert all(c.status in TERMINAL for c in kids)
     assert {c.status for c in kids if c.kind == "screen"} == {"succeeded", "canceled"}
-    assert len(kids) == len(first)  # nothing was started after the cancel
+    assert len(kids) == len(at_cancel)  # nothing was started after the cancel
