@@ -392,6 +392,9 @@ class Coordinator:
                                f"no method can reduce {self.kind} on this model: " + "; ".join(
                                    f"{m}: {why}" for m, why in left_out.items()))
         allow_int8 = self.auto.methods == "all" or "int8" in self.auto.methods
+        if allow_int8 and self.kind not in ("latency_ms", "bytes"):
+            left_out["int8"] = (f"int8 weights change neither parameter counts nor MACs; it is "
+                                f"searched for bytes and latency_ms budgets, not {self.kind}")
         space = Space(kind=self.kind, value=self.budget, start=start, choices=tuple(choices),
                       int8=allow_int8 and self.kind in ("latency_ms", "bytes"),
                       latency_batch=self.auto.budget.latency_batch)
