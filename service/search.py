@@ -34,6 +34,8 @@ BASELINE, SCREEN, FINETUNE, FINAL = "baseline", "screen", "finetune", "final"
 TRIAL_KINDS = (BASELINE, SCREEN, FINETUNE, FINAL)
 # trials whose model is not kept (their result is all the search needs)
 MODELLESS_KINDS = (BASELINE, SCREEN)
+# trials measured only after their last step (the baseline trial measured the starting model)
+LEAN_KINDS = (SCREEN, FINETUNE, FINAL)
 
 
 def add_trial(session: Session, parent: Job, kind: str, spec: dict[str, Any],

@@ -168,10 +168,11 @@ def _plain(value: Any) -> Any:
 
 
 def model_metrics(model: nn.Module, input_shape: list[int], test: ArrayDataset,
-                  device: torch.device) -> dict[str, Any]:
-    """The metrics recorded before, after and between steps: params, MACs, test accuracy."""
+                  device: torch.device, accuracy: bool = True) -> dict[str, Any]:
+    """The metrics recorded before, after and between steps: params, MACs, test accuracy
+    (None when `accuracy` is False)."""
     return {"params": param_counts(model), "macs": count_macs(model, input_shape),
-            "accuracy": evaluate(model, test, device=device)["accuracy"]}
+            "accuracy": evaluate(model, test, device=device)["accuracy"] if accuracy else None}
 
 
 def input_map(values: torch.Tensor, layout: str) -> torch.Tensor:

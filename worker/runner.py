@@ -34,7 +34,7 @@ from service.dbretry import is_unavailable, retry_while_unavailable
 from service.errors import NotFound, SlimlineError
 from service.model_registry import graph_key
 from service.orm import Job, utcnow
-from service.search import AUTO, MODELLESS_KINDS, send_tick
+from service.search import AUTO, LEAN_KINDS, MODELLESS_KINDS, send_tick
 from service.settings import Settings, get_settings
 from service.spec import JobSpec
 from service.states import LostOwnership
@@ -170,8 +170,10 @@ def register_arch_graph(spec: JobSpec, tenant_id: str, store: ObjectStore, workd
 
 
 def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
-            reporter: JobReporter, workdir: Path) -> Outcome:
-    """Everything between the claim and the final transaction."""
+            reporter: JobReporter, workdir: Path, lean: bool = False) -> Outcome:
+    """Everything between the claim and the final transaction. `lean` (a search's trial): the
+    test accuracy is measured only after the last step (the search measured the starting model
+    once; a trial's candidate is judged by its last, measure, step)."""
     tenant_id, raw_spec, pointer = _read_job(job_id, attempt, settings)
     try:
         spec = JobSpec.model_validate(raw_spec, context={"max_epochs": settings.max_epochs})
@@ -242,7 +244,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
         for kind, payload in data.events:  # a resumed run has them from its first attempt
             reporter.event(kind, payload)
         reporter.progress(0.0, "measuring the input model")
-        before = model_metrics(ctx.model, input_shape, splits.test, device)
+        before = model_metrics(ctx.model, input_shape, splits.test, device, accuracy=not lean)
 
     def save_checkpoint(step_index: int, train: TrainProgress | None = None) -> None:
         if not reporter.flush():
@@ -255,7 +257,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     for index in range(first, len(spec.steps)):
         step = spec.steps[index]
         ctx.step_index = reporter.step_index = index
-        steps.append(run_step(ctx, step))
+        steps.append(run_step(ctx, step, accuracy=not lean or index == len(spec.steps) - 1))
         reporter.progress(1.0, f"{step.op} done ({index + 1}/{len(spec.steps)})")
         if index + 1 < len(spec.steps):
             save_checkpoint(index + 1)
@@ -342,7 +344,8 @@ def _run_attempt(job_id: str, settings: Settings, role: Role) -> str | None:
         reporter = JobReporter(job_id, attempt, settings)
         try:
             with reporter:
-                outcome = execute(job_id, attempt, settings, store, reporter, Path(tmp))
+                outcome = execute(job_id, attempt, settings, store, reporter, Path(tmp),
+                                  lean=role.kind in LEAN_KINDS)
                 if role.kind in MODELLESS_KINDS:  # a search keeps only the result of these
                     outcome.model = None
                 status = store_outcome(job_id, attempt, settings, store, outcome, Path(tmp),

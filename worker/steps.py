@@ -60,8 +60,9 @@ for _module in handler_modules():
     importlib.import_module(_module)
 
 
-def run_step(ctx: StepContext, step: Any) -> dict[str, Any]:
-    """Run one step and return `{op, wall_s, params, macs, accuracy, ...op-specific}`."""
+def run_step(ctx: StepContext, step: Any, accuracy: bool = True) -> dict[str, Any]:
+    """Run one step and return `{op, wall_s, params, macs, accuracy, ...op-specific}`
+    (`accuracy` False: the test accuracy is not measured and is None)."""
     ctx.check_cancel()
     handler = handler_for(step.op)
     removed = dctps_layers(ctx.model)
@@ -75,5 +76,6 @@ def run_step(ctx: StepContext, step: Any) -> dict[str, Any]:
     start = time.perf_counter()
     details = handler(ctx, step)
     wall_s = time.perf_counter() - start
-    metrics = model_metrics(ctx.model, ctx.input_shape, ctx.splits.test, ctx.device)
+    metrics = model_metrics(ctx.model, ctx.input_shape, ctx.splits.test, ctx.device,
+                            accuracy=accuracy)
     return {"op": step.op, "wall_s": wall_s, **metrics, **details}
