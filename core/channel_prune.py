@@ -19,6 +19,13 @@ apply (`prune_units`).
 * scope global: all groups ranked on one scale (scores / their group's mean, Torch-Pruning's
   `mean` normaliser); layerwise: every group loses the same fraction (as near as units allow).
 
+Targets: `param_ratio` / `mac_ratio` (the whole model's parameters / MACs after over before,
+counted by `core.metrics`), or an absolute whole-model budget of `core.budget`'s kinds
+(`total_params`, `nonzero_params`, `trainable_params`, `macs`, measured with
+`core.budget.model_cost`; `nonzero_params` as trained, `core.prune.as_trained`, with the
+pruning masks cut alongside); the same bisection over the removal order and fill-up reach both
+(the scores are computed once; every candidate is measured on the real pruned model).
+
 The result lands at or just below the target; a group keeps a multiple of `round_to` units (or
 all of them), never fewer than `max(round_to, 1)`. The structural edit is
 `{"op": "channel_prune", "keep": {group: n}}`, replayed by `replay_channel_prune`.
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.applies import conv_kind, register_applies
+from core.budget import BUDGET_KINDS, model_cost
 from core.data import ArrayDataset
 from core.edits import register_edit
 from core.errors import SpecError
@@ -49,12 +57,15 @@ from core.pcn_graph import (
     unit_groups,
     untouched_units,
 )
+from core.prune import as_trained, trained_nonzero
 from core.select import top_k_indices
 from core.surgery import get_layer, with_edit
 
 CRITERIA = ("l1", "taylor")
 SCOPES = ("global", "layerwise")
-TARGETS = ("param_ratio", "mac_ratio")
+RATIO_TARGETS = ("param_ratio", "mac_ratio")
+TARGETS = (*RATIO_TARGETS, *BUDGET_KINDS)
+MAX_BUDGET = 10**12
 ROUND_TO = (1, 8, 16)
 _UNIT_LAYERS = (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d)
 
@@ -63,7 +74,8 @@ _UNIT_LAYERS = (nn.Linear, nn.Conv2d, PCNLinear, PCNConv2d)
 class ChannelPruneConfig:
     """The `channel_prune` step's fields (JSON-able via `to_dict` / `from_dict`)."""
 
-    target: dict[str, float]  # {"param_ratio": r} | {"mac_ratio": r}, r in (0, 1]
+    # {"param_ratio": r} | {"mac_ratio": r}, r in (0, 1]; or {kind: n}, a core.budget kind
+    target: dict[str, float]
     criterion: str = "l1"  # l1 | taylor
     scope: str = "global"  # global | layerwise
     layers: tuple[str, ...] | None = None  # unit groups (or a producer of one); None: all
@@ -73,13 +85,20 @@ class ChannelPruneConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.target, Mapping) or len(self.target) != 1 or \
                 next(iter(self.target)) not in TARGETS:
-            raise SpecError(f"channel_prune target must be {{'param_ratio': r}} or "
-                            f"{{'mac_ratio': r}}, got {self.target!r}")
+            raise SpecError(f"channel_prune target must be one of {{'param_ratio': r}}, "
+                            f"{{'mac_ratio': r}} or {{kind: n}} with kind one of "
+                            f"{', '.join(BUDGET_KINDS)}; got {self.target!r}")
         (kind, ratio), = self.target.items()
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
+        if kind in BUDGET_KINDS:
+            if isinstance(ratio, bool) or not isinstance(ratio, int) or \
+                    not 1 <= ratio <= MAX_BUDGET:
+                raise SpecError(f"channel_prune target {kind} must be an integer in "
+                                f"[1, {MAX_BUDGET}], got {ratio!r}")
+        elif isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or \
                 not 0 < ratio <= 1:
             raise SpecError(f"channel_prune target {kind} must be in (0, 1], got {ratio!r}")
-        object.__setattr__(self, "target", {kind: float(ratio)})
+        object.__setattr__(self, "target",
+                           {kind: ratio if kind in BUDGET_KINDS else float(ratio)})
         if self.layers is not None:
             if isinstance(self.layers, str) or not self.layers or \
                     not all(isinstance(n, str) for n in self.layers):
@@ -102,6 +121,7 @@ class ChannelPruneConfig:
 
     @property
     def target_ratio(self) -> float:
+        """The ratio of a ratio target, or the absolute budget of a `core.budget` kind."""
         return next(iter(self.target.values()))
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,8 +135,9 @@ class ChannelPruneConfig:
         if unknown := sorted(set(d) - names):
             raise SpecError(f"unknown channel_prune fields {unknown}; valid: {sorted(names)}")
         if "target" not in d:
-            raise SpecError("channel_prune needs a target: {'param_ratio': r} or "
-                            "{'mac_ratio': r}")
+            raise SpecError("channel_prune needs a target: {'param_ratio': r}, "
+                            "{'mac_ratio': r} or an absolute budget {kind: n} (kind one of "
+                            f"{', '.join(BUDGET_KINDS)})")
         return cls(**d)
 
 
@@ -271,9 +292,11 @@ def removal_order(scores: Mapping[str, torch.Tensor], min_keep: Mapping[str, int
 
 def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
                  scores: Mapping[str, torch.Tensor], config: ChannelPruneConfig,
-                 input_shape: list[int]) -> tuple[dict[str, int], int, int]:
+                 input_shape: list[int], stats: dict[str, int] | None = None
+                 ) -> tuple[dict[str, int], int, int]:
     """Per group keep counts that meet the target with the least removed, counted on the real
-    pruned model. Returns (keeps, size before, size after).
+    pruned model. Returns (keeps, size before, size after), the sizes in the target's
+    quantity; `stats` (a dict, optional) gets `evaluations`, the pruned models measured.
 
     Bisection on k, the number of units removed in `removal_order` (keep counts rounded up to
     `round_to`, so sizes fall monotonically with k), then a fill-up pass: a group whose best
@@ -285,13 +308,14 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
     min_keep = {n: min(t, step) for n, t in totals.items()}
     order = removal_order(scores, min_keep, config.scope)
     before = _size(model, kind, input_shape)
-    budget = ratio * before
+    budget = ratio * before if kind in RATIO_TARGETS else float(ratio)
     cache: dict[tuple[int, ...], int] = {}
 
     def size_of(keeps: dict[str, int]) -> int:
         key = tuple(keeps.values())
-        if key not in cache:  # sizes depend on the counts only
-            trial = _pruned(model, groups, {n: torch.arange(c) for n, c in keeps.items()})
+        if key not in cache:  # each group keeps its top units (nested as counts grow)
+            trial = _pruned(model, groups,
+                            {n: top_k_indices(scores[n], c) for n, c in keeps.items()})
             cache[key] = _size(trial, kind, input_shape)
         return cache[key]
 
@@ -302,6 +326,11 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
         return {n: _round_keep(totals[n] - removed[n], totals[n], step) for n in totals}
 
     if (smallest := size_of(keeps_at(len(order)))) > budget:
+        if kind not in RATIO_TARGETS:
+            raise SpecError(f"channel_prune: a {kind} budget of {ratio} is out of reach: "
+                            f"keeping {step} unit(s) per pruned group leaves {smallest} "
+                            f"(the model has {before}); raise the budget to at least "
+                            f"{smallest}, or prune more groups (layers)")
         raise SpecError(f"channel_prune: {kind} {ratio} is out of reach: keeping {step} unit(s) "
                         f"per pruned group gives {smallest / before:.4f}; prune more groups "
                         "(layers) or raise the target")
@@ -326,12 +355,19 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if size_of(grown[mid]) <= budget else (lo, mid - 1)
         keeps = grown[lo]
-    return keeps, before, size_of(keeps)
+    after = size_of(keeps)
+    if stats is not None:
+        stats["evaluations"] = len(cache)
+    return keeps, before, after
 
 
 def _size(model: nn.Module, kind: str, input_shape: list[int]) -> int:
-    return param_counts(model)["total"] if kind == "param_ratio" else \
-        count_macs(model, input_shape)
+    """The target's quantity: `core.metrics`' for the ratios, `core.budget`'s for a budget."""
+    if kind == "param_ratio":
+        return param_counts(model)["total"]
+    if kind == "mac_ratio":
+        return count_macs(model, input_shape)
+    return model_cost(model, kind, input_shape)
 
 
 def _pruned(model: nn.Module, groups: Mapping[str, UnitGroup], keep: Mapping[str, torch.Tensor]
@@ -400,25 +436,41 @@ def channel_prune(model: nn.Module, config: ChannelPruneConfig, *,
         raise SpecError("channel_prune criterion 'taylor' needs calibration data")
     scores = l1_scores(model, groups) if config.criterion == "l1" else \
         taylor_scores(model, groups, data, samples=config.samples, device=device)
-    keeps, before, _ = select_keeps(model, groups, scores, config, input_shape)
+    masks = getattr(model, "slimline_masks", None) if masks is None else masks
+    stats: dict[str, int] = {}
+    # nonzero_params: counted on the model as trained (its masked weights zero, the rest not)
+    sized = as_trained(model, masks) if config.target_kind == "nonzero_params" else model
+    keeps, before, after = select_keeps(sized, groups, scores, config, input_shape, stats)
     keep = {n: top_k_indices(scores[n], keeps[n]) for n in groups}
     new_model = _pruned(model, groups, keep)
-    masks = getattr(model, "slimline_masks", None) if masks is None else masks
-    if masks:
-        new_model.slimline_masks = _slice_masks(model, groups, keep, masks)
+    sliced = _slice_masks(model, groups, keep, masks) if masks else None
+    if sliced is not None:
+        new_model.slimline_masks = sliced
     changed = {n: keeps[n] for n in groups if keeps[n] < scores[n].numel()}
     if arch is not None:
         new_model.slimline_arch = with_edit(model, {"op": "channel_prune", "keep": changed})
     sizes = {q: (_size(model, kind, input_shape), _size(new_model, kind, input_shape))
              for q, kind in (("params", "param_ratio"), ("macs", "mac_ratio"))}
-    quantity = "params" if config.target_kind == "param_ratio" else "macs"
-    return new_model, {
+    kind = config.target_kind
+    if kind in RATIO_TARGETS:
+        quantity = "params" if kind == "param_ratio" else "macs"
+        ratio = sizes[quantity][1] / sizes[quantity][0]
+    else:  # measured on the returned model (with its masks cut alongside)
+        after = trained_nonzero(new_model, sliced) \
+            if kind == "nonzero_params" else _size(new_model, kind, input_shape)
+        ratio = after / before
+    out = {
         "criterion": config.criterion, "scope": config.scope, "round_to": config.round_to,
         "target": dict(config.target),
         "groups": {n: {"total": int(scores[n].numel()), "kept": keeps[n],
                        "keep": keep[n].tolist()} for n in groups},
         **{q: {"before": b, "after": a} for q, (b, a) in sizes.items()},
-        "ratio": sizes[quantity][1] / sizes[quantity][0]}
+        "ratio": ratio}
+    if kind not in RATIO_TARGETS:
+        goal = config.target_ratio
+        out["budget"] = {"kind": kind, "goal": goal, "value": after, "knob": ratio,
+                         "fraction": after / goal, "evaluations": stats["evaluations"]}
+    return new_model, out
 
 
 @register_edit("channel_prune")

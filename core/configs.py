@@ -48,12 +48,14 @@ class StepConfig:
 class PruneConfig(StepConfig):
     """`core.prune.prune_masks`. `op` is the method: snip | random | magnitude | synflow.
     `init` / `repair` (`core.sigprop`) and `allow_collapse` are applied by the caller around the
-    masks; `batches` x `batch_size` are SNIP's labelled batches the caller draws."""
+    masks; `batches` x `batch_size` are SNIP's labelled batches the caller draws. The step's
+    `target` (`{"nonzero_params": n}`, the alternative to `sparsity`) is the caller's too: it
+    becomes the sparsity (`core.prune.sparsity_for_budget`) once the model is initialised."""
 
-    IGNORED: ClassVar[frozenset[str]] = frozenset()
+    IGNORED: ClassVar[frozenset[str]] = frozenset({"target"})
 
     op: str
-    sparsity: float
+    sparsity: float | None
     scope: str = "global"
     init: str | None = None
     repair: str | None = None
@@ -67,8 +69,10 @@ class PruneConfig(StepConfig):
 @dataclass(frozen=True)
 class LowRankConfig(StepConfig):
     """`core.lowrank.lowrank_plan`. `target`: exactly one of `{"param_ratio": r}`,
-    `{"mac_ratio": r}`, `{"ranks": {layer: int | [int, ...]}}`; `samples`: calibration images
-    the caller draws for the output_* scores; `layers`: "all" or names."""
+    `{"mac_ratio": r}`, `{"ranks": {layer: int | [int, ...]}}` or an absolute whole-model
+    budget `{"total_params" | "nonzero_params" | "trainable_params" | "macs": n}`
+    (`core.budget`); `samples`: calibration images the caller draws for the output_* scores;
+    `layers`: "all" or names."""
 
     target: dict[str, Any]
     score: str = "output_perturbation"
@@ -79,9 +83,12 @@ class LowRankConfig(StepConfig):
 
 @dataclass(frozen=True)
 class DCTpSConfig(StepConfig):
-    """`core.dctps.dctps_apply`."""
+    """`core.dctps.dctps_apply`; `density` None = 0.01 (`core.dctps.DEFAULT_DENSITY`), unless
+    `target` (`{"nonzero_params": n}` or `{"trainable_params": n}`, the alternative to
+    `density`) is given: `core.dctps_target.dctps_apply_target` turns it into the density."""
 
-    density: float = 0.01
+    density: float | None = None
+    target: dict[str, int] | None = None
     allocation: str = "epl"
     alpha: str | float = "trainable"
     layers: str | list[str] = "all"

@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 ALLOCATIONS = ("epl", "epf", "uniform", "erk")
+DEFAULT_DENSITY = 0.01  # the step's density when it gives neither density nor target
 
 
 # ---- allocation and support -------------------------------------------------------------
@@ -216,10 +217,13 @@ def dctps_transform(model: nn.Module, density: float, allocation: str = "epl",
 def dctps_apply(model: nn.Module, config: DCTpSConfig,
                 generator: torch.Generator | None = None) -> dict[str, Any]:
     """`dctps_transform` by `config` (`DCTpSConfig.from_dict(step.model_dump())`); "all" layers =
-    every plain Linear/Conv2d."""
+    every plain Linear/Conv2d; no density: `DEFAULT_DENSITY`. A config with a `target` goes
+    through `core.dctps_target.dctps_apply_target` (which measures the budget)."""
+    if config.target is not None:
+        raise SpecError("a dctps target is met by core.dctps_target.dctps_apply_target")
     layers = None if config.layers == "all" else list(config.layers)
-    return dctps_transform(model, config.density, config.allocation, config.alpha, layers,
-                           generator)
+    density = DEFAULT_DENSITY if config.density is None else config.density
+    return dctps_transform(model, density, config.allocation, config.alpha, layers, generator)
 
 
 def fixed_dct_params(model: nn.Module) -> int:
@@ -228,7 +232,7 @@ def fixed_dct_params(model: nn.Module) -> int:
     return sum(m.D.numel() for m in model.modules() if isinstance(m, DCTpSLayer))
 
 
-__all__ = ["ALLOCATIONS", "allocate", "dct_matrix", "dct_weight", "dctps_applies", "dctps_apply",
-           "dctps_layer",
+__all__ = ["ALLOCATIONS", "DEFAULT_DENSITY", "allocate", "dct_matrix", "dct_weight",
+           "dctps_applies", "dctps_apply", "dctps_layer",
            "dctps_transform", "DCTpSConfig", "DCTpSConv2d", "DCTpSLayer", "DCTpSLinear",
            "fixed_dct_params", "random_support", "replay_dctps"]

@@ -36,15 +36,28 @@ scale; `select_ranks` greedily removes the lowest-scoring vectors to a parameter
 `lowrank_transform` materialises the chosen ranks. Modules: `core.lowrank_layer` (layouts,
 SVDs, `LowRankLayer`, the edit's replay), `core.lowrank_scores` (scores, selection); this one
 re-exports both and holds the transform.
+
+Absolute whole-model budgets (`BUDGET_KINDS` of `core.budget`: `total_params`,
+`nonzero_params`, `trainable_params`, `macs`) are met by `fit_ranks`: the scores are computed
+once, and `core.budget.fit_to_budget` bisects the ratio given to `select_ranks` (parameter- or
+MAC-weighted), measuring the whole model each time on a cheap structural probe (the chosen
+layers as `LowRankLayer`s, no SVD; for `nonzero_params` their entries set to one, so the real
+factors can only count less, and the rest of the model counted as trained,
+`core.prune.as_trained`, so fine-tuning cannot push it over). A fill-up pass then gives back,
+best score first, the removed vectors whose exact cost still fits, and the result is measured
+once more. It lands at or below the budget, normally within 1 %.
 """
 from __future__ import annotations
 
 import copy
+import heapq
 from typing import Any
 
 import torch
 from torch import nn
 
+from core.budget import BUDGET_KINDS, model_cost
+from core.budget import fit_to_budget as _fit_to_budget
 from core.configs import LowRankConfig
 from core.errors import SpecError
 from core.lowrank_layer import (
@@ -74,6 +87,7 @@ from core.lowrank_scores import (
     output_scores_naive,
     select_ranks,
 )
+from core.prune import as_trained
 from core.surgery import get_layer, plain_layers, set_layer, with_edit
 
 
@@ -154,29 +168,119 @@ def _given_ranks(model: nn.Module, config: LowRankConfig, layers: list[str]
     return ranks
 
 
+RATIO_KINDS = ("param_ratio", "mac_ratio")
+TARGET_KINDS = (*RATIO_KINDS, "ranks", *BUDGET_KINDS)
+
+
+def _probe_layer(layer: nn.Module, blocking: str, ranks: list[int], fill: bool) -> LowRankLayer:
+    """The factored layer's structure without its SVD (entries 0, or 1 with `fill`)."""
+    new = LowRankLayer(layer, blocking, ranks)
+    if fill:
+        with torch.no_grad():
+            for prm in new.blocks.parameters():
+                prm.fill_(1.0)
+    return new
+
+
+def fit_ranks(model: nn.Module, layers: list[str], blocking: str,
+              scores: dict[str, list[torch.Tensor]], kind: str, budget: float,
+              input_shape: list[int], masks: dict[str, torch.Tensor] | None = None
+              ) -> tuple[dict[str, list[int]], dict[str, Any]]:
+    """Per-block ranks of `layers` so the whole model's `kind` cost (`core.budget.model_cost`;
+    `nonzero_params` as trained, with the pruning `masks` of the other layers) lands at or just
+    below `budget`; returns (ranks, the `Fit.summary`-shaped budget dict with the value
+    measured on the probe: the real factors count the same, or less for `nonzero_params`).
+    See the module doc; SpecError when even rank 1 everywhere is over."""
+    if kind not in BUDGET_KINDS:
+        raise SpecError(f"unknown budget kind {kind!r}; one of {', '.join(BUDGET_KINDS)}")
+    shapes = {n: block_shapes(get_layer(model, n), blocking) for n in layers}
+    weights = layer_positions(model, layers, input_shape) if kind == "macs" else None
+    fill = kind == "nonzero_params"
+    work = as_trained(model, masks) if fill else copy.deepcopy(model)
+    originals = {n: get_layer(work, n) for n in layers}  # a probe copies its bias (as trained)
+
+    def measure(ranks: dict[str, list[int]]) -> int:
+        evaluations[0] += 1
+        for name in layers:
+            set_layer(work, name, _probe_layer(originals[name], blocking, ranks[name], fill))
+        return model_cost(work, kind, input_shape)
+
+    def build(ratio: float) -> dict[str, list[int]]:
+        ranks = select_ranks(scores, shapes, ratio, weights)
+        measured[0] = measure(ranks)
+        return ranks
+
+    measured, evaluations = [0], [0]
+    smallest = measure({n: [1] * len(shapes[n]) for n in layers})
+    if smallest > budget:
+        raise SpecError(f"lowrank: a {kind} budget of {budget:.0f} is out of reach: with every "
+                        f"block of the factored layers at rank 1 the model still has "
+                        f"{smallest} ({', '.join(layers)} factored); raise the budget to at "
+                        f"least {smallest}, or factor more layers")
+    fit = _fit_to_budget(build, lambda _ranks: measured[0], budget, 1e-12, 1.0,
+                         what=f"the model's {kind} after lowrank", tol=0.01)
+    ranks = {n: list(r) for n, r in fit.built.items()}
+    # fill-up: removed vectors back, best score first, while their exact cost fits
+    w = weights or {}
+    slack = budget - fit.cost
+    heap = [(-float(scores[n][b][ranks[n][b]]), i, n, b)
+            for i, (n, b) in enumerate((n, b) for n in layers for b in range(len(ranks[n])))
+            if ranks[n][b] < len(scores[n][b])]
+    heapq.heapify(heap)
+    while heap:
+        _, i, name, b = heapq.heappop(heap)
+        p, q = shapes[name][b]
+        r = ranks[name][b]
+        extra = w.get(name, 1) * (block_params(p, q, r + 1) - block_params(p, q, r))
+        if extra > slack:
+            continue  # this block's next vector does not fit (nor, then, its later ones)
+        slack -= extra
+        ranks[name][b] = r + 1
+        if r + 1 < len(scores[name][b]):
+            heapq.heappush(heap, (-float(scores[name][b][r + 1]), i, name, b))
+    value, knob = fit.cost, fit.knob
+    if ranks != fit.built:
+        value = measure(ranks)
+        if value > budget:  # not expected: the deltas are exact; keep the bisection's result
+            ranks, value = {n: list(r) for n, r in fit.built.items()}, fit.cost
+    return ranks, {"kind": kind, "goal": budget, "value": value, "knob": knob,
+                   "fraction": value / budget, "evaluations": evaluations[0]}
+
+
 def lowrank_plan(model: nn.Module, config: LowRankConfig, *, input_shape: list[int],
-                 inputs: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
+                 inputs: torch.Tensor | None = None, report: dict[str, Any] | None = None,
+                 masks: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, Any]]:
     """The `lowrank_transform` plan `{layer: {"blocking", "ranks"}}` for `config`
     (`LowRankConfig.from_dict(step.model_dump())`): given ranks, or scores (`inputs`: the
-    calibration images of the output_* scores) selected to the param or MAC ratio."""
+    calibration images of the output_* scores) selected to the param or MAC ratio, or fitted
+    to an absolute whole-model budget (`fit_ranks`, with the job's pruning `masks`; `report`, a
+    dict, then gets its summary under "budget")."""
     layers = lowrank_layers(model, config.layers)
     target = config.target
-    if len(target) != 1 or next(iter(target)) not in ("param_ratio", "mac_ratio", "ranks"):
-        raise SpecError("target must be exactly one of param_ratio, mac_ratio, ranks; got "
+    if len(target) != 1 or next(iter(target)) not in TARGET_KINDS:
+        raise SpecError(f"target must be exactly one of {', '.join(TARGET_KINDS)}; got "
                         f"{target!r}")
-    if "ranks" in target:
+    kind, value = next(iter(target.items()))
+    if kind == "ranks":
         ranks = _given_ranks(model, config, layers)
     else:
         scores = layer_scores(model, layers, config.blocking, config.score, inputs)
-        shapes = {n: block_shapes(get_layer(model, n), config.blocking) for n in layers}
-        weights = (layer_positions(model, layers, input_shape) if "mac_ratio" in target
-                   else None)
-        ranks = select_ranks(scores, shapes, float(next(iter(target.values()))), weights)
+        if kind in BUDGET_KINDS:
+            ranks, summary = fit_ranks(model, layers, config.blocking, scores, kind,
+                                       float(value), input_shape, masks)
+            if report is not None:
+                report["budget"] = summary
+        else:
+            shapes = {n: block_shapes(get_layer(model, n), config.blocking) for n in layers}
+            weights = (layer_positions(model, layers, input_shape) if kind == "mac_ratio"
+                       else None)
+            ranks = select_ranks(scores, shapes, float(value), weights)
     return {name: {"blocking": config.blocking, "ranks": r} for name, r in ranks.items()}
 
 
 __all__ = ["ALDS_GROUPS", "BLOCKINGS", "SCORES", "Block", "block_layout", "block_matrices",
-           "block_params", "block_shapes", "block_svds", "factorize_layer", "full_ranks",
+           "block_params", "block_shapes", "block_svds", "factorize_layer", "fit_ranks",
+           "full_ranks",
            "is_factored", "layer_matrix", "layer_positions", "layer_scores", "lowrank_applies",
            "lowrank_layers", "lowrank_plan", "lowrank_transform", "lowrank_untouched",
            "LowRankConfig", "LowRankLayer", "output_scores", "output_scores_naive",

@@ -8,6 +8,13 @@
 * apply and storage: `core.masks` (`apply_masks`, `masked_parameters`, `sparse_state`, ...;
   re-exported here); `core.train.train(..., masks=...)` keeps pruned weights at zero.
 * `PruneConfig` (`core.configs`) + `prune_masks(model, config, ...)`: one entry point.
+* `sparsity_for_budget(model, n)`: the sparsity whose masks leave the whole model with at most
+  `n` non-zero parameters as trained (`trained_nonzero`), computed directly from the prunable
+  weight count.
+* `as_trained` / `trained_nonzero`: `core.budget`'s `nonzero_params` of the model as training
+  can leave it: a zero that training may change (a trainable parameter's, a BatchNorm running
+  statistic's; the zoo starts biases at zero) counts as non-zero, a masked weight stays zero.
+  Every nonzero_params target is met on this count, so it still holds after fine-tuning.
 
 Only the `weight` of Linear and Conv2d layers is pruned; biases, BatchNorm and PCN layers never.
 """
@@ -21,8 +28,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from core.applies import register_applies
+from core.budget import model_cost
 from core.configs import PruneConfig
 from core.errors import SpecError
+from core.layers import weight_layers
 from core.masks import (
     SPARSE_SUFFIXES,
     Masks,
@@ -43,7 +52,8 @@ __all__ = ["LABELS", "SCOPES", "SPARSE_SUFFIXES", "apply_masks", "collapsed_laye
            "dense_from_sparse", "keep_count", "layer_report", "magnitude_scores",
            "masked_parameters", "Masks", "masks_from_scores", "pack_mask", "prunable",
            "prune_applies", "prune_masks", "PruneConfig", "random_scores", "Scores",
-           "snip_scores", "sparse_state", "synflow_masks", "unpack_mask"]
+           "snip_scores", "sparse_state", "sparsity_for_budget", "synflow_masks",
+           "as_trained", "trained_nonzero", "unpack_mask"]
 
 Scores = dict[str, torch.Tensor]
 LABELS = ("true", "uniform")
@@ -227,6 +237,82 @@ def synflow_masks(model: nn.Module, sparsity: float, input_shape: Iterable[int],
     return masks
 
 
+# ---- an absolute budget ----
+
+def as_trained(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of `model` as training can leave it, for counting: every zero entry of a
+    trainable parameter or of a BatchNorm running statistic set to one, then `masks` applied
+    (masks of layers the model no longer has as Linear/Conv2d of that shape are ignored)."""
+    probe = copy.deepcopy(model)
+    frozen = {id(t) for _, _, layer in weight_layers(probe) for t in layer.frozen_tensors()}
+    with torch.no_grad():
+        for prm in probe.parameters():
+            if prm.requires_grad and id(prm) not in frozen:
+                prm.masked_fill_(prm == 0, 1.0)
+        for module in probe.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for stat in (module.running_mean, module.running_var):
+                    if stat is not None:
+                        stat.masked_fill_(stat == 0, 1.0)
+        if masks:
+            modules = dict(probe.named_modules())
+            apply_masks(probe, {n: m for n, m in masks.items()
+                                if isinstance(modules.get(n), (nn.Linear, nn.Conv2d))
+                                and modules[n].weight.shape == m.shape})
+    return probe
+
+
+def trained_nonzero(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> int:
+    """`core.budget`'s `nonzero_params` of `as_trained(model, masks)`: what the model can hold
+    after any training that keeps `masks` (at least its count now)."""
+    return model_cost(as_trained(model, masks), "nonzero_params")
+
+
+def _kept(sizes: list[int], sparsity: float, scope: str) -> int:
+    """Weights `masks_from_scores` keeps at `sparsity` (its rounding, per layer or global)."""
+    if scope == "layerwise":
+        return sum(keep_count(n, sparsity) for n in sizes)
+    return keep_count(sum(sizes), sparsity)
+
+
+def sparsity_for_budget(model: nn.Module, nonzero_params: int, scope: str = "global") -> float:
+    """The smallest sparsity whose masks (`masks_from_scores` with `scope`) leave `model` with
+    at most `nonzero_params` non-zero parameters as trained (`trained_nonzero`: the whole
+    model, also after fine-tuning): the tensors pruning never masks (biases, norms, other
+    layers) count as `as_trained` counts them, the prunable weights as the number kept.
+    0.0 when the model is already within the budget; SpecError when even one kept weight is
+    over it."""
+    if scope not in SCOPES:
+        raise SpecError(f"scope must be one of {SCOPES}, got {scope!r}")
+    probe = as_trained(model)
+    weights = [m.weight for _, m in prunable(probe)]
+    if not weights:
+        raise SpecError("the model has no Linear/Conv2d weight to prune")
+    sizes = [w.numel() for w in weights]
+    live = sum(int(torch.count_nonzero(w.detach())) for w in weights)
+    other = model_cost(probe, "nonzero_params") - live
+    keep = nonzero_params - other
+    if keep < 1:
+        raise SpecError(f"a nonzero_params budget of {nonzero_params} is out of reach for "
+                        f"pruning: the tensors it does not mask (biases, normalisation, other "
+                        f"layers) hold {other} non-zero values; the smallest reachable is "
+                        f"{other + 1} (and keeping a weight in every layer needs more): raise "
+                        "the budget")
+    if keep >= sum(sizes):
+        return 0.0
+    guess = 1.0 - keep / sum(sizes)
+    if _kept(sizes, guess, scope) == keep:
+        return guess
+    # per-layer rounding missed `keep`: bisect for the smallest sparsity that fits (kept
+    # weights never grow with the sparsity; 1 - 1e-15 keeps none)
+    lo, hi = 0.0, guess if _kept(sizes, guess, scope) <= keep else 1.0 - 1e-15
+    while True:
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            return hi
+        lo, hi = (lo, mid) if _kept(sizes, mid, scope) <= keep else (mid, hi)
+
+
 # ---- one entry point ----
 
 def prune_masks(model: nn.Module, config: PruneConfig, *,
@@ -244,6 +330,9 @@ def prune_masks(model: nn.Module, config: PruneConfig, *,
     (apply the masks with `apply_masks`; `config.init`/`repair` are `core.sigprop`'s).
     `report`: see `synflow_masks`."""
     previous = dict(previous or {})
+    if config.sparsity is None:
+        raise SpecError("prune_masks needs a sparsity (a nonzero_params target becomes one: "
+                        "core.prune.sparsity_for_budget)")
     if config.op == "synflow":
         if input_shape is None:
             raise SpecError("synflow needs the model's input_shape")

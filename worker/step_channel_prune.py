@@ -1,5 +1,7 @@
 """The `channel_prune` step: whole units scored (l1 or taylor), removed per coupled group until
-the param/MAC target is met (`core.channel_prune`), so the model is physically narrower; its
+the param/MAC ratio or the absolute whole-model budget (`total_params`, `nonzero_params`,
+`trainable_params`, `macs`; the result's `budget`) is met (`core.channel_prune`), so the model
+is physically narrower; its
 checkpoint rebuilds from the arch's `channel_prune` edit. Fine-tuning is a normal `train` step
 after it."""
 from __future__ import annotations
@@ -50,6 +52,8 @@ def run_channel_prune(ctx: StepContext, step: ChannelPruneStep) -> dict[str, Any
         "samples": len(calib) if calib is not None else None, "prune_wall_s": wall_s,
         "after_prune": model_metrics(ctx.model, ctx.input_shape, ctx.splits.test, ctx.device)
         | {"val_accuracy": val}}
+    if "budget" in report:  # an absolute target: measured on the pruned model
+        details["budget"] = report["budget"]
     if dropped_masks:
         details["masks_dropped"] = dropped_masks
     ctx.emit("channel_prune", {"step": ctx.step_index, "global_epoch": ctx.global_epoch,

@@ -2,9 +2,11 @@
 `alpha * D + S` (`core.dctps.dctps_transform`): D the fixed DCT of the layer's shape (a
 non-persistent buffer: never stored in a checkpoint, never trained), S zero-initialised sparse
 values on a fixed random support of `round(density * weights)` entries split over the layers by
-`allocation`, alpha a trainable (or fixed) scalar per layer. The original weights are discarded,
-biases kept. A following `train` step trains only S's values, alpha and the biases (the support
-never changes); the paper trains with Adam, lr 1e-3, weight decay 5e-4.
+`allocation`, alpha a trainable (or fixed) scalar per layer. A `target` (`nonzero_params` or
+`trainable_params` of the whole model) picks the density that lands on it
+(`core.dctps_target`), reported with the measured value in `budget`. The original weights are
+discarded, biases kept. A following `train` step trains only S's values, alpha and the biases
+(the support never changes); the paper trains with Adam, lr 1e-3, weight decay 5e-4.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from core.configs import DCTpSConfig
-from core.dctps import dctps_apply
+from core.dctps import DEFAULT_DENSITY
+from core.dctps_target import dctps_apply_target
 from core.errors import SpecError
 from core.metrics import fixed_dct_params
 from core.models import layer_weight, save, set_masks
@@ -58,21 +61,26 @@ def checkpoint_size(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> 
 
 @handler(DCTpSStep)
 def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
-    ctx.reporter.progress(0.0, f"dctps: {step.allocation} allocation, density {step.density:g}")
+    density = DEFAULT_DENSITY if step.density is None else step.density
+    ctx.reporter.progress(0.0, f"dctps: {step.allocation} allocation, " + (
+        f"density {density:g}" if step.target is None else
+        f"target {step.target.model_dump(exclude_none=True)}"))
     layers = _layers(ctx, step)
     untouched = untouched_layers(ctx.model, "dctps")  # every Linear/Conv2d applies today
     dense_bytes = sum(layer_weight(ctx.model, n).numel()
                       * layer_weight(ctx.model, n).element_size()
                       for n in (layers or dense_layers(ctx.model)))
-    report = dctps_apply(ctx.model, config_from_spec(DCTpSConfig, step),
-                         generator=ctx.generator)
+    report = dctps_apply_target(ctx.model, config_from_spec(DCTpSConfig, step),
+                                generator=ctx.generator, masks=ctx.masks)
+    if "budget" in report:
+        density = report["budget"]["knob"]
     ctx.model.to(ctx.device)
     dropped_masks = keep_valid_masks(ctx)
     ctx.reporter.progress(0.5, "dctps: measuring the transformed model")
     val = evaluate(ctx.model, ctx.splits.val, device=ctx.device)["accuracy"]
     fixed = fixed_dct_params(ctx.model)
     details: dict[str, Any] = {
-        "density": step.density, "allocation": step.allocation, "alpha": step.alpha,
+        "density": density, "allocation": step.allocation, "alpha": step.alpha,
         "layers": report["layers"], "total_weights": report["total_weights"],
         "total_nnz": report["total_nnz"], "actual_density": report["density"],
         "fixed_dct_params": fixed,
@@ -83,10 +91,12 @@ def run_dctps(ctx: StepContext, step: DCTpSStep) -> dict[str, Any]:
         "val_accuracy": val,
         "checkpoint_bytes": checkpoint_size(ctx.model, ctx.masks),
         "dense_weight_bytes": dense_bytes, "untouched": untouched}
+    if "budget" in report:
+        details["budget"] = report["budget"]
     if dropped_masks:
         details["masks_dropped"] = dropped_masks
     record = {"step": ctx.step_index, "global_epoch": ctx.global_epoch,
-              "density": step.density, "allocation": step.allocation,
+              "density": density, "allocation": step.allocation,
               "alpha": step.alpha,
               "total_weights": report["total_weights"], "total_nnz": report["total_nnz"],
               "layers": {n: {k: r[k] for k in ("shape", "weights", "nnz", "density")}

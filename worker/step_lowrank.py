@@ -2,7 +2,9 @@
 `(C_out, C_in*kh*kw)`), optionally blocked, SVD'd per block; the singular vectors are scored on
 one global scale, the lowest-scoring ones dropped greedily until the parameter target
 (`param_ratio`) or the MAC target (`mac_ratio`: the chosen layers' MACs per sample) is met (or
-the given ranks are used), and each layer is materialised as a real factor pair
+the given ranks are used; an absolute whole-model budget, `total_params` / `nonzero_params` /
+`trainable_params` / `macs`, is fitted by `core.lowrank.fit_ranks` and reported in `budget`),
+and each layer is materialised as a real factor pair
 (`core.lowrank`). Fine-tuning is a normal `train` step after it. Layers lowrank cannot
 factor (depthwise/grouped convs of an imported model) are left as they are and reported in
 `untouched` with the reason.
@@ -15,9 +17,11 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from core.budget import BUDGET_KINDS, model_cost
 from core.configs import LowRankConfig
 from core.errors import SpecError
 from core.lowrank import layer_positions, lowrank_plan, lowrank_transform
+from core.prune import trained_nonzero
 from core.train import evaluate
 from service.methods.lowrank import LowRankStep
 from worker.context import (
@@ -60,7 +64,10 @@ def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
         if step.score in ("output_perturbation", "output_variance"):
             inputs = calibration_set(ctx, step.samples).x.to(ctx.device)
     # given ranks checked against the layers, or scores selected to the param or MAC ratio
-    plan = lowrank_plan(ctx.model, config, input_shape=ctx.input_shape, inputs=inputs)
+    # (or fitted to an absolute whole-model budget: `fitted["budget"]`)
+    fitted: dict[str, Any] = {}
+    plan = lowrank_plan(ctx.model, config, input_shape=ctx.input_shape, inputs=inputs,
+                        report=fitted, masks=ctx.masks)
     scoring_wall_s = time.perf_counter() - start
     ctx.check_cancel()
     ctx.reporter.progress(0.5, "lowrank: factoring layers")
@@ -84,7 +91,15 @@ def run_lowrank(ctx: StepContext, step: LowRankStep) -> dict[str, Any]:
         | {"val_accuracy": val},
         "val_accuracy": val}
     met = None
-    if step.target.param_ratio is not None:
+    kind = next((k for k in BUDGET_KINDS if getattr(step.target, k) is not None), None)
+    if kind is not None:  # the absolute budget, measured on the factored model itself
+        goal = getattr(step.target, kind)
+        value = trained_nonzero(ctx.model, ctx.masks) if kind == "nonzero_params" else \
+            model_cost(ctx.model, kind, ctx.input_shape)
+        details["budget"] = fitted["budget"] | {"goal": goal, "value": value,
+                                                "fraction": value / goal}
+        met = value <= goal
+    elif step.target.param_ratio is not None:
         met = after <= step.target.param_ratio * before + 1e-9
     elif step.target.mac_ratio is not None:
         met = macs_after <= step.target.mac_ratio * macs_before + 1e-9

@@ -5,12 +5,15 @@ step (`ctx.masks`, enforced by `core.train.train`) and stored compactly in the c
 Order inside the step: optional re-initialisation (`init`), the Jacobian of the dense net at
 that point, scoring, the mask (exactly kappa kept), the layer-collapse check (before any
 training), the optional data-free approximate-isometry repair, and the Jacobian of the pruned
-net. A model that is already pruned keeps its pruned weights pruned: they score below every
-live weight.
+net. A `target: {"nonzero_params": n}` becomes the sparsity right after the re-initialisation
+(`core.prune.sparsity_for_budget`); the masked (and repaired) model's count, as training can
+leave it (`core.prune.trained_nonzero`), is measured and reported in `budget`. A model that is
+already pruned keeps its pruned weights pruned: they score below every live weight.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -29,6 +32,8 @@ from core.prune import (
     linearise_activations,
     prunable,
     prune_masks,
+    sparsity_for_budget,
+    trained_nonzero,
 )
 from core.sigprop import (
     approximate_isometry,
@@ -70,15 +75,16 @@ def _init(ctx: StepContext, step: PruneStep) -> None:
         init_ldi(ctx.model, ctx.generator)
 
 
-def _collapse_error(step: PruneStep, collapsed: list[str]) -> SpecError:
-    hints = ["a lower sparsity"]
+def _collapse_error(step: PruneStep, sparsity: float, collapsed: list[str]) -> SpecError:
+    hints = ["a lower sparsity" if step.target is None else "a larger nonzero_params budget"]
     if step.scope == "global":
         hints.append("scope 'layerwise'")
     if step.op != "synflow":
         hints.append("op 'synflow' (designed to avoid collapse)")
     if step.init is None and step.op == "snip":
         hints.append("init 'variance_scaling' or 'ldi'")
-    return SpecError(f"{step.op} at sparsity {step.sparsity} leaves no weight in layer(s) "
+    shown = sparsity if step.target is None else f"{sparsity:.6g} (for its target)"
+    return SpecError(f"{step.op} at sparsity {shown} leaves no weight in layer(s) "
                      f"{', '.join(collapsed)} (layer collapse: the network would output a "
                      f"constant); try {', '.join(hints)}, or set allow_collapse: true to "
                      "train it anyway")
@@ -88,10 +94,14 @@ def _collapse_error(step: PruneStep, collapsed: list[str]) -> SpecError:
 def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
     ctx.reporter.progress(0.0, f"{step.op}: scoring")
     _init(ctx, step)
+    sparsity = step.sparsity if step.target is None else \
+        sparsity_for_budget(ctx.model, step.target.nonzero_params, step.scope)
+    assert sparsity is not None  # the spec gives exactly one of sparsity, target
+    config = dataclasses.replace(config_from_spec(PruneConfig, step), sparsity=sparsity)
     jacobian_dense = _jacobian(ctx)
     start = time.perf_counter()
     scoring: dict[str, Any] = {}
-    masks = prune_masks(ctx.model, config_from_spec(PruneConfig, step),
+    masks = prune_masks(ctx.model, config,
                         batches=_scoring_batches(ctx, step) if step.op == "snip" else None,
                         generator=ctx.generator, input_shape=ctx.input_shape,
                         previous=ctx.masks, device=ctx.device, report=scoring)
@@ -99,12 +109,12 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
     report = layer_report(masks)
     collapsed = collapsed_layers(masks)
     if collapsed and not step.allow_collapse:
-        raise _collapse_error(step, collapsed)
+        raise _collapse_error(step, sparsity, collapsed)
     ctx.check_cancel()
     apply_masks(ctx.model, masks)
     ctx.masks = masks
     details: dict[str, Any] = {
-        "sparsity": step.sparsity, "scope": step.scope, "init": step.init,
+        "sparsity": sparsity, "scope": step.scope, "init": step.init,
         "kept": sum(int(r["kept"]) for r in report.values()),
         "prunable": sum(int(r["total"]) for r in report.values()),
         "layers": report, "collapsed": collapsed, "scoring_wall_s": scoring_wall_s,
@@ -129,9 +139,13 @@ def run_prune(ctx: StepContext, step: PruneStep) -> dict[str, Any]:
         details["repair"] = {"method": "ai"} | approximate_isometry(ctx.model, masks)
     else:
         details["orthogonality_score"] = orthogonality_score(ctx.model, masks)
+    if step.target is not None:  # measured on the masked (and repaired) model, as trained
+        goal, value = step.target.nonzero_params, trained_nonzero(ctx.model, masks)
+        details["budget"] = {"kind": "nonzero_params", "goal": goal, "value": value,
+                             "knob": sparsity, "fraction": value / goal, "evaluations": 1}
     details["jacobian"] = {"dense": jacobian_dense, "pruned": _jacobian(ctx)}
     first_name, first = prunable(ctx.model)[0]
-    record = {"step": ctx.step_index, "op": step.op, "sparsity": step.sparsity,
+    record = {"step": ctx.step_index, "op": step.op, "sparsity": sparsity,
               "scope": step.scope, "global_epoch": ctx.global_epoch,
               "layers": {n: {"kept": int(r["kept"]), "total": int(r["total"]),
                              "fraction": float(r["fraction"])} for n, r in report.items()},

@@ -2,26 +2,37 @@
 (`channel_pruning`, one per step: kept / total units per group)."""
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from service.registry import LayerList, MethodSpec, Strict, distinct, register_step
 
+# an absolute whole-model budget (core.budget's kinds): a count of parameters or of MACs
+BudgetCount = Annotated[int, Field(ge=1, le=10**12)]
+BUDGET_KINDS = ("total_params", "nonzero_params", "trainable_params", "macs")
+
 
 class ChannelPruneTarget(Strict):
     """Exactly one: the whole model's parameters after / before (`param_ratio`) or its
-    multiply-accumulates per sample after / before (`mac_ratio`), in (0, 1]; the pruned model
-    lands at or just below it."""
+    multiply-accumulates per sample after / before (`mac_ratio`), in (0, 1]; or an absolute
+    budget of the whole model: `total_params` (every stored value of the dense-format model),
+    `nonzero_params`, `trainable_params` or `macs` (per sample). The pruned model lands at or
+    just below it (an absolute budget's measured value is in the step's `budget`)."""
 
     param_ratio: float | None = Field(default=None, gt=0, le=1)
     mac_ratio: float | None = Field(default=None, gt=0, le=1)
+    total_params: BudgetCount | None = None
+    nonzero_params: BudgetCount | None = None
+    trainable_params: BudgetCount | None = None
+    macs: BudgetCount | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ChannelPruneTarget:
-        given = [k for k in ("param_ratio", "mac_ratio") if getattr(self, k) is not None]
+        kinds = ("param_ratio", "mac_ratio", *BUDGET_KINDS)
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a target is exactly one of param_ratio, mac_ratio; got "
+            raise ValueError(f"a target is exactly one of {', '.join(kinds)}; got "
                              f"{given or 'none'}")
         return self
 

@@ -7,25 +7,36 @@ from pydantic import Field, model_validator
 
 from service.registry import LayerList, LayerName, MethodSpec, Strict, register_step
 
+# an absolute whole-model budget (core.budget's kinds): a count of parameters or of MACs
+BudgetCount = Annotated[int, Field(ge=1, le=10**12)]
+BUDGET_KINDS = ("total_params", "nonzero_params", "trainable_params", "macs")
+
 
 class LowRankTarget(Strict):
     """Exactly one: a global parameter ratio (the chosen layers' weights after / before), a MAC
     ratio (the chosen layers' multiply-accumulates per sample after / before: spends the budget
-    where the compute is, i.e. on the convs), or explicit ranks per layer (one int for every
-    block, or a list with one rank per block)."""
+    where the compute is, i.e. on the convs), explicit ranks per layer (one int for every
+    block, or a list with one rank per block), or an absolute budget of the whole model:
+    `total_params` (every stored value of the dense-format model), `nonzero_params`,
+    `trainable_params` or `macs` (per sample). The ranks are fitted so the factored model's
+    measured cost lands at or just below the budget (reported in the step's `budget`)."""
 
     param_ratio: float | None = Field(default=None, gt=0, le=1)
     mac_ratio: float | None = Field(default=None, gt=0, le=1)
     ranks: dict[LayerName, Annotated[int, Field(ge=1)]
                 | Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]] | None = \
         Field(default=None, min_length=1, max_length=256)
+    total_params: BudgetCount | None = None
+    nonzero_params: BudgetCount | None = None
+    trainable_params: BudgetCount | None = None
+    macs: BudgetCount | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> LowRankTarget:
-        given = [k for k in ("param_ratio", "mac_ratio", "ranks") if getattr(self, k) is not None]
+        kinds = ("param_ratio", "mac_ratio", "ranks", *BUDGET_KINDS)
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of param_ratio, mac_ratio, ranks; got "
-                             f"{given or 'none'}")
+            raise ValueError(f"give exactly one of {', '.join(kinds)}; got {given or 'none'}")
         return self
 
 
