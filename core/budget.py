@@ -8,7 +8,8 @@ The cost kinds (`BUDGET_KINDS`), each measured on the model itself (never estima
   computes (`alpha * D + S` is shipped dense). Masks do not reduce it: a masked weight is stored
   as a dense matrix holding zeros.
 * `nonzero_params` — what a sparse file stores: the non-zero entries of the same tensors, with a
-  DCTpS layer counted as its stored values (its `D` is rebuilt from the shape).
+  DCTpS layer counted as its stored values, every one of its fixed support (its `D` is rebuilt
+  from the shape).
 * `trainable_params` — parameters with `requires_grad`.
 * `macs` — multiply-accumulates of one sample (`core.metrics.count_macs`): what a dense runtime
   executes; masks do not reduce it either.
@@ -50,7 +51,7 @@ def _stored_tensors(model: nn.Module) -> list[tuple[torch.Tensor, bool]]:
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            if isinstance(module, DCTpSLayer) and name == "values":
+            if isinstance(module, DCTpSLayer) and name in ("values", "alpha"):
                 continue  # counted with the layer below
             out.append((tensor, False))
         for name, tensor in module.named_buffers(recurse=False):
@@ -77,7 +78,8 @@ def _param_counts(model: nn.Module) -> dict[str, int]:
             for size in module.weight_shape:
                 dense *= int(size)
             total += dense + (1 if isinstance(module.alpha, nn.Parameter) else 0)
-            nonzero += int(torch.count_nonzero(module.values.detach()))
+            # the values S stores (its support is fixed: a sparse file keeps every one)
+            nonzero += module.values.numel()
             nonzero += 1 if isinstance(module.alpha, nn.Parameter) else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total_params": total, "nonzero_params": nonzero, "trainable_params": trainable}

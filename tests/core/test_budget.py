@@ -73,8 +73,6 @@ def test_a_dctps_layer_counts_dense_in_total_and_its_values_in_nonzero():
     assert got["trainable_params"] == got["nonzero_params"] == nnz + 8 + 8 * 3 + 3
 
 
-@pytest.mark.xfail(strict=True, reason="core.budget counts a trainable DCTpS alpha twice in "
-                   "total_params and nonzero_params (as a parameter and with the layer)")
 def test_a_trainable_dctps_alpha_counts_once():
     net, nnz = _dctps_net("trainable")
     got = costs(net, [1, 4, 4])
