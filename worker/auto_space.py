@@ -76,7 +76,10 @@ class Space:
         return self.kind not in PROXY
 
     def fraction_range(self) -> tuple[float, float]:
-        return (0.5, 1.0) if self.exact else (0.2, 1.2)
+        """The share of the budget a candidate may aim at: near the whole budget for a count
+        (more of the budget rarely costs accuracy; the low end still draws the frontier below
+        it), wider for a measured kind (the proxy's relation to it is only known afterwards)."""
+        return (0.75, 1.0) if self.exact else (0.2, 1.2)
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         lo, hi = self.fraction_range()
