@@ -76,7 +76,7 @@ from torch import nn
 
 from benchmarks.common import dump_results, run_meta
 from benchmarks.pcn_conv4 import narrow_spec
-from core import data, models
+from core import data, models, pcn_select
 from core import lowrank as core_lowrank
 from core.budget import costs, fit_to_budget, model_cost
 from core.channel_prune import ChannelPruneConfig, channel_prune
@@ -96,7 +96,6 @@ from core.models import get_layer, layer_weight
 from core.pca import collect_input_stats
 from core.pcn_auto import auto_layers
 from core.pcn_output import pcn_transform
-from core.pcn_select import pcn_transform_to_target
 from core.train import TrainConfig, evaluate, train
 
 SHAPE = [1, 28, 28]
@@ -129,6 +128,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training images of the reduced Conv4 dataset (10%% become validation)")
     p.add_argument("--conv4-test", type=int, default=5000, help="first N test images")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--budgets", nargs="+", choices=["macs", "latency"],
+                   default=["macs", "latency"], help="the Conv4 budgets to run")
+    p.add_argument("--reuse-dense", action="store_true",
+                   help="load the dense checkpoint an earlier run saved instead of training")
+    p.add_argument("--keep-other-setups", action="store_true",
+                   help="keep the part's existing JSON rows of the setups not run now")
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--auto", choices=["if-available", "on", "off"], default="if-available",
                    help="run the auto step (if-available: when this checkout has the op)")
@@ -255,16 +260,46 @@ def round_robin_latency(nets: list[nn.Module], args: argparse.Namespace, repeats
     return [statistics.median(ts) for ts in times]
 
 
-def cost_fn(kind: str, args: argparse.Namespace) -> Callable[[nn.Module], float]:
-    if kind == LATENCY:
-        return lambda m: onnx_latency(m, args)
-    return lambda m: float(model_cost(m, kind, SHAPE))
+class PairedLatency:
+    """A model's latency measured in turns with the dense model's (dense, model, dense, ...),
+    reported as `reference_ms * median(model) / median(dense)`: the share of the dense model's
+    time, so load that drifts during a long run (other jobs on the machine) cancels out.
+    `reference_ms` is the dense latency the budget was set from."""
+
+    def __init__(self, dense: nn.Module, args: argparse.Namespace, reference_ms: float):
+        from worker.onnx_tools import ort_session
+
+        self.args, self.reference_ms = args, reference_ms
+        self.tmp = tempfile.TemporaryDirectory(prefix="auto-bench-")
+        path = Path(self.tmp.name) / "dense.onnx"
+        export_onnx(dense, SHAPE, path)
+        self.dense = ort_session(path, args.ort_threads)
+        self.last: dict[str, float] = {}
+
+    def __call__(self, model: nn.Module) -> float:
+        from worker.onnx_tools import input_name, ort_session
+
+        x = np.random.default_rng(0).random((self.args.latency_batch, *SHAPE)).astype(np.float32)
+        path = Path(self.tmp.name) / "model.onnx"
+        export_onnx(model, SHAPE, path)
+        sessions = [self.dense, ort_session(path, self.args.ort_threads)]
+        times: list[list[float]] = [[], []]
+        for turn in range(self.args.latency_repeats + 2):
+            for session, ts in zip(sessions, times, strict=True):
+                start = time.perf_counter()
+                session.run(None, {input_name(session): x})
+                if turn >= 2:
+                    ts.append(1000 * (time.perf_counter() - start))
+        dense_ms, model_ms = (statistics.median(ts) for ts in times)
+        self.last = {"model_ms": model_ms, "dense_ms": dense_ms, "ratio": model_ms / dense_ms}
+        return self.reference_ms * model_ms / dense_ms
 
 
 @dataclass
 class Budget:
     kind: str
     goal: float
+    meter: PairedLatency | None = None  # latency budgets: how a model's latency is measured
 
     def spec(self, batch: int) -> dict[str, Any]:
         """The auto step's `budget`."""
@@ -273,12 +308,19 @@ class Budget:
         return {self.kind: int(self.goal)}
 
 
+def cost_fn(budget: Budget, args: argparse.Namespace) -> Callable[[nn.Module], float]:
+    if budget.kind == LATENCY:
+        meter = budget.meter
+        return meter if meter is not None else (lambda m: onnx_latency(m, args))
+    return lambda m: float(model_cost(m, budget.kind, SHAPE))
+
+
 def fit(build: Callable[[float], nn.Module], budget: Budget, lo: float, hi: float,
         args: argparse.Namespace, scale: Scale, *, integer: bool = False, what: str = ""
         ) -> tuple[nn.Module, float, float, int]:
     """(model, knob, measured cost, evaluations) of the largest knob within the budget."""
     latency = budget.kind == LATENCY
-    result = fit_to_budget(build, cost_fn(budget.kind, args), budget.goal, lo, hi, what=what,
+    result = fit_to_budget(build, cost_fn(budget, args), budget.goal, lo, hi, what=what,
                            tol=scale.latency_tol if latency else 0.01,
                            max_evals=scale.latency_evals if latency else scale.fit_evals,
                            integer=integer)
@@ -333,9 +375,14 @@ class Cutter:
         if budget.kind != LATENCY:
             target = {budget.kind: int(budget.goal)}
             try:
-                model, report = pcn_transform_to_target(
-                    self.dense, stats, target, layers, output=output,
-                    val_dataset=self.splits.val)
+                to_budget = getattr(pcn_select, "pcn_transform_to_budget", None)
+                if to_budget is not None:  # the pcn step's size targets (per-layer dims)
+                    model, report = to_budget(self.dense, stats, budget.kind, int(budget.goal),
+                                              layers, output=output, input_shape=SHAPE)
+                else:
+                    model, report = pcn_select.pcn_transform_to_target(
+                        self.dense, stats, target, layers, output=output,
+                        val_dataset=self.splits.val)
                 return Cut(model, "absolute",
                            [r["dims"] for r in report["input"].values()],
                            spec | {"select": {"target": target}},
@@ -393,13 +440,14 @@ class Cutter:
         by_macs = budget.kind in ("macs", LATENCY)
         weights = layer_positions(self.dense, layers, SHAPE) if by_macs else None
 
-        def build(ratio: float) -> nn.Module:
-            ranks = select_ranks(scores, shapes, ratio, weights)
+        def build(log_ratio: float) -> nn.Module:  # the ratio spans decades: bisect its log
+            ranks = select_ranks(scores, shapes, 10 ** log_ratio, weights)
             return lowrank_transform(self.dense, {n: {"blocking": "none", "ranks": r}
                                                   for n, r in ranks.items()})[0]
 
-        model, knob, cost, evals = fit(build, budget, 1e-4, 1.0, self.args, self.scale,
-                                       what="lowrank")
+        model, log_knob, cost, evals = fit(build, budget, -4.0, 0.0, self.args, self.scale,
+                                           what="lowrank")
+        knob = 10 ** log_knob
         key = "mac_ratio" if by_macs else "param_ratio"
         return Cut(model, f"fitted {key}", knob, {"op": "lowrank", "target": {key: knob}}, cost,
                    evals, note=f"absolute target: {absolute_error[:160]}")
@@ -540,7 +588,11 @@ def run_row(setup: str, method: str, seed: int, cutter: Cutter, budget: Budget,
     scratch = cut.route == "from scratch"
     row["costs"] = costs_of(model)
     if budget.kind == LATENCY:
-        row["costs"][LATENCY] = cut.cost if cut.cost is not None else onnx_latency(model, args)
+        row["costs"][LATENCY] = cut.cost if cut.cost is not None else \
+            cost_fn(budget, args)(model)
+        if budget.meter is not None:  # again: the fit's last measure may be another knob's
+            again = budget.meter(model)
+            row["latency_paired"] = dict(budget.meter.last) | {"again_ms": again}
     row["cost"] = row["costs"][budget.kind]
     row["within_budget"] = row["cost"] <= budget.goal
     row["val_after_cut"] = None if scratch else evaluate(model, cutter.splits.val)["accuracy"]
@@ -623,7 +675,7 @@ def full_stack(workers: int, threads: int) -> Iterator[str]:
             env.update({"SLIMLINE_HOME": f"{tmp}/home",
                         "SLIMLINE_DATABASE_URL":
                             f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-                        "SLIMLINE_BROKER_URL": "redis://127.0.0.1:6379/14",
+                        "SLIMLINE_BROKER_URL": "redis://127.0.0.1:6379/15",  # tests: 1..14
                         "SLIMLINE_STORAGE_URL": "s3://bench/objects",
                         "SLIMLINE_S3_ENDPOINT_URL": endpoint, "SLIMLINE_AUTH": "off",
                         "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
@@ -736,7 +788,8 @@ def auto_result(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_auto(service: Service, model_id: str, dataset: str, seed: int, budget: Budget,
-             args: argparse.Namespace, final_epochs: int, workdir: Path) -> dict[str, Any]:
+             args: argparse.Namespace, final_epochs: int, workdir: Path, pre_epochs: int
+             ) -> dict[str, Any]:
     """One auto job on a trained model: its winner, test accuracy, trials and timings; the
     winner downloaded and measured with this script's own cost functions."""
     step = {"op": "auto", "budget": budget.spec(args.latency_batch), "trials": args.trials,
@@ -750,7 +803,10 @@ def run_auto(service: Service, model_id: str, dataset: str, seed: int, budget: B
                            "job_wall_s": job_wall(job),
                            "budget": {"kind": budget.kind, "goal": budget.goal}}
     if job["status"] != "succeeded":
-        row["error"] = job.get("error") or job.get("error_message") or job
+        error = job.get("error") or job.get("error_message") or job["status"]
+        row["error_detail"] = error
+        row["error"] = (f"auto {job['status']}: {error.get('code')}: {error.get('message')}"
+                        if isinstance(error, dict) else f"auto {job['status']}: {error}")
         print(f"  auto: job {job['status']}: {row['error']}", flush=True)
         return row
     result = job["result"]
@@ -767,13 +823,17 @@ def run_auto(service: Service, model_id: str, dataset: str, seed: int, budget: B
                 "phases": {ph: sum(1 for t in trials if t.get("phase") == ph)
                            for ph in sorted({str(t.get("phase")) for t in trials})},
                 "max_concurrent_trials": max_concurrency(trials),
-                "epochs": args.finetune_epochs + final_epochs, "route": "auto"})
+                "epochs": f"{pre_epochs} + {args.finetune_epochs + final_epochs}",
+                "route": f"auto ({len(trials)} trials)", "knob": winner.get("method")})
     model_id_out = result.get("model_id")
     if model_id_out:
         model = service.download(model_id_out, workdir / f"auto-{job['id']}.safetensors")
         row["costs"] = costs_of(model)
         if budget.kind == LATENCY:
-            row["costs"][LATENCY] = onnx_latency(model, args)
+            row["costs"][LATENCY] = cost_fn(budget, args)(model)
+            if budget.meter is not None:  # again: the fit's last measure may be another knob's
+                again = budget.meter(model)
+                row["latency_paired"] = dict(budget.meter.last) | {"again_ms": again}
         row["cost"] = row["costs"][budget.kind]
         row["within_budget"] = row["cost"] <= budget.goal
         row["_model"] = model
@@ -851,7 +911,7 @@ def table(summary: list[dict[str, Any]], setups: dict[str, dict[str, Any]]) -> s
         kind, goal = setup["kind"], setup["goal"]
         name = s["method"] + (" **(best single)**" if s.get("best_single") else "")
         if not s["n"]:
-            reason = (s["errors"] or ["no result"])[0].splitlines()[0][:90]
+            reason = (str((s["errors"] or ["no result"])[0]).splitlines() or [""])[0][:90]
             lines.append(f"| {s['setup']} | {name} | 0 | cannot reach: {reason} |"
                          + " – |" * 8)
             continue
@@ -953,11 +1013,38 @@ def part_lenet(args: argparse.Namespace, scale: Scale) -> str:
                 model_id = service.upload_model(
                     ckpt_dir(args) / f"dense-lenet300-s{seed}.safetensors")
                 row = run_auto(service, model_id, "fashion-mnist", seed, budget, args,
-                               args.final_epochs, ckpt_dir(args))
+                               args.final_epochs, ckpt_dir(args), args.pre_epochs)
                 rows.append(row | {"setup": setup})
                 write("lenet", args, rows, setups, started, False, extra)
     text = write("lenet", args, rows, setups, started, True, extra)
     return f"### LeNet-300-100, total_params <= {budget.goal:,.0f}\n\n{text}"
+
+
+def load_or_train_dense(name: str, splits: data.Splits, epochs: int, seed: int,
+                        args: argparse.Namespace) -> tuple[nn.Module, list[dict[str, Any]], bool]:
+    """The dense model of `seed`: with --reuse-dense the checkpoint an earlier run saved (the
+    same training is deterministic), else trained now and saved. (model, history, reused)."""
+    path = ckpt_dir(args) / f"dense-{name}-s{seed}.safetensors"
+    if args.reuse_dense and path.exists():
+        model = models.load(path).eval()
+        return model, [{"epoch": epochs,
+                        "val_accuracy": evaluate(model, splits.val)["accuracy"]}], True
+    model, hist = train_dense({"name": name}, splits, epochs, seed)
+    models.save(model, path)
+    return model, hist, False
+
+
+def carried_rows(part: str, args: argparse.Namespace, running: set[str]
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """With --keep-other-setups: the rows (and setups) of the setups this run does not run,
+    from the part's existing JSON."""
+    path = Path(args.out_dir) / f"auto_compress_{part}{'_quick' if args.quick else ''}.json"
+    if not args.keep_other_setups or not path.exists():
+        return [], {}
+    saved = json.loads(path.read_text())
+    setups = {k: v | {"carried_over_from": saved["meta"]["date_utc"]}
+              for k, v in saved["meta"].get("setups", {}).items() if k not in running}
+    return [r for r in saved["runs"] if r["setup"] in setups], setups
 
 
 def part_conv4(args: argparse.Namespace, scale: Scale) -> str:
@@ -965,8 +1052,8 @@ def part_conv4(args: argparse.Namespace, scale: Scale) -> str:
     arrays = conv4_arrays(args)
     final = args.conv4_final_epochs
     epochs = args.finetune_epochs + final
-    rows: list[dict[str, Any]] = []
-    setups: dict[str, dict[str, Any]] = {}
+    running = {f"conv4-{b}" for b in args.budgets}
+    rows, setups = carried_rows("conv4", args, running)
     extra: dict[str, Any] = {"scale": f"reduced: {args.conv4_subset} training images (seed-12345 "
                                       f"draw from the 60k; 10% of them validation), first "
                                       f"{args.conv4_test} test images, {args.conv4_seeds} seed(s)"}
@@ -974,14 +1061,19 @@ def part_conv4(args: argparse.Namespace, scale: Scale) -> str:
     for seed in range(args.conv4_seeds):
         splits = conv4_splits(arrays, seed)
         t = time.perf_counter()
-        dense, hist = train_dense({"name": "conv4"}, splits, args.conv4_pre_epochs, seed)
-        models.save(dense, ckpt_dir(args) / f"dense-conv4-s{seed}.safetensors")
-        dense_costs = costs_of(dense)
+        dense, hist, reused = load_or_train_dense("conv4", splits, args.conv4_pre_epochs, seed,
+                                                  args)
+        dense_costs: dict[str, Any] = dict(costs_of(dense))
         dense_latency = onnx_latency(dense, args, repeats=max(args.latency_repeats, 20))
         dense_costs[LATENCY] = dense_latency
-        budgets = {"conv4-macs": Budget("macs", float(int(dense_costs["macs"]
-                                                          * args.conv4_mac_fraction))),
-                   "conv4-latency": Budget(LATENCY, dense_latency * args.conv4_latency_fraction)}
+        budgets: dict[str, Budget] = {}
+        if "macs" in args.budgets:
+            budgets["conv4-macs"] = Budget("macs", float(int(dense_costs["macs"]
+                                                             * args.conv4_mac_fraction)))
+        if "latency" in args.budgets:
+            budgets["conv4-latency"] = Budget(LATENCY,
+                                              dense_latency * args.conv4_latency_fraction,
+                                              PairedLatency(dense, args, dense_latency))
         dense_test = evaluate(dense, splits.test)["accuracy"]
         for name, b in budgets.items():
             setups.setdefault(name, {"kind": b.kind, "goal": b.goal, "model": "conv4",
@@ -989,16 +1081,18 @@ def part_conv4(args: argparse.Namespace, scale: Scale) -> str:
                                                                final),
                                      "latency": {"batch": args.latency_batch,
                                                  "threads": args.ort_threads,
-                                                 "dense_ms": dense_latency}})
+                                                 "dense_ms": dense_latency,
+                                                 "measured": "in turns with the dense model "
+                                                             "(PairedLatency)"}})
             rows.append({"setup": name, "method": f"dense ({args.conv4_pre_epochs} epochs)",
-                         "seed": seed, "route": "–", "knob": None, "costs": dense_costs,
-                         "cost": dense_costs[b.kind], "epochs": args.conv4_pre_epochs,
-                         "history": hist, "train_s": time.perf_counter() - t,
-                         "val_accuracy": hist[-1]["val_accuracy"],
-                         "test_accuracy": dense_test})
-        print(f"seed {seed}: dense test {rows[-1]['test_accuracy']:.4f}, "
-              f"{dense_costs['macs']:,} MACs, {dense_latency:.1f} ms at batch "
-              f"{args.latency_batch}; budgets {budgets}", flush=True)
+                         "seed": seed, "route": "reused checkpoint" if reused else "–",
+                         "knob": None, "costs": dense_costs, "cost": dense_costs[b.kind],
+                         "epochs": str(args.conv4_pre_epochs), "history": hist,
+                         "train_s": time.perf_counter() - t,
+                         "val_accuracy": hist[-1]["val_accuracy"], "test_accuracy": dense_test})
+        print(f"seed {seed}: dense test {dense_test:.4f}, {dense_costs['macs']:,} MACs, "
+              f"{dense_latency:.1f} ms at batch {args.latency_batch}; budgets "
+              f"{ {k: round(b.goal, 2) for k, b in budgets.items()} }", flush=True)
         cutter = Cutter(dense, splits, seed, args, scale)
         for name, b in budgets.items():
             print(f"{name}: {setups[name]['schedule']}", flush=True)
@@ -1016,10 +1110,10 @@ def part_conv4(args: argparse.Namespace, scale: Scale) -> str:
                                                 ".safetensors")
                 for name, b in budgets.items():
                     row = run_auto(service, model_id, dataset_id, seed, b, args, final,
-                                   ckpt_dir(args))
+                                   ckpt_dir(args), args.conv4_pre_epochs)
                     rows.append(row | {"setup": name})
                     write("conv4", args, rows, setups, started, False, extra)
-        # every latency-budget model again, timed in turns with the dense one
+        # every latency-budget model again, all timed in turns with the dense one
         lat_rows = [r for r in rows if r["setup"] == "conv4-latency" and "_model" in r
                     and r["seed"] == seed]
         if lat_rows:
@@ -1030,8 +1124,9 @@ def part_conv4(args: argparse.Namespace, scale: Scale) -> str:
                  "rows": {r["method"]: v for r, v in zip(lat_rows, ms[1:], strict=True)}})
     text = write("conv4", args, rows, setups, started, True, extra)
     recheck = "\n".join(
-        f"* seed {c['seed']}: re-timed in turns: dense {c['dense_ms']:.1f} ms; "
-        + ", ".join(f"{m} {v:.1f} ms" for m, v in c["rows"].items())
+        f"* seed {c['seed']}, all latency models re-timed in turns: dense {c['dense_ms']:.1f} ms;"
+        " " + ", ".join(f"{m} {v:.1f} ms ({v / c['dense_ms']:.2f} of dense)"
+                        for m, v in c["rows"].items())
         for c in extra.get("latency_recheck", []))
     return f"### Conv4 (reduced scale)\n\n{text}\n\n{recheck}"
 
@@ -1054,7 +1149,7 @@ def part_cost(args: argparse.Namespace, scale: Scale) -> str:
             service = Service(url)
             model_id = service.upload_model(ckpt)
             row = run_auto(service, model_id, "fashion-mnist", 0, budget, args,
-                           args.final_epochs, ckpt_dir(args))
+                           args.final_epochs, ckpt_dir(args), args.pre_epochs)
             rows.append(row | {"setup": "cost", "workers": workers})
             if workers == 1:
                 job = service.run({"model": model_id, "dataset": "fashion-mnist", "seed": 0,
