@@ -9,7 +9,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 import service.methods  # noqa: F401  (registers every method)
 from service.methods.train import MAX_EPOCHS
@@ -21,9 +21,9 @@ from service.registry import (
     step_models,
 )
 
-__all__ = ["AVAILABLE_OPS", "BUILTIN_DATASETS", "MAX_CHANNELS", "MAX_EPOCHS", "MAX_STEPS",
-           "NORMALIZE_MODES", "JobSpec", "ModelArch", "Normalization", "Step",
-           "check_normalize", "control_character"]
+__all__ = ["AVAILABLE_OPS", "BUILTIN_DATASETS", "JOB_SPEC_EXAMPLES", "MAX_CHANNELS",
+           "MAX_EPOCHS", "MAX_STEPS", "NORMALIZE_MODES", "JobSpec", "ModelArch",
+           "Normalization", "Step", "check_normalize", "control_character"]
 
 MAX_STEPS = 32
 MAX_CHANNELS = 4096  # entries of a normalize mean/std (one per input channel)
@@ -125,14 +125,114 @@ def check_normalize(value: Any) -> None:
                          f"has {len(value['std'])}; give one of each per input channel")
 
 
+_LENET = {"arch": {"name": "lenet300"}}  # fc1 (784 -> 300), fc2 (300 -> 100), fc3 (100 -> 10)
+_TRAIN = {"op": "train", "epochs": 2, "optimizer": "adam", "lr": 0.001}
+
+# One JobSpec per step op, as OpenAPI Example Objects (`summary`, `value`): the examples of
+# `POST /v1/jobs` in /docs and of the JobSpec schema. Each one validates and runs as it is on a
+# fresh LeNet-300-100 and Fashion-MNIST (tests/api/test_openapi.py validates them all).
+JOB_SPEC_EXAMPLES: dict[str, dict[str, Any]] = {
+    "train": {"summary": "train: train a fresh model, then evaluate it", "value": {
+        "model": _LENET, "dataset": "fashion-mnist", "seed": 0, "device": "auto",
+        "steps": [{"op": "train", "epochs": 3, "optimizer": "sgd", "lr": 0.05,
+                   "momentum": 0.9, "lr_steps": [2], "batch_size": 128},
+                  {"op": "evaluate"}]}},
+    "evaluate": {"summary": "evaluate: test accuracy of a model (use your model's id as model)",
+                 "value": {"model": _LENET, "dataset": "fashion-mnist",
+                           "steps": [{"op": "evaluate", "batch_size": 1024}]}},
+    "pcn": {"summary": "pcn: project layer inputs onto their principal components, fine-tune",
+            "value": {"model": _LENET, "dataset": "fashion-mnist", "seed": 0,
+                      "steps": [_TRAIN,
+                                {"op": "pcn", "layers": ["fc1", "fc2"], "select": {"dims": 32},
+                                 "samples": 5000},
+                                {"op": "train", "epochs": 2}, {"op": "evaluate"}]}},
+    "snip": {"summary": "snip: prune 90 % of the weights at init by connection sensitivity",
+             "value": {"model": _LENET, "dataset": "fashion-mnist",
+                       "steps": [{"op": "snip", "sparsity": 0.9, "batches": 1},
+                                 _TRAIN, {"op": "evaluate"}]}},
+    "random": {"summary": "random: a random mask per layer (a pruning baseline)",
+               "value": {"model": _LENET, "dataset": "fashion-mnist",
+                         "steps": [{"op": "random", "sparsity": 0.9, "scope": "layerwise"},
+                                   _TRAIN, {"op": "evaluate"}]}},
+    "magnitude": {"summary": "magnitude: prune the smallest 80 % of a trained model, fine-tune",
+                  "value": {"model": _LENET, "dataset": "fashion-mnist",
+                            "steps": [_TRAIN, {"op": "magnitude", "sparsity": 0.8},
+                                      {"op": "train", "epochs": 1}, {"op": "evaluate"}]}},
+    "synflow": {"summary": "synflow: data-free pruning at init to a non-zero budget",
+                "value": {"model": _LENET, "dataset": "fashion-mnist",
+                          "steps": [{"op": "synflow", "target": {"nonzero_params": 20000},
+                                     "rounds": 100},
+                                    _TRAIN, {"op": "evaluate"}]}},
+    "lowrank": {"summary": "lowrank: factor layers to 30 % of their weights, fine-tune",
+                "value": {"model": _LENET, "dataset": "fashion-mnist",
+                          "steps": [_TRAIN,
+                                    {"op": "lowrank", "target": {"param_ratio": 0.3},
+                                     "score": "output_perturbation", "blocking": "none"},
+                                    {"op": "train", "epochs": 1}, {"op": "evaluate"}]}},
+    "dctps": {"summary": "dctps: alpha * DCT + a 1 % sparse matrix per layer, trained",
+              "value": {"model": {"arch": {"name": "lenet5"}}, "dataset": "fashion-mnist",
+                        "steps": [{"op": "dctps", "density": 0.01, "allocation": "epl"},
+                                  {"op": "train", "epochs": 2, "optimizer": "adam",
+                                   "lr": 0.001, "weight_decay": 0.0005},
+                                  {"op": "evaluate"}]}},
+    "channel_prune": {"summary": "channel_prune: remove units to half the MACs, fine-tune",
+                      "value": {"model": _LENET, "dataset": "fashion-mnist",
+                                "steps": [_TRAIN,
+                                          {"op": "channel_prune", "target": {"mac_ratio": 0.5},
+                                           "criterion": "l1"},
+                                          {"op": "train", "epochs": 1}, {"op": "evaluate"}]}},
+    "analyze": {"summary": "analyze: redundancy of a trained model's layers (model unchanged)",
+                "value": {"model": _LENET, "dataset": "fashion-mnist",
+                          "steps": [_TRAIN,
+                                    {"op": "analyze", "kinds": ["unit_pruning", "spectrum",
+                                                                "elbow"],
+                                     "layers": ["fc1", "fc2"], "seeds": 5}]}},
+    "export": {"summary": "export: ONNX (and int8) and torch.export files, verified",
+               "value": {"model": _LENET, "dataset": "fashion-mnist",
+                         "steps": [_TRAIN, {"op": "evaluate"},
+                                   {"op": "export", "formats": ["onnx", "pt2"],
+                                    "quantize": "int8_dynamic"}]}},
+    "measure": {"summary": "measure: accuracy, every cost, CPU latency and ONNX bytes",
+                "value": {"model": _LENET, "dataset": "fashion-mnist",
+                          "steps": [_TRAIN,
+                                    {"op": "measure", "latency_batch_size": 256,
+                                     "bytes": True, "report": True}]}},
+    "auto": {"summary": "auto: the most accurate model within 27,000 parameters (use a trained "
+                        "model's id as model)",
+             "value": {"model": _LENET, "dataset": "fashion-mnist",
+                       "steps": [{"op": "auto", "budget": {"total_params": 27000},
+                                  "max_accuracy_drop": 0.02, "methods": "all", "trials": 24,
+                                  "finetune_epochs": 1, "final_epochs": 5}]}},
+}
+
+
 class JobSpec(Strict):
-    model: Annotated[str, Field(min_length=1, max_length=64)] | ModelArch
-    dataset: str = Field(min_length=1, max_length=64)
-    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_config = ConfigDict(json_schema_extra={
+        "examples": [example["value"] for example in JOB_SPEC_EXAMPLES.values()]})
+
+    model: Annotated[str, Field(min_length=1, max_length=64)] | ModelArch = Field(
+        description='The model the job starts from: the id of one of your models (POST '
+                    '/v1/models, or a job\'s result.model_id), or a fresh model of a zoo '
+                    'architecture, `{"arch": {"name": "lenet300"}}` (mlp, lenet300, lenet5, '
+                    'conv4, resnet; other keys are the architecture\'s arguments).')
+    dataset: str = Field(min_length=1, max_length=64, description=(
+        "A built-in dataset (fashion-mnist, synthetic-blobs, synthetic-tiny) or the id of one "
+        "of your datasets (POST /v1/datasets)."))
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS, description=(
+        "What the job does, in order; each step is one op and works on the model the step "
+        "before left."))
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description=(
+        "Seeds every random choice (init, data order, masks, supports): the same spec and "
+        "seed give the same model."))
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description=(
+        "cuda sends the job to the gpu queue (only a GPU worker takes it); auto and cpu go "
+        "to the cpu queue, where a worker uses a GPU for auto when it has one."))
     # input scaling: None = the model's stored preprocessing (raw inputs when it has none)
-    normalize: Literal["none", "standardize"] | Normalization | None = None
+    normalize: Literal["none", "standardize"] | Normalization | None = Field(
+        default=None, description=(
+            "Input scaling: null uses the model's stored preprocessing (raw inputs when it "
+            "has none); none feeds raw inputs; standardize uses the training split's "
+            "per-channel mean and std; or explicit {mean: [...], std: [...]} per channel."))
 
     @model_validator(mode="before")
     @classmethod
