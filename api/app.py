@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import install_error_handlers
 from api.limits import install_limits, size_thread_pool
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import artifacts, datasets, health, jobs, models
+from api.routes import artifacts, datasets, health, jobs, models, reports
 from api.uploads import sweep_temp_loop, sweep_temp_once
 from service.reconcile import Reconciler
 from service.settings import Settings, get_settings
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_limits(app, settings)  # load shedding, the JSON body limit
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost
     install_error_handlers(app)
-    for module in (health, models, datasets, jobs, artifacts):
+    for module in (health, models, datasets, jobs, artifacts, reports):
         app.include_router(module.router)
     return app
 

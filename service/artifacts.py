@@ -18,6 +18,17 @@ def artifact_key(tenant_id: str, job_id: str, name: str) -> str:
     return f"jobs/{tenant_id}/{job_id}/{name}"
 
 
+# what an artifact is, from its name, where the producer does not say (DESIGN.md's kinds)
+_KIND_BY_NAME = {"report.json": "report", "curves.json": "curves"}
+_KIND_BY_SUFFIX = {".safetensors": "model", ".png": "plot", ".onnx": "export", ".pt2": "export"}
+
+
+def artifact_kind(name: str) -> str:
+    """model | report | curves | plot | export, else the file's suffix ("file" without one)."""
+    suffix = Path(name).suffix
+    return _KIND_BY_NAME.get(name) or _KIND_BY_SUFFIX.get(suffix) or suffix.lstrip(".") or "file"
+
+
 def add_artifact(session: Session, store: ObjectStore, *, tenant_id: str, job_id: str,
                  name: str, path: str | Path, kind: str | None = None,
                  stored: bool = False) -> Artifact:
@@ -35,7 +46,7 @@ def add_artifact(session: Session, store: ObjectStore, *, tenant_id: str, job_id
     if artifact is None:
         artifact = Artifact(job_id=job_id, name=name)
         session.add(artifact)
-    artifact.kind = kind or Path(name).suffix.lstrip(".") or "file"
+    artifact.kind = kind or artifact_kind(name)
     artifact.size_bytes, artifact.sha256, artifact.storage_key = size, sha256, key
     session.flush()
     return artifact

@@ -1,6 +1,8 @@
 """/v1/jobs/{id}/artifacts: files a job produced."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
@@ -12,11 +14,17 @@ from service.submission import get_job
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
 
 
+def artifact_url(job_id: str, name: str) -> str:
+    """Where the artifact downloads (relative to the API's root)."""
+    return f"/v1/jobs/{quote(job_id, safe='')}/artifacts/{quote(name, safe='')}"
+
+
 @router.get("")
 def list_all(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
-    """The job's artifacts: `{items: [{name, kind, size_bytes, sha256}]}`."""
+    """The job's artifacts: `{items: [{name, kind, size_bytes, sha256, url}]}`."""
     get_job(session, tenant_id, job_id)
-    return {"items": [artifact_document(a) for a in list_artifacts(session, job_id)]}
+    return {"items": [artifact_document(a) | {"url": artifact_url(job_id, a.name)}
+                      for a in list_artifacts(session, job_id)]}
 
 
 @router.get("/{name}")

@@ -266,8 +266,9 @@ def test_artifacts_list_and_download(client, settings, tmp_path):
         add_artifact(s, store_from_settings(settings), tenant_id=tenant, job_id=job_id,
                      name="report.json", path=report)
     [item] = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
-    assert item["name"] == "report.json" and item["kind"] == "json" and item["size_bytes"] == 12
-    r = client.get(f"/v1/jobs/{job_id}/artifacts/report.json")
+    assert item["name"] == "report.json" and item["kind"] == "report" and item["size_bytes"] == 12
+    assert item["url"] == f"/v1/jobs/{job_id}/artifacts/report.json"
+    r = client.get(item["url"])
     assert r.status_code == 200 and r.json() == {"ok": True}
     assert client.get(f"/v1/jobs/{job_id}/artifacts/nope.png").status_code == 404
 

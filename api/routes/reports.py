@@ -1,0 +1,44 @@
+"""/v1/reports: comparisons across jobs (`service.compare`)."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+
+from api.deps import SessionDep, TenantDep
+from service.compare import (
+    MAX_JOBS,
+    compare,
+    job_fields,
+    load_jobs,
+    parse_job_ids,
+    to_markdown,
+    to_png,
+)
+
+router = APIRouter(prefix="/v1/reports", tags=["reports"])
+
+CostKind = Literal["total_params", "nonzero_params", "trainable_params", "macs", "bytes",
+                   "latency_ms"]
+
+
+@router.get("/compare")
+def compare_jobs(
+        session: SessionDep, tenant_id: TenantDep,
+        jobs: Annotated[str | None, Query(
+            description=f"1 to {MAX_JOBS} distinct job ids of yours, separated by commas",
+            examples=["01jd0c8p9x4k2m7q3r5s6t8v9w,01jd0c8qa1b2c3d4e5f6g7h8j9"])] = None,
+        fmt: Annotated[Literal["json", "png", "md"], Query(
+            alias="format", description="json, png (accuracy-vs-cost scatter) or md (a "
+                                        "Markdown table)")] = "json",
+        cost: Annotated[CostKind, Query(
+            description="the x axis and the Pareto cost")] = "total_params") -> Response:
+    """One comparison across jobs: a row per job, the Pareto set (max accuracy, min cost)."""
+    ids = parse_job_ids(jobs)
+    report = compare([job_fields(job) for job in load_jobs(session, tenant_id, ids)], cost)
+    if fmt == "png":
+        return Response(to_png(report), media_type="image/png")
+    if fmt == "md":
+        return Response(to_markdown(report), media_type="text/markdown; charset=utf-8")
+    return JSONResponse(report)
