@@ -107,7 +107,8 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
           should_cancel: Callable[[], bool] | None = None,
           masks: Mapping[str, torch.Tensor] | None = None,
           resume: Mapping[str, Any] | None = None,
-          on_state: Callable[[int, dict[str, Any]], None] | None = None
+          on_state: Callable[[int, dict[str, Any]], None] | None = None,
+          on_batch: Callable[[int, int, int], None] | None = None
           ) -> list[dict[str, Any]]:
     """Train `model` in place; return one record per epoch.
 
@@ -128,6 +129,9 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
     after `state["epoch"]`: with the generator's state restored as it was then, the resumed run
     computes exactly what the uninterrupted one would have. Optimizer state is matched to the
     parameters by name, so a model rebuilt from its checkpoint may order them differently.
+
+    `on_batch(epoch, batches_done, batches_per_epoch)` is called after every optimizer step
+    (progress within an epoch; keep it cheap).
     """
     device = torch.device(device)
     model.to(device)
@@ -142,6 +146,9 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
         first = int(resume["epoch"]) + 1
     data: ArrayDataset = splits.train
     n = len(data)
+    batches = math.ceil(n / config.batch_size)
+    if config.max_batches is not None:
+        batches = min(batches, config.max_batches)
     history: list[dict[str, Any]] = []
     for epoch in range(first, config.epochs + 1):
         start = time.perf_counter()
@@ -167,6 +174,8 @@ def train(model: nn.Module, splits: Splits, config: TrainConfig, *,
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(idx)
+            if on_batch is not None:
+                on_batch(epoch, b + 1, batches)
         scheduler.step()
         val = (evaluate(model, splits.val, device=device) if len(splits.val)
                else {"loss": None, "accuracy": None})

@@ -18,6 +18,7 @@ from service import queue
 from service.archcheck import check_arch, is_graph_arch
 from service.datasets import check_dataset_ref
 from service.db import after_commit, rows_changed, session_scope
+from service.deletion import lock_job_inputs
 from service.errors import (
     BadRequest,
     BrokerUnavailable,
@@ -27,7 +28,7 @@ from service.errors import (
     NotFound,
     Unprocessable,
 )
-from service.events import record_event
+from service.events import eta_seconds, record_event
 from service.model_registry import get_model
 from service.orm import Job, Model
 from service.quotas import check_job_quota
@@ -93,6 +94,8 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
         if existing is None:
             raise
         return _replay(existing, document), False
+    # a model or dataset deleted meanwhile is a 404 now, never a queued job naming it
+    lock_job_inputs(session, tenant_id, spec)
     record_event(session, job.id, "status", {"status": "queued"})
     return job, True
 
@@ -256,7 +259,7 @@ def job_document(job: Job) -> dict[str, Any]:
     error = ({"code": job.error_code, "message": job.error_message or ""}
              if job.error_code else None)
     return {"id": job.id, "status": job.status, "progress": job.progress, "stage": job.stage,
-            "spec": job.spec, "error": error, "result": job.result,
+            "eta_s": eta_seconds(job), "spec": job.spec, "error": error, "result": job.result,
             "created_at": iso(job.created_at), "started_at": iso(job.started_at),
             "finished_at": iso(job.finished_at), "attempts": job.attempts or 0,
             "kind": job.kind or "job", "parent_id": job.parent_id}

@@ -45,7 +45,7 @@ from service.artifacts import add_artifact, artifact_key, put_files
 from service.curves import fold as fold_curves
 from service.db import rows_changed, session_scope
 from service.dbretry import is_unavailable
-from service.events import list_events, record_event
+from service.events import eta_seconds, list_events, record_event
 from service.methods.auto import AutoStep, pareto
 from service.orm import Artifact, Job, Model, utcnow
 from service.search import AUTO, BASELINE, FINAL, FINETUNE, SCREEN, add_trial, cancel_trials
@@ -160,6 +160,31 @@ def _fail_search(job_id: str, settings: Settings, code: str, message: str) -> No
         states.mark_failed(job, code, message)
 
 
+# Progress: each phase's share of the search is its expected cost, in screening trials (a cut and
+# one validation pass): a fine-tuning epoch costs about EPOCH_COST of them (an epoch is ~3 passes
+# over a training set several times the validation split).
+EPOCH_COST = 8.0
+
+
+def phase_spans(auto: AutoStep) -> dict[str, tuple[float, float]]:
+    """`{phase: (start, width)}` of the search's progress: the baseline, `trials` screening
+    trials, `promoted` x (1 + finetune_epochs x EPOCH_COST), 1 + final_epochs x EPOCH_COST."""
+    costs = {BASELINE: 1.0, SCREEN: float(auto.trials),
+             FINETUNE: auto.promoted * (1.0 + auto.finetune_epochs * EPOCH_COST),
+             FINAL: 1.0 + auto.final_epochs * EPOCH_COST}
+    total = sum(costs.values())
+    spans, start = {}, 0.0
+    for phase, cost in costs.items():
+        spans[phase] = (start / total, cost / total)
+        start += cost
+    return spans
+
+
+def trials_done(children: list[Job]) -> float:
+    """Finished trials plus the running ones' own progress."""
+    return sum(1.0 if c.terminal else min(1.0, c.progress or 0.0) for c in children)
+
+
 def info(child: Job) -> dict[str, Any]:
     """A trial's candidate and, once recorded, its outcome (`jobs.search`)."""
     return child.search or {}
@@ -221,9 +246,16 @@ class Coordinator:
         record_event(self.session, self.job.id, kind, data)
 
     def progress(self, value: float, stage: str) -> None:
-        self.job.progress = min(1.0, max(0.0, value))
+        """The search's progress (never moving back) and stage, with a `progress` event."""
+        self.job.progress = min(1.0, max(self.job.progress or 0.0, value))
         self.job.stage = stage[:200]
-        self.event("progress", {"progress": self.job.progress, "stage": self.job.stage})
+        self.event("progress", {"progress": self.job.progress, "stage": self.job.stage,
+                                "eta_s": eta_seconds(self.job)})
+
+    def at(self, phase: str, fraction: float) -> float:
+        """The search's progress at `fraction` of `phase` (`phase_spans`)."""
+        start, width = phase_spans(self.auto)[phase]
+        return start + width * min(1.0, max(0.0, fraction))
 
     # -- the state machine --
     def advance(self) -> str:
@@ -362,7 +394,7 @@ class Coordinator:
         add_trial(self.session, self.job, BASELINE, self.trial_spec(steps),
                   {"trial": None, "phase": BASELINE, "method": "starting model",
                    "budget_kind": self.kind}, self.settings)
-        self.progress(0.01, "measuring the starting model")
+        self.progress(self.at(BASELINE, 0.5), "measuring the starting model")
 
     def after_baseline(self) -> None:
         baseline = next(iter(self.of(BASELINE)), None)
@@ -434,7 +466,7 @@ class Coordinator:
         if self.state["asked"] >= self.auto.trials and not running:
             self.promote()
             return
-        self.progress(0.02 + 0.38 * len(done) / self.auto.trials,
+        self.progress(self.at(SCREEN, trials_done(self.of(SCREEN)) / self.auto.trials),
                       f"screening: {len(done)}/{self.auto.trials} candidates scored without "
                       f"retraining, {self.busy(running)}" + self.eta(done, self.auto.trials
                                                                      - len(done)))
@@ -509,15 +541,15 @@ class Coordinator:
         self.state["phase"] = FINETUNE
         self.state["promoted"] = [s["trial"] for s in chosen]
         self.close_study()
-        self.progress(0.40, f"fine-tuning the {len(chosen)} most promising candidates "
-                            f"({self.auto.finetune_epochs} epoch(s) each)")
+        self.progress(self.at(FINETUNE, 0.0), f"fine-tuning the {len(chosen)} most promising "
+                      f"candidates ({self.auto.finetune_epochs} epoch(s) each)")
 
     def after_finetune(self) -> None:
         tuned = self.of(FINETUNE)
         running = [c for c in tuned if not c.terminal]
         done = [c for c in tuned if c.terminal]
         if running:
-            self.progress(0.40 + 0.45 * len(done) / max(1, len(tuned)),
+            self.progress(self.at(FINETUNE, trials_done(tuned) / max(1, len(tuned))),
                           f"fine-tuning: {len(done)}/{len(tuned)} candidates done, "
                           f"{self.busy(running)}" + self.eta(done, len(running)))
             return
@@ -541,14 +573,14 @@ class Coordinator:
                           self.settings)
         self.children.append(child)
         self.state.update(phase=FINAL, winner=winner["trial"])
-        self.progress(0.85, f"fine-tuning the winner ({winner['method']}) "
-                            f"{self.auto.final_epochs} more epoch(s)")
+        self.progress(self.at(FINAL, 0.0), f"fine-tuning the winner ({winner['method']}) "
+                      f"{self.auto.final_epochs} more epoch(s)")
 
     def after_final(self) -> None:
         final = next(iter(self.of(FINAL)), None)
         if final is None or not final.terminal:
             if final is not None:
-                self.progress(0.85 + 0.15 * (final.progress or 0.0) * 0.95,
+                self.progress(self.at(FINAL, (final.progress or 0.0) * 0.95),
                               f"fine-tuning the winner: {final.stage}")
             return
         if final.status != states.SUCCEEDED:

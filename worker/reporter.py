@@ -15,6 +15,7 @@ from service.events import record_event, set_progress
 from service.orm import Job, utcnow
 from service.settings import Settings
 from service.states import LostOwnership
+from worker.progress import WeightedProgress
 
 if TYPE_CHECKING:
     from worker.checkpoint import Checkpointer
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 1.0  # cancel_requested is read from the DB at most this often
 HEARTBEAT_MAX_S = 10.0  # heartbeat period, shorter when the reaper's timeout is short
+# progress within one stage (per-batch movement) is written at most this often; a new stage
+# and a finished step are always written
+PROGRESS_MIN_INTERVAL_S = 1.0
 
 
 def json_safe(value: Any) -> Any:
@@ -47,8 +51,10 @@ class JobReporter:
 
     def __init__(self, job_id: str, attempt: int, settings: Settings) -> None:
         self.job_id, self.attempt, self.settings = job_id, attempt, settings
-        self.step_count = 1
+        self.weights = WeightedProgress(steps=1)
         self.step_index = 0
+        self.min_interval_s = PROGRESS_MIN_INTERVAL_S
+        self._last_progress: tuple[float, str] | None = None  # (monotonic time, stage)
         self._cancel = False
         self._last_cancel_check = 0.0
         self._pending: list[tuple[str, dict[str, Any]]] = []
@@ -104,10 +110,39 @@ class JobReporter:
         self._pending.clear()
         return True
 
+    @property
+    def step_count(self) -> int:
+        return len(self.weights.costs)
+
+    @step_count.setter
+    def step_count(self, count: int) -> None:
+        """Steps of equal weight (until `set_costs` gives each its expected cost)."""
+        self.weights = WeightedProgress(steps=count)
+
+    def set_costs(self, costs: list[float]) -> None:
+        """Each step's expected cost (`worker.progress.step_costs`): progress is the done cost
+        over the total, moving within a step by the fraction its handler reports."""
+        last = self.weights.last
+        self.weights = WeightedProgress(costs)
+        self.weights.last = last
+
     def progress(self, fraction: float, stage: str) -> None:
-        """`fraction` of the current step done; job progress spans all steps."""
-        total = (self.step_index + min(1.0, max(0.0, fraction))) / self.step_count
-        self._write(lambda session: set_progress(session, self.job_id, min(total, 0.999), stage))
+        """`fraction` of the current step done; the job's progress weighs every step by its
+        expected cost and never moves back. Within one stage, writes are throttled to one per
+        `min_interval_s` (a train step reports after every batch)."""
+        total = min(self.weights.at(self.step_index, fraction), 0.999)
+        now = time.monotonic()
+        if self._last_progress is not None and fraction < 1.0:
+            at, last_stage = self._last_progress
+            if last_stage == stage and now - at < self.min_interval_s:
+                return
+        self._last_progress = (now, stage)
+        self._write(lambda session: set_progress(session, self.job_id, total, stage))
+
+    def stage(self, stage: str) -> None:
+        """A new stage without a change of progress (loading, measuring the input model)."""
+        self._last_progress = (time.monotonic(), stage)
+        self._write(lambda session: set_progress(session, self.job_id, None, stage))
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         self._pending.append((kind, json_safe(data)))

@@ -51,6 +51,7 @@ from worker.inputs import (
     prepare_data,
 )
 from worker.plots import render_plots
+from worker.progress import DataSizes, step_costs
 from worker.reporter import JobReporter
 from worker.steps import run_step
 
@@ -182,10 +183,10 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     reporter.step_count = len(spec.steps)
     device = resolve_device(spec.device)
     torch.manual_seed(spec.seed)
-    reporter.progress(0.0, "loading model")
+    reporter.stage("loading model")
     register_arch_graph(spec, tenant_id, store, workdir)
     source = load_input_model(spec, tenant_id, settings, store, workdir)
-    reporter.progress(0.0, f"loading dataset {spec.dataset}")
+    reporter.stage(f"loading dataset {spec.dataset}")
     train_set, test_set = load_dataset(spec, tenant_id, settings, store, workdir,
                                        int(model_arch(source.model)["num_classes"]))
     # shapes, normalization and layout, once: every step reads ctx.splits (worker.inputs)
@@ -193,6 +194,9 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
                         seed=spec.seed, can_adapt=source.model_id is not None)
     del train_set, test_set
     splits, input_shape = data.splits, data.input_shape
+    # progress weighs every step by its expected cost (worker.progress)
+    reporter.set_costs(step_costs(spec.steps, DataSizes(
+        len(splits.train), len(splits.val), len(splits.test)), lean=lean))
     ctx = StepContext(model=source.model.to(device), splits=splits, input_shape=input_shape,
                       device=device, generator=torch.Generator().manual_seed(spec.seed),
                       settings=settings, job_id=job_id, reporter=reporter,
@@ -214,7 +218,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
     first = 0
     snapshot, unreadable = None, None
     if pointer is not None:
-        reporter.progress(0.0, "resuming from checkpoint")
+        reporter.stage("resuming from checkpoint")
         try:
             snapshot, entry = _resume(ctx, checkpointer, attempt)
         except (LostOwnership, Cancelled):
@@ -243,7 +247,7 @@ def execute(job_id: str, attempt: int, settings: Settings, store: ObjectStore,
             reporter.event("status", {"status": "resumed", **resumes[0]})
         for kind, payload in data.events:  # a resumed run has them from its first attempt
             reporter.event(kind, payload)
-        reporter.progress(0.0, "measuring the input model")
+        reporter.stage("measuring the input model")
         before = model_metrics(ctx.model, input_shape, splits.test, device, accuracy=not lean)
 
     def save_checkpoint(step_index: int, train: TrainProgress | None = None) -> None:

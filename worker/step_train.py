@@ -28,6 +28,7 @@ from worker.context import (
     tau_key,
     tracking_set,
 )
+from worker.progress import DataSizes, train_batch_share
 from worker.registry import handler, next_step_hook
 
 
@@ -125,6 +126,16 @@ def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
                 hook.stop_after(record["epoch"], record) and record["epoch"] < step.epochs:
             raise _StopForHook
 
+    splits = ctx.splits
+    share = train_batch_share(step, DataSizes(len(splits.train), len(splits.val),
+                                              len(splits.test)))
+
+    def on_batch(epoch: int, done: int, batches: int) -> None:
+        """Progress within an epoch (the reporter writes it at most about once a second)."""
+        epoch = offset + epoch
+        ctx.reporter.progress((epoch - 1 + share * done / max(1, batches)) / step.epochs,
+                              f"train epoch {epoch}/{step.epochs}")
+
     def on_state(epoch: int, state: dict[str, Any]) -> None:
         if ctx.save_checkpoint is not None:
             ctx.save_checkpoint(TrainProgress(
@@ -139,7 +150,7 @@ def run_train(ctx: StepContext, step: TrainStep) -> dict[str, Any]:
             state = None  # the checkpoint was taken in another train call of this step
         train(ctx.model, ctx.splits, cfg, device=ctx.device, generator=ctx.generator,
               on_epoch=on_epoch, should_cancel=ctx.reporter.should_cancel, masks=ctx.masks,
-              resume=state, on_state=on_state)
+              resume=state, on_state=on_state, on_batch=on_batch)
 
     details: dict[str, Any] = {}
     applied_before = hook is not None and hook.done(ctx)  # resumed after it

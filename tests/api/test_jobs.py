@@ -17,9 +17,10 @@ def test_create_job_commits_then_enqueues(client, enqueued):
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
-    assert set(job) == {"id", "status", "progress", "stage", "spec", "error", "result",
+    assert set(job) == {"id", "status", "progress", "stage", "eta_s", "spec", "error", "result",
                         "created_at", "started_at", "finished_at", "attempts", "kind",
                         "parent_id"}
+    assert job["eta_s"] is None  # queued: nothing to estimate from
     assert job["kind"] == "job" and job["parent_id"] is None
     assert job["status"] == "queued" and job["error"] is None and job["progress"] == 0.0
     assert job["spec"]["steps"][0]["optimizer"] == "adam"  # defaults are filled in
