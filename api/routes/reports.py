@@ -1,7 +1,7 @@
 """/v1/reports: comparisons across jobs (`service.compare`)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
@@ -23,7 +23,16 @@ CostKind = Literal["total_params", "nonzero_params", "trainable_params", "macs",
                    "latency_ms"]
 
 
-@router.get("/compare")
+COMPARE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The comparison: JSON (`format=json`), an accuracy-vs-cost scatter "
+                         "(`format=png`) or a Markdown table (`format=md`)",
+          "content": {"application/json": {}, "image/png": {"schema": {
+              "type": "string", "format": "binary"}},
+              "text/markdown": {"schema": {"type": "string"}}}},
+    404: {"description": "A job id that is not one of yours (the detail names it)"}}
+
+
+@router.get("/compare", responses=COMPARE_RESPONSES)
 def compare_jobs(
         session: SessionDep, tenant_id: TenantDep,
         jobs: Annotated[str | None, Query(
