@@ -12,7 +12,7 @@ from service.db import session_scope
 from service.orm import Job
 from service.states import mark_running, mark_succeeded
 
-SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
+SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
         "steps": [{"op": "train", "epochs": 1}, {"op": "pcn", "select": {"dims": 8}},
                   {"op": "train", "epochs": 1}]}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
