@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import install_error_handlers
 from api.limits import install_limits, size_thread_pool
 from api.metrics import Metrics, MetricsMiddleware
+from api.openapi import install_docs
 from api.routes import artifacts, datasets, health, jobs, models, reports
 from api.uploads import sweep_temp_loop, sweep_temp_once
 from service.reconcile import Reconciler
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             task.cancel()
             sweeper.cancel()
 
-    app = FastAPI(title="slimline", version="1", lifespan=lifespan,
+    app = FastAPI(title="slimline", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Compress PyTorch models: upload, submit a job, download.")
     app.state.settings = settings
     app.state.store = store_from_settings(settings)
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (health, models, datasets, jobs, artifacts, reports):
         app.include_router(module.router)
+    install_docs(app)  # /docs, /redoc and the refined OpenAPI document
     return app
 
 

@@ -316,6 +316,37 @@ def arch_size(arch: Any, where: str = "model.arch") -> ArchSize:
     """Check an architecture dict like `core.models.build` would (type and range of every
     kwarg, with `num_classes` >= 2), then count its parameters and MACs. InvalidSpec (422)
     naming the field on any problem."""
+    net = _net(arch, where)
+    return ArchSize(params=net.params, macs=net.macs)
+
+
+@dataclass(frozen=True)
+class ArchLayers:
+    """A zoo model's names as `core.prunability.prunability_report` lists them: its
+    Linear/Conv2d layers in forward order, and its unit groups (what channel_prune and the
+    unit-pruning analysis name: a producing layer, or a ResNet stage's residual stream)."""
+
+    layers: tuple[str, ...]
+    groups: tuple[str, ...]
+
+
+def arch_layers(arch: Any, where: str = "model.arch") -> ArchLayers:
+    """The layer and unit-group names of a zoo arch (checked like `arch_size`); edits never
+    rename a layer (a factored or transformed layer keeps its name). tests/service/
+    test_submit_checks.py holds them equal to the built model's prunability report."""
+    net = _net(arch, where)
+    layers = tuple(net.layers)
+    if arch["name"] != "resnet":  # a chain: every layer but the logits feeds the next one
+        return ArchLayers(layers, layers[:-1])
+    groups = ["conv1"]
+    for stage in range(1, 4):
+        blocks = sorted({int(n.split(".")[1]) for n in layers
+                         if n.startswith(f"stage{stage}.")})
+        groups += [f"stage{stage}.{b}.conv1" for b in blocks] + [f"stage{stage}"]
+    return ArchLayers(layers, tuple(groups))
+
+
+def _net(arch: Any, where: str) -> _Net:
     if not isinstance(arch, dict):
         raise _bad(where, f'must be an object like {{"name": "lenet300"}}, got {_show(arch)}')
     name = arch.get("name")
@@ -341,7 +372,7 @@ def arch_size(arch: Any, where: str = "model.arch") -> ArchSize:
     _BUILDERS[name](full, where, net)
     if "edits" in arch:
         _edits(arch["edits"], f"{where}.edits", net)
-    return ArchSize(params=net.params, macs=net.macs)
+    return net
 
 
 def check_arch(arch: Any, *, max_params: int, max_macs: int,

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.errors import NotFound, UnsupportedFormat
+from service.errors import InvalidDataset, NotFound, UnsupportedFormat
 from service.filecheck import (  # noqa: F401 - re-exported
     OPTIONAL,
     REQUIRED,
@@ -22,6 +22,7 @@ from service.filecheck import (  # noqa: F401 - re-exported
     looks_like_zip,
     validate_arrays,
 )
+from service.labelcheck import gap_message
 from service.model_registry import file_digest, store_then_add
 from service.orm import Dataset, new_id
 from service.spec import BUILTIN_DATASETS
@@ -30,9 +31,38 @@ from service.store import ObjectStore
 BUILTINS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST, 60k/10k 28x28 grayscale images, 10 classes",
     "synthetic-blobs": "seeded Gaussian clusters as 1x28x28 images, 10 classes",
-    "synthetic-tiny": "a few hundred seeded samples, for tests",
+    "synthetic-tiny": "a few hundred seeded 1x8x8 samples, 10 classes, for tests",
 }
 assert set(BUILTINS) == set(BUILTIN_DATASETS)
+# what the worker loads for each built-in (core.data: fashion_mnist, synthetic; a test keeps them
+# equal): one sample's shape and the classes, checked against the model at submission
+BUILTIN_SHAPES: dict[str, tuple[list[int], int]] = {
+    "fashion-mnist": ([1, 28, 28], 10),
+    "synthetic-blobs": ([1, 28, 28], 10),
+    "synthetic-tiny": ([1, 8, 8], 10),
+}
+assert set(BUILTIN_SHAPES) == set(BUILTIN_DATASETS)
+ALLOW_LABEL_GAPS = "allow_label_gaps"  # the upload's form field that accepts label gaps
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def check_label_gaps(meta: dict[str, Any], allow: str | None) -> dict[str, Any]:
+    """An uploaded dataset's meta, refused (422 InvalidDataset) when its labels leave class
+    indices unused (`meta["label_gaps"]`, `service.labelcheck`: labels 1..10, or 0, 1, 3)
+    unless the form field allow_label_gaps is true; then the meta keeps `label_gaps` and gains
+    the warning under `warnings`, so the dataset's document says it."""
+    text = (allow or "").strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise InvalidDataset(f"{ALLOW_LABEL_GAPS} must be true or false, got {allow!r:.40}")
+    gaps = meta.get("label_gaps")
+    if not gaps:
+        return meta
+    message = gap_message(gaps)
+    if text not in _TRUE:
+        raise InvalidDataset(f"y_train: {message}; or, if those classes are meant to have no "
+                             f"sample, upload it with the form field {ALLOW_LABEL_GAPS}=true")
+    return {**meta, "warnings": [*meta.get("warnings", []),
+                                 f"{message} (accepted with {ALLOW_LABEL_GAPS}=true)"]}
 
 def dataset_format(path: str | Path, filename: str, max_header_bytes: int | None = None) -> str:
     """'npz' or 'safetensors' from the file name and magic bytes (415 otherwise); a safetensors

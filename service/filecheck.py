@@ -388,6 +388,11 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         meta["counts"]["test"] = n_test
         classes = max(classes, test_classes)
     meta["num_classes"] = classes
+    from service.labelcheck import label_gaps
+
+    gaps = label_gaps([arrays[k] for k in ("y_train", "y_test") if k in arrays])
+    if gaps is not None:  # class indices no sample uses (the API refuses them unless asked)
+        meta["label_gaps"] = gaps
     return meta
 
 

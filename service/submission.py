@@ -36,6 +36,7 @@ from service.registry import dense_weightless_edit_ops, dense_weights_refusal
 from service.settings import Settings
 from service.spec import JobSpec, control_character
 from service.states import QUEUED, RUNNING, STATUSES, TERMINAL, request_cancel
+from service.submitcheck import check_job_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,18 @@ def spec_document(spec: JobSpec) -> dict[str, Any]:
 
 
 def create_job(session: Session, tenant_id: str, spec: JobSpec,
-               idempotency_key: str | None = None, settings: Settings | None = None
-               ) -> tuple[Job, bool]:
+               idempotency_key: str | None = None, settings: Settings | None = None,
+               check_inputs: bool = False) -> tuple[Job, bool]:
     """Insert a queued job; returns (job, created). Same key + same spec → the existing job;
     same key + another spec → 409. A fresh `{"arch"}` model is checked torch-free (name,
-    kwargs, size within `settings`' limits); with `settings`, the tenant's quotas are checked
-    before the insert (an idempotent replay of an existing key is never refused)."""
+    kwargs, size within `settings`' limits); with `check_inputs`, the layer names the steps
+    give and the dataset's fit to the model too (`service.submitcheck`); with `settings`, the
+    tenant's quotas are checked before the insert (an idempotent replay of an existing key is
+    never refused)."""
     if idempotency_key is not None and (not 1 <= len(idempotency_key) <= 200
                                         or control_character(idempotency_key) is not None):
         raise BadRequest("Idempotency-Key must be 1..200 printable characters")
+    model_row = None
     if spec.model_id is None:
         limits = settings or Settings.model_construct()
         arch = spec.model.arch  # type: ignore[union-attr]
@@ -62,7 +66,8 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
         if is_graph_arch(arch):
             check_graph_known(session, tenant_id, arch["graph"])
     else:
-        check_model_fits_steps(get_model(session, tenant_id, spec.model_id), spec)
+        model_row = get_model(session, tenant_id, spec.model_id)
+        check_model_fits_steps(model_row, spec)
     for other in spec.other_model_ids:
         try:
             get_model(session, tenant_id, other)
@@ -71,6 +76,8 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
                            "one of your models (POST /v1/models, or a job's result.model_id)") \
                 from None
     check_dataset_ref(session, tenant_id, spec.dataset)
+    if check_inputs:
+        check_job_inputs(session, tenant_id, spec, model_row)
     document = spec_document(spec)
     if idempotency_key is not None:
         existing = _by_idempotency_key(session, tenant_id, idempotency_key)
@@ -102,8 +109,10 @@ def create_job(session: Session, tenant_id: str, spec: JobSpec,
 
 def submit_job(session: Session, tenant_id: str, spec: JobSpec, idempotency_key: str | None,
                settings: Settings) -> tuple[Job, bool]:
-    """`create_job`, and a created job is sent to its queue after the caller commits."""
-    job, created = create_job(session, tenant_id, spec, idempotency_key, settings)
+    """`create_job` with every submission check, and a created job is sent to its queue
+    after the caller commits."""
+    job, created = create_job(session, tenant_id, spec, idempotency_key, settings,
+                              check_inputs=True)
     if created:
         job_id, job_queue = job.id, job.queue
         after_commit(session, lambda: dispatch(job_id, job_queue, settings))

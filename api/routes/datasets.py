@@ -11,7 +11,14 @@ from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspect_client import inspector_for
 from api.schemas import builtin_documents, dataset_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
-from service.datasets import dataset_format, get_dataset, list_datasets, register_dataset
+from service.datasets import (
+    ALLOW_LABEL_GAPS,
+    check_label_gaps,
+    dataset_format,
+    get_dataset,
+    list_datasets,
+    register_dataset,
+)
 from service.tmpfiles import temp_dir
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -21,13 +28,17 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 async def upload_dataset(request: Request, settings: SettingsDep, session: SessionDep,
                          store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
     """Upload `.npz`/`.safetensors` arrays x_train, y_train[, x_test, y_test]; validated out of
-    process (the API never decodes the arrays)."""
+    process (the API never decodes the arrays). Labels are 0..num_classes-1: labels that leave
+    a class index unused (1..10, or 0, 1, 3) are a 422 unless the form field
+    `allow_label_gaps=true` accepts them (the document then lists them under `label_gaps` and
+    `warnings`)."""
     await run_in_threadpool(check_upload_admitted, settings, tenant_id)
     with temp_dir(temp_root(settings), "upload") as tmp:
         upload = await receive_upload(request, tmp / "upload", settings.max_upload_bytes,
                                       max_parts=settings.max_form_fields)
         fmt = dataset_format(upload.path, upload.filename, settings.max_safetensors_header_bytes)
         meta = await inspector_for(request.app).dataset(upload.path, fmt)
+        meta = check_label_gaps(meta, upload.fields.get(ALLOW_LABEL_GAPS))
         name = upload.fields.get("name") or Path(upload.filename).stem or "dataset"
         dataset = await run_in_threadpool(
             register_dataset, session, store, tenant_id=tenant_id, name=name[:200], fmt=fmt,

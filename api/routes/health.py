@@ -51,7 +51,8 @@ def is_operator(request: Request, settings: Settings) -> bool:
     return hmac.compare_digest(token.encode(), secret.encode())
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Not ready: `checks` names the "
+                                                    "unreachable dependencies."}})
 async def readyz(request: Request, settings: SettingsDep, store: StoreDep) -> JSONResponse:
     """The database, the broker and the object store are reachable (200, else 503 naming the
     failing ones). The errors' text is shown to the operator token only."""
@@ -71,7 +72,8 @@ async def readyz(request: Request, settings: SettingsDep, store: StoreDep) -> JS
     return JSONResponse({"status": "ok", "checks": checks})
 
 
-@router.get("/metrics")
+@router.get("/metrics", openapi_extra={"security": [{"bearerAuth": []}, {}]},
+            responses={401: {"description": "Auth is on and no bearer token was sent."}})
 def metrics(request: Request, settings: SettingsDep) -> Response:
     """Prometheus metrics: everything for the operator token (`Authorization: Bearer
     <SLIMLINE_METRICS_TOKEN>`), only its own `slimline_jobs` for a tenant's API key."""

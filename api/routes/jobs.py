@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, TenantDep
 from api.errors import is_database_down
+from api.openapi import json_body
 from service.curves import fold as fold_curves
 from service.db import session_scope
 from service.errors import JobNotSearch, QuotaExceeded, Unprocessable
@@ -24,7 +25,7 @@ from service.events import event_dict, list_events
 from service.orm import Job
 from service.search import list_trials
 from service.settings import Settings
-from service.spec import JobSpec, control_character
+from service.spec import JOB_SPEC_EXAMPLES, JobSpec, control_character
 from service.states import TERMINAL
 from service.submission import (
     cancel_job,
@@ -46,7 +47,15 @@ EVENT_STREAMS_RETRY_S = 10.0
 MAX_EVENT_ID = 2**63 - 1  # job_events.id is a BIGINT
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, openapi_extra=json_body(JobSpec, JOB_SPEC_EXAMPLES),
+             responses={200: {"description": "The job an earlier request with the same "
+                                             "Idempotency-Key made."},
+                        400: {"description": "A malformed Idempotency-Key."},
+                        404: {"description": "The model, dataset or other_model id is not "
+                                             "one of yours."},
+                        409: {"description": "The Idempotency-Key was used with another "
+                                             "spec."},
+                        429: {"description": "Too many queued or running jobs (quota)."}})
 def submit(session: SessionDep, settings: SettingsDep, tenant_id: TenantDep,
            body: Annotated[dict[str, Any], Body()],
            idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
@@ -88,7 +97,8 @@ def read(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
     return job_document(get_job(session, tenant_id, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202)
+@router.post("/{job_id}/cancel", status_code=202,
+             responses={409: {"description": "The job has already finished."}})
 def cancel(job_id: str, session: SessionDep, settings: SettingsDep,
            tenant_id: TenantDep) -> JSONResponse:
     """Cancel a queued job now, a running one cooperatively; 409 when already finished."""
@@ -220,7 +230,9 @@ def _json_events(session: Any, tenant_id: str, job_id: str, after: int) -> dict:
     return {"items": [event_dict(e) for e in list_events(session, job_id, after, 10_000)]}
 
 
-@router.get("/{job_id}/events", response_model=None)
+@router.get("/{job_id}/events", response_model=None,
+            responses={429: {"description": "Too many open event streams "
+                                            "(SLIMLINE_MAX_EVENT_STREAMS)."}})
 async def events(request: Request, job_id: str, session: SessionDep, settings: SettingsDep,
                  tenant_id: TenantDep, format: str | None = None,
                  last_event_id: Annotated[str | None, Header()] = None,
@@ -242,7 +254,8 @@ async def events(request: Request, job_id: str, session: SessionDep, settings: S
         raise
 
 
-@router.get("/{job_id}/trials")
+@router.get("/{job_id}/trials",
+            responses={409: {"description": "The job is not an auto-compress job."}})
 def trials(job_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
     """An auto-compress job's trials, live: phase, method and knobs, status and progress, and
     once finished the measured cost, validation and test accuracy and the machine

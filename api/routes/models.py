@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.exports import exporter_for
 from api.inspect_client import inspector_for
+from api.openapi import MODEL_UPLOAD
 from api.schemas import model_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
 from service.artifacts import media_type
@@ -56,7 +57,7 @@ graph is converted (every op on slimline's allow-list). A refusal is a 4xx whose
 what was found and what to do: 413 over a size cap, 415 not a known format, 422 anything else."""
 
 
-@router.post("", status_code=201, description=UPLOAD_DESCRIPTION)
+@router.post("", status_code=201, description=UPLOAD_DESCRIPTION, openapi_extra=MODEL_UPLOAD)
 async def upload_model(request: Request, settings: SettingsDep, session: SessionDep,
                        store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
     """Upload a checkpoint, torch.export archive or ONNX model; validated out of process."""

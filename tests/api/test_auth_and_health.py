@@ -8,7 +8,7 @@ from api.app import create_app
 from service.settings import Settings
 from tests.api.conftest import safetensors_bytes
 
-SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
+SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
         "steps": [{"op": "evaluate"}]}
 
 

@@ -39,9 +39,14 @@ def test_upload_npz_and_list(client, settings):
     assert any(i["id"] == ds["id"] and not i["builtin"] for i in items)
     assert client.get(f"/v1/datasets/{ds['id']}").json()["id"] == ds["id"]
     assert len(stored_objects(settings)) == 1
+    fitting = {"arch": {"name": "mlp", "input_shape": [1, 4, 4]}}
+    job = client.post("/v1/jobs", json={"model": fitting, "dataset": ds["id"],
+                                        "steps": [{"op": "evaluate"}]})
+    assert job.status_code == 202, job.text
+    # a fresh arch reads 1x28x28 by default: the 1x4x4 samples do not fit it
     job = client.post("/v1/jobs", json={"model": {"arch": {"name": "mlp"}}, "dataset": ds["id"],
                                         "steps": [{"op": "evaluate"}]})
-    assert job.status_code == 202
+    assert job.status_code == 422 and job.json()["detail"].startswith("dataset: "), job.text
 
 
 def test_upload_safetensors(client):

@@ -31,7 +31,7 @@ from tests.api.conftest import MAX_UPLOAD
 from tests.pg import temporary_database
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
+SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
         "steps": [{"op": "evaluate"}]}
 DB_DOWN = "the database is unreachable; retry shortly"
 
@@ -317,10 +317,19 @@ def test_bad_arch_specs_are_422_naming_the_field(client, enqueued, arch, needle)
 
 
 def test_arch_kwargs_and_edits_accepted_today_still_are(client, enqueued):
-    for arch in ({"name": "mlp", "input_shape": [1, 8, 8], "widths": [64, 32]},
-                 {"name": "resnet", "input_shape": [3, 32, 32], "depth": 8, "width": 0.5},
-                 {"name": "lenet300", "edits": [{"op": "pcn_input", "layer": "fc2", "dims": 50}]}):
-        r = client.post("/v1/jobs", json=SPEC | {"model": {"arch": arch}})
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()  # 3x32x32 samples for the resnet (the data must fit a fresh arch)
+    np.savez(buf, x_train=np.zeros((4, 3, 32, 32), np.uint8), y_train=np.arange(4))
+    rgb = client.post("/v1/datasets", files={"file": ("rgb.npz", buf.getvalue())}).json()["id"]
+    for arch, dataset in (
+            ({"name": "mlp", "input_shape": [1, 8, 8], "widths": [64, 32]}, "synthetic-tiny"),
+            ({"name": "resnet", "input_shape": [3, 32, 32], "depth": 8, "width": 0.5}, rgb),
+            ({"name": "lenet300", "edits": [{"op": "pcn_input", "layer": "fc2", "dims": 50}]},
+             "synthetic-blobs")):
+        r = client.post("/v1/jobs", json=SPEC | {"model": {"arch": arch}, "dataset": dataset})
         assert r.status_code == 202, r.text
         assert r.json()["spec"]["model"] == {"arch": arch}
 

@@ -8,7 +8,7 @@ from service import queue
 from service.errors import BrokerUnavailable
 from tests.api.conftest import safetensors_bytes
 
-SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
+SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
         "steps": [{"op": "train", "epochs": 1}, {"op": "evaluate"}]}
 
 

@@ -20,7 +20,7 @@ from service.errors import BrokerUnavailable
 from service.orm import Job, Model
 from tests.api.conftest import safetensors_bytes
 
-SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-tiny",
+SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
         "steps": [{"op": "evaluate"}]}
 API = Path(__file__).resolve().parents[2] / "api"
 
