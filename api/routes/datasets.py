@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspect_client import inspector_for
+from api.openapi import DATASET_UPLOAD
 from api.schemas import builtin_documents, dataset_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
 from service.datasets import (
@@ -24,7 +25,7 @@ from service.tmpfiles import temp_dir
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, openapi_extra=DATASET_UPLOAD)
 async def upload_dataset(request: Request, settings: SettingsDep, session: SessionDep,
                          store: StoreDep, tenant_id: TenantDep) -> JSONResponse:
     """Upload `.npz`/`.safetensors` arrays x_train, y_train[, x_test, y_test]; validated out of
