@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-core lint venv services data bench clean
+.PHONY: demo test test-core lint venv services data browser bench clean
 
 venv: $(STAMP)
 
@@ -23,10 +23,15 @@ data: $(STAMP)
 services:
 	bash scripts/ensure-services.sh
 
+# Debian's chromium for the dashboard's browser test (tests/ui): installed with apt when missing
+# (root or passwordless sudo), a loud failure otherwise
+browser:
+	bash scripts/ensure-browser.sh
+
 demo: $(STAMP) data
 	$(VENV)/bin/slimline demo
 
-test: $(STAMP) data services lint
+test: $(STAMP) data services browser lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-core: $(STAMP)

@@ -14,6 +14,7 @@ from api.limits import install_limits, size_thread_pool
 from api.metrics import Metrics, MetricsMiddleware
 from api.openapi import install_docs
 from api.routes import artifacts, datasets, health, jobs, models, reports
+from api.ui import install as install_ui
 from api.uploads import sweep_temp_loop, sweep_temp_once
 from service.reconcile import Reconciler
 from service.settings import Settings, get_settings
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (health, models, datasets, jobs, artifacts, reports):
         app.include_router(module.router)
+    install_ui(app)  # the dashboard at /ui (api/ui)
     install_docs(app)  # /docs, /redoc and the refined OpenAPI document
     return app
 

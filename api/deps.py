@@ -123,22 +123,41 @@ def check_request_values(request: Request) -> None:
                                 f"{len(value)}")
 
 
+# The dashboard's sign-in (api/ui) stores the key in this HttpOnly, SameSite=Strict cookie so that
+# plain links (downloads, plot images, the SSE stream) work in a browser. It is accepted for
+# GET/HEAD only: a cross-site form can never make a POST or DELETE count as the user's (CSRF).
+UI_KEY_COOKIE = "slimline_key"
+COOKIE_METHODS = ("GET", "HEAD")
+
+
+def request_key(request: Request) -> str | None:
+    """The API key of a request: the `Authorization: Bearer` header's, or for GET/HEAD without
+    that header the dashboard's cookie; None when neither is there (or the header is not a
+    bearer key)."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, key = header.partition(" ")
+        return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+    if request.method in COOKIE_METHODS:
+        return request.cookies.get(UI_KEY_COOKIE, "").strip() or None
+    return None
+
+
 async def get_tenant_id(request: Request, settings: SettingsDep) -> str:
-    """The tenant of the `Authorization: Bearer <key>` header (or the default tenant when auth
-    is off). Every tenant route depends on it, so it first refuses path and query values that
-    cannot match anything (`check_request_values`)."""
+    """The tenant of the `Authorization: Bearer <key>` header (or, for GET/HEAD, of the
+    dashboard's cookie; the default tenant when auth is off). Every tenant route depends on it,
+    so it first refuses path and query values that cannot match anything
+    (`check_request_values`)."""
     check_request_values(request)
     if settings.auth == "off":
         cached: str | None = getattr(request.app.state, "default_tenant_id", None)
         if cached:
             return cached
         return await run_in_threadpool(default_tenant_id, request, settings)
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = request_key(request)
+    if key is None:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one "
                            "with `slimline keys create --name N`)")
-    key = key.strip()
     tenant_id = cached_tenant_id(key)
     if tenant_id:
         return tenant_id
