@@ -8,6 +8,7 @@ import io
 import pytest
 from PIL import Image
 
+from api.routes.reports import CompareReport
 from service.db import session_scope
 from service.orm import Job
 from service.states import mark_running, mark_succeeded
@@ -56,6 +57,7 @@ def test_rows_and_pareto_set(client, five):
     r = client.get("/v1/reports/compare", params={"jobs": ",".join(ids)})
     assert r.status_code == 200, r.text
     report = r.json()
+    CompareReport.model_validate(report)  # the documented schema (extra fields refused)
     assert report["cost"] == "total_params"
     assert [row["job_id"] for row in report["rows"]] == ids
     rows = {row["job_id"]: row for row in report["rows"]}
@@ -91,6 +93,7 @@ def test_bytes_and_latency_from_a_measure_step(client, settings):
     plain = succeeded_job(client, settings, 100, 0.6)
     report = client.get("/v1/reports/compare", params={
         "jobs": f"{job_id},{plain}", "cost": "latency_ms"}).json()
+    CompareReport.model_validate(report)
     row, other = report["rows"]
     assert (row["bytes"], row["latency_ms"], row["cost"]) == (1400, 0.25, 0.25)
     assert row["latency_batch_size"] == 8 and row["name"] == "train → measure"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from api.routes.reports import CompareReport
 from service.compare import (
     MAX_JOBS,
     compare,
@@ -46,6 +47,7 @@ def test_rows_take_the_stored_numbers_and_unknowns_stay_null():
                 before={"params": params(4000), "macs": 20000, "accuracy": 0.92}),
             job("b", ["train", "evaluate"], None, status="running")]
     report = compare(jobs, "nonzero_params")
+    CompareReport.model_validate(report)  # the schema the API documents
     a, b = report["rows"]
     assert a == {"job_id": "a", "status": "succeeded", "name": "train → pcn → train",
                  "model_id": "m-a", "params": {"total": 1000, "trainable": 800, "nonzero": 900},
@@ -107,6 +109,7 @@ def test_an_auto_job_reads_its_winner():
                                 "start": {"cost": 2.0}}}}
     assert job_label(auto) == "auto (lowrank)"
     report = compare([auto], "latency_ms")
+    CompareReport.model_validate(report)
     [row] = report["rows"]
     assert (row["cost"], row["latency_batch_size"], row["bytes"]) == (0.7, 32, None)
     assert row["sources"]["latency_ms"] == "result.steps[0].winner.costs.latency_ms"
