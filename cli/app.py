@@ -1,9 +1,10 @@
 """The `slimline` command line: run the stack (`up`, `api`, `worker`, `db upgrade`), manage keys,
-and talk to a running API (`upload`, `import`, `submit`, `status`, `download`); `demo` runs the
-whole flow locally.
+and talk to a running API (`upload`, `upload-dataset`, `import`, `submit`, `status`, `list`,
+`events`, `curves`, `trials`, `cancel`, `download`, `delete`); `demo` runs the whole flow
+locally.
 
-The HTTP helpers are in cli/client.py, the process helpers in cli/processes.py, the demo in
-cli/demo.py. Heavy imports (torch, celery, uvicorn, the API app) happen inside the commands that
+The HTTP helpers are in cli/client.py, what is printed (tables, event lines) in cli/render.py,
+the process helpers in cli/processes.py, the demo in cli/demo.py. Heavy imports (torch, celery, uvicorn, the API app) happen inside the commands that
 need them, so `slimline --help` and the HTTP commands start fast.
 """
 from __future__ import annotations
@@ -25,7 +26,10 @@ from cli.client import (
     checked,
     client,
     fail,
+    fetch_artifact,
     fetch_model,
+    follow_events,
+    job_events,
     print_outcome,
     report_summary,
     request,
@@ -49,8 +53,13 @@ app = typer.Typer(help="slimline: compress PyTorch models behind a REST API.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+list_app = typer.Typer(help="List jobs (the default), models or datasets.")
+delete_app = typer.Typer(help="Delete a model, dataset or job with its stored files.",
+                         no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(list_app, name="list")
+app.add_typer(delete_app, name="delete")
 
 Url = Annotated[str, typer.Option(envvar="SLIMLINE_URL", help="Base URL of the slimline API.")]
 Key = Annotated[str | None, typer.Option(envvar="SLIMLINE_API_KEY",
@@ -223,6 +232,26 @@ def upload(file: Annotated[Path, typer.Argument(
     _print_uploaded(model)
 
 
+@app.command("upload-dataset")
+def upload_dataset(file: Annotated[Path, typer.Argument(
+                       help=".npz or .safetensors with arrays x_train, y_train (and optionally "
+                            "x_test, y_test).")],
+                   name: Annotated[str | None, typer.Option(
+                       help="A name for the dataset (default: the file's).")] = None,
+                   url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Upload a dataset; prints its shape and counts, then its id as the last line (use the id
+    as a job's `dataset`)."""
+    if not file.is_file():
+        raise fail(f"{file} does not exist", 2)
+    with client(url, key) as http:
+        dataset = upload_model(http, file, {"name": name or ""}, endpoint="/v1/datasets")
+    counts = dataset.get("counts") or {}
+    typer.echo(f"uploaded dataset {dataset['id']} ({dataset.get('name')}, {dataset.get('format')}"
+               f", input {dataset.get('input_shape')}, {dataset.get('num_classes')} classes, "
+               + ", ".join(f"{n:,} {split}" for split, n in counts.items()) + ")", err=True)
+    typer.echo(dataset["id"])
+
+
 @app.command("import")
 def import_model(
         target: Annotated[str, typer.Argument(
@@ -288,11 +317,13 @@ def import_model(
 
 @app.command()
 def submit(spec: Annotated[str, typer.Argument(help="JobSpec JSON file, or - for stdin.")],
-           wait: Annotated[bool, typer.Option(help="Watch the job until it finishes.")] = False,
+           wait: Annotated[bool, typer.Option(
+               help="Watch the job until it finishes, then print its summary table.")] = False,
            idempotency_key: Annotated[str | None, typer.Option(
                help="Idempotency-Key header: resubmitting returns the same job.")] = None,
            url: Url = DEFAULT_URL, key: Key = None) -> None:
-    """Submit a job; prints its id as the last line (or watches it with --wait)."""
+    """Submit a job; prints its id as the last line (with --wait: watches it, prints the summary
+    table on stderr, exits 1 unless it succeeded)."""
     text = sys.stdin.read() if spec == "-" else _read(Path(spec))
     try:
         body = json.loads(text)
@@ -304,9 +335,11 @@ def submit(spec: Annotated[str, typer.Argument(help="JobSpec JSON file, or - for
         typer.echo(f"submitted job {job['id']} ({job['status']})", err=True)
         if wait:
             job = watch_job(http, job["id"])
-            print_outcome(job)
+            print_outcome(job, err=True)
+            typer.echo(job["id"])
             if job["status"] != "succeeded":
                 raise typer.Exit(1)
+            return
         typer.echo(job["id"])
 
 
@@ -317,19 +350,106 @@ def _read(path: Path) -> str:
         raise fail(f"cannot read {path}: {exc}", 2) from None
 
 
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the JSON document.")]
+
+
 @app.command()
-def status(job_id: str,
-           watch: Annotated[bool, typer.Option(
-               help="Poll with a progress bar until done.")] = False,
+def status(job_id: JobId,
+           wait: Annotated[bool, typer.Option(
+               "--wait", "--watch", help="Poll with a progress bar until done, then print the "
+                                         "summary (exit 1 unless it succeeded).")] = False,
+           as_json: AsJson = False,
            url: Url = DEFAULT_URL, key: Key = None) -> None:
-    """Show a job (JSON), or watch it until it finishes."""
+    """A job's summary: status, progress, stage, ETA, its steps with their key metrics, the
+    model it produced, its error (--json: the whole document)."""
+    from cli.render import print_job_summary
+
     with client(url, key) as http:
-        if watch:
+        if wait:
             job = watch_job(http, job_id)
-            print_outcome(job)
-            raise typer.Exit(0 if job["status"] == "succeeded" else 1)
-        job = checked(request(http.get, f"/v1/jobs/{job_id}"))
-    typer.echo(json.dumps(job, indent=2))
+        else:
+            job = checked(request(http.get, f"/v1/jobs/{job_id}"))
+    if as_json:
+        typer.echo(json.dumps(job, indent=2))
+    elif wait:
+        print_outcome(job)
+    else:
+        print_job_summary(job)
+    if wait and job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def cancel(job_id: JobId, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Cancel a job: a queued one at once, a running one at its next batch (409 when it has
+    already finished)."""
+    with client(url, key) as http:
+        job = checked(request(http.post, f"/v1/jobs/{job_id}/cancel"))
+    if job["status"] == "canceled":
+        typer.echo(f"job {job_id} canceled")
+    else:
+        typer.echo(f"job {job_id}: cancel requested; it is {job['status']} and stops at its "
+                   "next batch (`slimline status --wait` to see it end)")
+
+
+@app.command()
+def events(job_id: JobId,
+           follow: Annotated[bool, typer.Option(
+               "--follow", "-f", help="Keep reading the live stream until the job ends.")]
+           = False,
+           after: Annotated[int, typer.Option(min=0, help="Only events after this id.")] = 0,
+           as_json: Annotated[bool, typer.Option(
+               "--json", help="One JSON document per line.")] = False,
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """A job's events, one line each (progress with ETA, epochs, status changes, ...); with
+    --follow, the live stream (server-sent events) until the job ends."""
+    from cli.render import event_line
+
+    def show(event: dict) -> None:
+        typer.echo(json.dumps(event) if as_json else event_line(event))
+
+    with client(url, key) as http:
+        if not follow:
+            for event in job_events(http, job_id, after):
+                show(event)
+            return
+        final = follow_events(http, job_id, show, after)
+    typer.echo(f"job {job_id} {final}", err=True)
+    if final != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def curves(job_id: JobId,
+           out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write to.")]
+           = Path("."),
+           url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Save a job's plots (the PNG artifacts) and its curves (curves.json) into --out; prints
+    each file written."""
+    with client(url, key) as http:
+        artifacts = checked(request(http.get, f"/v1/jobs/{job_id}/artifacts"))["items"]
+        wanted = [a["name"] for a in artifacts
+                  if a.get("kind") == "plot" or a["name"].endswith(".png")
+                  or a["name"] == "curves.json"]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise fail(f"cannot create {out}: {exc}", 2) from None
+        written = []
+        for name in wanted:
+            fetch_artifact(http, job_id, name, out / name)
+            written.append(out / name)
+        if "curves.json" not in wanted:  # not finished (or failed): the curves so far
+            doc = checked(request(http.get, f"/v1/jobs/{job_id}/curves"))
+            (out / "curves.json").write_text(json.dumps(doc, indent=2))
+            written.append(out / "curves.json")
+    plots = sum(1 for path in written if path.suffix == ".png")
+    for path in written:
+        typer.echo(str(path))
+    typer.echo(f"wrote {plots} plot(s) and curves.json to {out}"
+               + ("" if plots else " (the job has no plots yet: they are stored when it "
+                  "succeeds)"), err=True)
 
 
 @app.command()
@@ -346,6 +466,105 @@ def trials(job_id: str,
         typer.echo(json.dumps(doc, indent=2))
         return
     Console().print(trials_table(doc["items"], doc.get("budget")))
+
+
+# ---- listing and deleting ----
+
+Status = Annotated[str | None, typer.Option(
+    help="Only jobs with this status: queued, running, succeeded, failed, canceled.")]
+Limit = Annotated[int, typer.Option(min=1, max=10_000, help="At most this many jobs.")]
+
+
+def _list_jobs(status: str | None, limit: int, as_json: bool, url: str, key: str | None
+               ) -> None:
+    from cli.render import console, jobs_table
+
+    items: list[dict] = []
+    cursor = None
+    with client(url, key) as http:
+        while len(items) < limit:
+            params: dict[str, str | int] = {"limit": min(100, limit - len(items))}
+            if status:
+                params["status"] = status
+            if cursor:
+                params["cursor"] = cursor
+            page = checked(request(http.get, "/v1/jobs", params=params))
+            items += page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+    if as_json:
+        typer.echo(json.dumps({"items": items}, indent=2))
+    else:
+        console().print(jobs_table(items))
+
+
+@list_app.callback(invoke_without_command=True)
+def list_default(ctx: typer.Context, status: Status = None, limit: Limit = 20,
+                 as_json: AsJson = False, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Without a subcommand: the newest jobs (like `slimline list jobs`)."""
+    if ctx.invoked_subcommand is None:
+        _list_jobs(status, limit, as_json, url, key)
+
+
+@list_app.command("jobs")
+def list_jobs(status: Status = None, limit: Limit = 20, as_json: AsJson = False,
+              url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Your jobs, newest first: id, status, progress, ETA, stage, ops, model, created."""
+    _list_jobs(status, limit, as_json, url, key)
+
+
+@list_app.command("models")
+def list_models(as_json: AsJson = False, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Your models (uploaded and produced by jobs), newest first."""
+    from cli.render import console, models_table
+
+    with client(url, key) as http:
+        doc = checked(request(http.get, "/v1/models"))
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        console().print(models_table(doc["items"]))
+
+
+@list_app.command("datasets")
+def list_datasets(as_json: AsJson = False, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """The built-in datasets, then yours (newest first)."""
+    from cli.render import console, datasets_table
+
+    with client(url, key) as http:
+        doc = checked(request(http.get, "/v1/datasets"))
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        console().print(datasets_table(doc["items"]))
+
+
+def _delete(kind: str, ident: str, url: str, key: str | None) -> None:
+    with client(url, key) as http:
+        checked(request(http.delete, f"/v1/{kind}s/{ident}"))
+    typer.echo(f"deleted {kind} {ident}")
+
+
+@delete_app.command("model")
+def delete_model(model_id: Annotated[str, typer.Argument(metavar="MODEL_ID")],
+                 url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Delete a model and its stored files (refused while a queued or running job uses it)."""
+    _delete("model", model_id, url, key)
+
+
+@delete_app.command("dataset")
+def delete_dataset(dataset_id: Annotated[str, typer.Argument(metavar="DATASET_ID")],
+                   url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Delete an uploaded dataset (refused for a built-in one, or while a job uses it)."""
+    _delete("dataset", dataset_id, url, key)
+
+
+@delete_app.command("job")
+def delete_job(job_id: JobId, url: Url = DEFAULT_URL, key: Key = None) -> None:
+    """Delete a finished job with its events and artifacts (the model it made stays); cancel a
+    queued or running job first."""
+    _delete("job", job_id, url, key)
 
 
 class DownloadFormat(StrEnum):

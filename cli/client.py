@@ -1,5 +1,6 @@
 """The HTTP side of the `slimline` command line: a client for a running API, error handling that
-turns API errors into one clean line, watching a job with a progress bar, downloading a model.
+turns API errors into one clean line, watching a job with a progress bar, following its event
+stream (server-sent events), downloading a model or a job's artifacts, uploading files.
 
 Shared by the commands in cli/app.py and by the demo (cli/demo.py).
 """
@@ -32,12 +33,24 @@ def client(url: str, key: str | None) -> httpx.Client:
 
 
 def checked(response: Any) -> Any:
-    """The JSON body of a 2xx response; otherwise the API's error as a clean exit."""
+    """The JSON body of a 2xx response (None for 204 No Content); otherwise the API's error as
+    a clean exit: `error: <Code>: <detail>`."""
     if response.is_success:
-        return response.json()
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise fail(f"the API answered {response.status_code} with something that is not "
+                       "JSON; is --url the slimline API?") from None
     try:
         body = response.json()
-        message = f"{body.get('error', response.status_code)}: {body.get('detail', '')}"
+        if not isinstance(body, dict):
+            raise ValueError
+        detail = body.get("detail", "")
+        if not isinstance(detail, str):  # e.g. a validation error list from a proxy
+            detail = str(detail)
+        message = f"{body.get('error', response.status_code)}: {detail}"
     except ValueError:
         message = f"HTTP {response.status_code}: {response.text[:300]}"
     raise fail(message)
@@ -59,15 +72,17 @@ def watch_job(http: Any, job_id: str, poll_s: float = 0.5, timeout: float | None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     deadline = None if timeout is None else time.monotonic() + timeout
+    from cli.render import console, duration
+
     columns = (TextColumn("[bold]{task.fields[status]:<9}"), BarColumn(),
                TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(),
-               TextColumn("{task.fields[stage]}"))
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("job", total=1.0, status="queued", stage="")
+               TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[stage]}"))
+    with Progress(*columns, transient=False, console=console(err=True)) as bar:
+        task = bar.add_task("job", total=1.0, status="queued", stage="", eta="-")
         while True:
             job: dict[str, Any] = checked(request(http.get, f"/v1/jobs/{job_id}"))
             bar.update(task, completed=job.get("progress", 0.0), status=job["status"],
-                       stage=job.get("stage") or "")
+                       stage=job.get("stage") or "", eta=duration(job.get("eta_s")))
             if job["status"] in TERMINAL:
                 return job
             if deadline is not None and time.monotonic() > deadline:
@@ -75,20 +90,102 @@ def watch_job(http: Any, job_id: str, poll_s: float = 0.5, timeout: float | None
             time.sleep(poll_s)
 
 
-def print_outcome(job: dict[str, Any]) -> None:
-    if job["status"] == "succeeded":
-        after = (job.get("result") or {}).get("after", {})
-        typer.echo(f"job {job['id']} succeeded: model {job['result']['model_id']}, "
-                   f"accuracy {after.get('accuracy')}, params {after.get('params')}")
-        auto = job["result"].get("auto")
-        if auto:  # an auto-compress search: why its winner won
-            typer.echo(auto.get("reason", ""))
-    elif job["status"] == "failed":
+def print_outcome(job: dict[str, Any], err: bool = False) -> None:
+    """The job's summary table (`slimline status`), then one line saying how it ended."""
+    from cli.render import print_job_summary
+
+    print_job_summary(job, err=err)
+    if job["status"] == "failed":
         error = job.get("error") or {}
         typer.secho(f"job {job['id']} failed: {error.get('code')}: {error.get('message')}",
                     fg=typer.colors.RED, err=True)
-    else:
-        typer.echo(f"job {job['id']} {job['status']}")
+    elif job["status"] != "succeeded":
+        typer.echo(f"job {job['id']} {job['status']}", err=True)
+
+
+# ---- events (slimline events) ----
+
+def job_events(http: Any, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+    """The job's events so far (`GET /v1/jobs/{id}/events?format=json`)."""
+    doc = checked(request(http.get, f"/v1/jobs/{job_id}/events",
+                          params={"format": "json", "after": after}))
+    items: list[dict[str, Any]] = doc["items"]
+    return items
+
+
+def sse_messages(lines: Any) -> Any:
+    """Server-sent events from an iterator of lines: `{"id", "event", "data"}` per message
+    (comments and `retry:` skipped; `data` is the joined data lines)."""
+    message: dict[str, Any] = {}
+    data: list[str] = []
+    for line in lines:
+        line = line.rstrip("\r")
+        if not line:
+            if data or message.get("event"):
+                yield {"id": message.get("id"), "event": message.get("event", "message"),
+                       "data": "\n".join(data)}
+            message, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        elif field in ("id", "event"):
+            message[field] = value
+
+
+SSE_RECONNECTS = 100  # a stream ends after the server's maximum duration; follow it again
+
+
+def follow_events(http: Any, job_id: str, on_event: Any, after: int = 0) -> str | None:
+    """Read `GET /v1/jobs/{id}/events` (server-sent events) and call `on_event(event)` for each
+    event, reconnecting after the last id when a stream ends early, until the stream says the job
+    ended; returns the job's final status."""
+    import json
+
+    import httpx
+
+    timeout = httpx.Timeout(60.0, read=120.0)  # the server sends a keep-alive every 15 s
+    for _ in range(SSE_RECONNECTS):
+        with request(http.stream, "GET", f"/v1/jobs/{job_id}/events", params={"after": after},
+                     headers={"Accept": "text/event-stream"}, timeout=timeout) as response:
+            if not response.is_success:
+                response.read()
+                checked(response)
+            try:
+                for message in sse_messages(response.iter_lines()):
+                    try:
+                        data = json.loads(message["data"]) if message["data"] else {}
+                    except ValueError:
+                        data = {"text": message["data"]}
+                    if message["event"] == "end":
+                        return str(data.get("status"))
+                    if message["id"] and str(message["id"]).isdigit():
+                        after = int(message["id"])
+                    on_event(data if "kind" in data else {"kind": message["event"],
+                                                           "data": data})
+            except httpx.HTTPError as exc:
+                typer.echo(f"the event stream broke ({type(exc).__name__}); reconnecting",
+                           err=True)
+                time.sleep(1.0)
+    raise fail(f"the event stream of job {job_id} kept ending early; try again")
+
+
+# ---- a job's artifacts (slimline curves) ----
+
+def fetch_artifact(http: Any, job_id: str, name: str, target: Path) -> int:
+    """Stream `GET /v1/jobs/{id}/artifacts/{name}` into `target`; returns its size."""
+    partial = target.with_name(target.name + ".part")
+    with request(http.stream, "GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
+        if not response.is_success:
+            response.read()
+            checked(response)
+        with open(partial, "wb") as out:
+            out.writelines(response.iter_bytes(1 << 20))
+    partial.replace(target)
+    return target.stat().st_size
 
 
 # download format -> file name suffix (GET /v1/models/{id}/file?format=...)
@@ -146,16 +243,18 @@ def _retry_after(response: Any) -> float | None:
 UPLOAD_READ_TIMEOUT_S = 600.0
 
 
-def upload_model(http: Any, path: Path, fields: dict[str, str]) -> dict[str, Any]:
-    """POST /v1/models with `path` as the file and the non-empty `fields`; returns the Model.
-    An answer 503 with Retry-After (every inspector slot busy) is retried a few times."""
+def upload_model(http: Any, path: Path, fields: dict[str, str],
+                 endpoint: str = "/v1/models") -> dict[str, Any]:
+    """POST /v1/models (or `endpoint`, e.g. /v1/datasets) with `path` as the file and the
+    non-empty `fields`; returns the Model (Dataset). An answer 503 with Retry-After (every
+    inspector slot busy) is retried a few times."""
     import httpx
 
     data = {k: v for k, v in fields.items() if v}
     timeout = httpx.Timeout(60.0, read=UPLOAD_READ_TIMEOUT_S)
     for attempt in range(OVERLOADED_RETRIES + 1):
         with open(path, "rb") as f:
-            response = request(http.post, "/v1/models", data=data,
+            response = request(http.post, endpoint, data=data,
                                files={"file": (path.name, f)}, timeout=timeout)
         wait = _retry_after(response)
         if wait is None or attempt == OVERLOADED_RETRIES:
