@@ -40,7 +40,7 @@ def test_submit_wait_status_download(api, tmp_path):
     assert result.exit_code == 0, result.output
     job_id = result.output.strip().splitlines()[-1]
 
-    result = runner_.invoke(cli_app.app, ["status", job_id])
+    result = runner_.invoke(cli_app.app, ["status", job_id, "--json"])
     assert result.exit_code == 0, result.output
     job = json.loads(result.output)
     assert job["status"] == "succeeded" and job["progress"] == 1.0

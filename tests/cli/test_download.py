@@ -26,7 +26,8 @@ def job(api, tmp_path) -> dict:
                   {"op": "pcn", "layers": ["fc1"], "select": {"dims": 4}}]}))
     result = CliRunner().invoke(cli_app.app, ["submit", str(spec), "--wait"])
     assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(cli_app.app, ["status", result.output.strip().splitlines()[-1]])
+    result = CliRunner().invoke(cli_app.app, ["status", result.output.strip().splitlines()[-1],
+                                              "--json"])
     return json.loads(result.output)
 
 
