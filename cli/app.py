@@ -4,8 +4,9 @@ and talk to a running API (`upload`, `upload-dataset`, `import`, `submit`, `stat
 locally.
 
 The HTTP helpers are in cli/client.py, what is printed (tables, event lines) in cli/render.py,
-the process helpers in cli/processes.py, the demo in cli/demo.py. Heavy imports (torch, celery, uvicorn, the API app) happen inside the commands that
-need them, so `slimline --help` and the HTTP commands start fast.
+the process helpers in cli/processes.py, the demo in cli/demo.py. Heavy imports (torch, celery,
+uvicorn, the API app) happen inside the commands that need them, so `slimline --help` and the
+HTTP commands start fast.
 """
 from __future__ import annotations
 
@@ -366,10 +367,8 @@ def status(job_id: JobId,
     from cli.render import print_job_summary
 
     with client(url, key) as http:
-        if wait:
-            job = watch_job(http, job_id)
-        else:
-            job = checked(request(http.get, f"/v1/jobs/{job_id}"))
+        job = watch_job(http, job_id) if wait else checked(
+            request(http.get, f"/v1/jobs/{job_id}"))
     if as_json:
         typer.echo(json.dumps(job, indent=2))
     elif wait:
