@@ -59,10 +59,11 @@ const SL = (() => {
   }
 
   /* el("a", {href: "/x", class: "b"}, "text", child) */
+  /* SVG elements by name; "svg:a" is SVG's own link element (an HTML <a> in an SVG is not drawn) */
   function el(tag, attrs, ...children) {
-    const isSvg = ["svg", "g", "path", "line", "circle", "rect", "text", "polyline", "title",
-      "polygon"].includes(tag);
-    const node = isSvg ? document.createElementNS("http://www.w3.org/2000/svg", tag)
+    const isSvg = tag.startsWith("svg:") || ["svg", "g", "path", "line", "circle", "rect", "text",
+      "polyline", "title", "polygon"].includes(tag);
+    const node = isSvg ? document.createElementNS("http://www.w3.org/2000/svg", tag.replace(/^svg:/, ""))
       : document.createElement(tag);
     for (const [name, value] of Object.entries(attrs || {})) {
       if (value === null || value === undefined || value === false) continue;

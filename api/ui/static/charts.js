@@ -160,12 +160,14 @@ const SLChart = (() => {
           "data-label": p.label || "" });
       dot.append(el("title", { text: `${p.label || ""}: ${opts.xLabel || "x"} ${p.x}, ${opts.yLabel || "y"} ${+p.y.toPrecision(4)}${p.pareto ? " (Pareto)" : ""}` }));
       if (p.href) {
-        const a = el("a", { href: p.href });
+        const a = el("svg:a", { href: p.href });
         a.append(dot);
         svg.append(a);
       } else svg.append(dot);
       if (p.label && usable.length <= 24) {
-        svg.append(el("text", { x: sx(p.x) + 7, y: sy(p.y) - 6, class: "point-label", text: p.label }));
+        const right = sx(p.x) > (M.left + W - M.right) / 2;  // labels point inwards
+        svg.append(el("text", { x: sx(p.x) + (right ? -7 : 7), y: sy(p.y) - 6, class: "point-label",
+          "text-anchor": right ? "end" : "start", text: p.label }));
       }
     }
     legend(figure, [{ name: "Pareto set", color: COLORS[1], always: true }, { name: "other", color: "#6b7280" }]);

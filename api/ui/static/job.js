@@ -297,7 +297,7 @@
         el("td", { class: "mono small", text: (a.sha256 || "").slice(0, 16) })));
       if (/\.png$/i.test(a.name)) {
         plots.append(el("figure", { class: "plot" }, el("a", { href: url },
-          el("img", { src: url, alt: a.name, loading: "lazy" })), el("figcaption", { text: a.name })));
+          el("img", { src: url, alt: a.name })), el("figcaption", { text: a.name })));
       }
     }
     if (!list.items.length) tbody.append(el("tr", {}, el("td", { colspan: 4, class: "muted", text: "none" })));
