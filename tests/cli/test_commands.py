@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from cli.render import duration, event_line
 from core import models as zoo
 from service import queue
 from tests.worker.conftest import PNG_MAGIC, TINY_MLP
+from worker import runner
 
 SPEC = {"model": {"arch": TINY_MLP}, "dataset": "synthetic-tiny", "seed": 0,
         "steps": [{"op": "train", "epochs": 2, "batch_size": 32},
@@ -199,6 +201,22 @@ def test_events_print_one_line_each_and_follow_the_stream(done_job):
     assert streamed == lines
     assert followed.output.strip().endswith(f"job {job_id} succeeded")
     clean_error(invoke(["events", "no-such-job", "--follow"]), "NotFound")
+
+
+def test_events_follow_a_running_job_live(api, settings, spec_file, held):
+    job_id = last_line(invoke(["submit", spec_file(SPEC)]))
+    worker = threading.Thread(target=runner.run_job, args=(job_id, settings))
+    worker.start()
+    try:
+        followed = invoke(["events", job_id, "--follow"])
+    finally:
+        worker.join(timeout=120)
+    assert followed.exit_code == 0, followed.output
+    lines = followed.output.strip().splitlines()
+    assert [line.split()[1] for line in lines].count("epoch") == 2
+    assert any(" train epoch 1/2 " in line and "ETA" in line for line in lines)
+    assert " status " in lines[-2] and "succeeded" in lines[-2]
+    assert lines[-1] == f"job {job_id} succeeded"
 
 
 def test_curves_saves_the_plots_and_the_curves(done_job, tmp_path, spec_file, held):
