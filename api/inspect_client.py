@@ -48,6 +48,7 @@ from service.errors import (
     UploadTooLarge,
 )
 from service.settings import Settings
+from service.textcheck import plain_text
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +217,7 @@ class Inspector:
                               "the error is in the API log. Try again later")
         if reply.get("ok"):
             return reply
-        detail = str(reply.get("detail") or f"the {what} is not valid")
+        detail = plain_text(str(reply.get("detail") or "")) or f"the {what} is not valid"
         if reply.get("limit") == "memory":
             raise self._memory_limit(what)
         status = reply.get("status")

@@ -103,10 +103,10 @@ def read_pt(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or ["unsupported object"])[0][:300]
         raise _invalid("the .pt file holds objects other than tensors, which are never "
-                       "unpickled (weights_only=True refused it: " + first + "); save only "
-                       "model.state_dict() with torch.save, or upload safetensors") from None
+                       "unpickled (weights_only=True refused it: " + _unpickler_reason(exc)
+                       + "); save only model.state_dict() with torch.save, or upload "
+                       "safetensors") from None
     except Exception as exc:  # truncated zip, not a torch file, ...
         if _out_of_memory(exc):
             raise  # the address-space cap: main() answers with the memory limit
@@ -122,6 +122,23 @@ def read_pt(path: Path) -> dict[str, Any]:
         raise _invalid(f"state dict entries {bad[:5]} are not tensors; save model.state_dict() "
                        "and nothing else")
     return dict(obj)
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The part of torch's weights_only refusal that names what was refused ("Unsupported
+    global: GLOBAL __main__.Net ..."), without its advice to load with weights_only=False or
+    to allow-list the class (the service does neither) and without terminal escapes."""
+    from service.textcheck import plain_text
+
+    text = plain_text(str(exc))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].strip()
+        reason = reason.split(" Please use `torch.serialization", 1)[0]
+        reason = reason.split("\n", 1)[0].strip()
+    else:
+        reason = (text.splitlines() or ["unsupported object"])[0].strip()
+    return reason[:300] or "unsupported object"
 
 
 def resolve_arch(arch_arg: str, metadata: Mapping[str, str]) -> dict[str, Any]:
@@ -463,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "upload a safetensors file, a .pt state_dict, a "
                                       "torch.export .pt2 archive or an .onnx model")}
     if not reply["ok"]:
+        from service.textcheck import plain_text
+
+        # plain text: torch's messages carry terminal escapes (bold), never meant for JSON
+        reply["detail"] = plain_text(str(reply.get("detail") or ""))
         for path in ([output] if output is not None else []) + extras:
             path.unlink(missing_ok=True)
     print(json.dumps(reply), flush=True)

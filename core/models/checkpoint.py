@@ -145,16 +145,9 @@ def from_state_dict(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -
     except SpecError as exc:
         raise CheckpointError(f"invalid architecture in checkpoint: {exc}") from None
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} key(s) needed by "
-                              f"{arch.get('name')!r}: {missing[:10]}; save the model with "
-                              "core.models.save or check the architecture")
-    if unexpected:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected key(s) for "
-                              f"{arch.get('name')!r}: {unexpected[:10]}; check the architecture "
-                              "kwargs and edits")
+    mismatch = key_mismatch(str(arch.get("name")), list(expected), list(tensors))
+    if mismatch is not None:
+        raise CheckpointError(mismatch)
     float_dtypes = set()
     for key, want in expected.items():
         got = tensors[key]
@@ -177,6 +170,69 @@ def from_state_dict(arch: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -
         model.to(float_dtypes.pop())
     model.load_state_dict(dict(tensors), strict=True)
     return model.eval()
+
+
+SHOWN_KEYS = 10  # keys listed per kind in a key mismatch
+
+
+def _keys(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:SHOWN_KEYS])
+    return shown + (f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+
+
+def _prefix_fix(expected: list[str], given: list[str]) -> tuple[str, int] | None:
+    """(prefix, keys it fixes) when stripping one common prefix (`module.` of DDP /
+    DataParallel, `model.` of a Lightning module, ...) from the checkpoint's keys turns the
+    most of them into keys the architecture expects."""
+    want = set(expected)
+    counts: dict[str, int] = {}
+    for key in given:
+        if key in want:
+            continue
+        for cut in (i + 1 for i, ch in enumerate(key) if ch == "."):
+            if key[cut:] in want:
+                counts[key[:cut]] = counts.get(key[:cut], 0) + 1
+    if not counts:
+        return None
+    prefix, fixed = max(counts.items(), key=lambda item: (item[1], -len(item[0])))
+    return (prefix, fixed) if 2 * fixed >= len([k for k in given if k not in want]) else None
+
+
+def key_mismatch(name: str, expected: list[str], given: list[str]) -> str | None:
+    """Why a checkpoint's keys do not fit the architecture `name`: the missing and the
+    unexpected keys (counts and the first SHOWN_KEYS of each) and, when removing a common prefix
+    would make them fit, that prefix to strip; None when the keys are exactly the expected
+    ones."""
+    want, have = set(expected), set(given)
+    missing = [k for k in expected if k not in have]
+    unexpected = [k for k in given if k not in want]
+    if not missing and not unexpected:
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s) that {name!r} needs: {_keys(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) that {name!r} does not have: "
+                     f"{_keys(unexpected)}")
+    text = "the checkpoint's keys do not match the architecture: " + "; ".join(parts)
+    fix = _prefix_fix(expected, given)
+    if fix is not None:
+        prefix, fixed = fix
+        how = (f"{{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}")
+        origin = {"module.": " (DistributedDataParallel and DataParallel add it; or save "
+                             "model.module.state_dict())",
+                  "model.": " (a wrapper module holding the network as .model adds it)"}
+        rest = "" if fixed == len(unexpected) else (f"; that fixes {fixed} of the "
+                                                     f"{len(unexpected)} unexpected keys")
+        stripped = {k.removeprefix(prefix) for k in given}
+        still = sum(1 for k in expected if k not in stripped)
+        if still:
+            rest += f"; {still} key(s) would still be missing"
+        return (f"{text}. Strip the prefix {prefix!r} from the keys{origin.get(prefix, '')}: "
+                f"save {how} instead{rest}")
+    hint = ("check the architecture's kwargs and edits (the arch form field), or save the "
+            "model with core.models.save")
+    return f"{text}; {hint}"
 
 
 def import_graph(ir: dict[str, Any], tensors: Mapping[str, torch.Tensor], *,
