@@ -55,14 +55,22 @@ ERROR_SCHEMA: dict[str, Any] = {
     "properties": {
         "error": {"type": "string", "description": "The error's code name, e.g. "
                   "ValidationError, NotFound, Unauthorized, UploadTooLarge, QuotaExceeded, "
-                  "Overloaded.", "examples": ["ValidationError"]},
+                  "Overloaded."},
         "detail": {"type": "string", "description": "What went wrong and how to fix it; a "
-                   "validation error names the field.",
-                   "examples": ["steps[0].epochs: Input should be greater than or equal to 1"]},
-        "checks": {"type": "object", "additionalProperties": {"type": "string"},
-                   "description": "GET /readyz only: each dependency's state (ok or error)."},
+                   "validation error names the field."},
     },
 }
+# GET /readyz's 503 (api/routes/health.py) also says which dependency failed
+NOT_READY_SCHEMA: dict[str, Any] = {
+    "title": "NotReady",
+    "allOf": [{"$ref": "#/components/schemas/Error"}, {
+        "type": "object", "required": ["checks"],
+        "properties": {"checks": {
+            "type": "object", "additionalProperties": {"type": "string"},
+            "description": "Each dependency (database, broker, store): ok, or its error (the "
+                           "error's text for the operator token only)."}}}],
+}
+NOT_READY_REF = "#/components/schemas/NotReady"
 BEARER_SCHEME = {
     "type": "http", "scheme": "bearer",
     "description": "An API key (`slimline keys create --name N` prints one): "
@@ -83,6 +91,24 @@ ERROR_DESCRIPTIONS = {
     429: "A quota is used up; retry after `Retry-After` seconds.",
     503: "Overloaded, or the database or broker is unreachable; retry after `Retry-After` "
          "seconds.",
+}
+# an example answer per status, shown next to the schema in /docs
+ERROR_EXAMPLES = {
+    400: ("BadRequest", "the form has no 'file' part; send the file as -F file=@path"),
+    401: ("Unauthorized", "missing API key: send `Authorization: Bearer <key>` (create one "
+                          "with `slimline keys create --name N`)"),
+    404: ("NotFound", "job '01j...' not found"),
+    409: ("JobNotCancelable", "job 01j... is already succeeded; only queued or running jobs "
+                              "can be canceled"),
+    413: ("UploadTooLarge", "the upload is larger than the limit of 209715200 bytes "
+                            "(SLIMLINE_MAX_UPLOAD_BYTES)"),
+    415: ("UnsupportedMediaType", "send multipart/form-data with a 'file' part, got "
+                                  "application/json"),
+    422: ("ValidationError", "steps[0].epochs: Input should be greater than or equal to 1"),
+    429: ("QuotaExceeded", "you have 50 queued or running jobs, the limit is 50 "
+                           "(SLIMLINE_MAX_ACTIVE_JOBS); wait for some to finish or cancel "
+                           "some"),
+    503: ("Overloaded", "the API is at capacity; retry after 1 s, or run more API processes"),
 }
 FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 NO_503 = {("get", "/healthz"), ("head", "/healthz")}  # no database, never shed (api/limits.py)
@@ -248,7 +274,11 @@ def _error_response(response: dict[str, Any], code: int) -> None:
     """Make `response` (possibly FastAPI's or a route's bare description) an Error answer."""
     schema = response.get("content", {}).get("application/json", {}).get("schema", {})
     if not response.get("content") or schema.get("$ref") == FASTAPI_422:
-        response["content"] = {"application/json": {"schema": {"$ref": ERROR_REF}}}
+        media: dict[str, Any] = {"schema": {"$ref": ERROR_REF}}
+        if code in ERROR_EXAMPLES:
+            error, detail = ERROR_EXAMPLES[code]
+            media["example"] = {"error": error, "detail": detail}
+        response["content"] = {"application/json": media}
     if not response.get("description") or response["description"] == "Validation Error":
         response["description"] = ERROR_DESCRIPTIONS.get(code, "Error.")
     if code in (429, 503):
@@ -285,14 +315,34 @@ def _drop_unreferenced(schema: dict[str, Any], names: tuple[str, ...]) -> None:
             del components[name]
 
 
+AUTH_ON_NOTE = """
+
+**Authentication.** Every `/v1` operation needs an API key (`slimline keys create --name N`
+prints one): click **Authorize**, paste the key, and "Try it out" sends
+`Authorization: Bearer <key>`."""
+AUTH_OFF_NOTE = """
+
+**Authentication.** Auth is off on this server (`SLIMLINE_AUTH=off`, as in `slimline up`): no
+key is needed."""
+ERRORS_NOTE = """
+
+**Errors.** Every error is JSON `{"error": "<code name>", "detail": "<what went wrong and how to
+fix it>"}` (the `Error` schema) with a 4xx status, or 503 with `Retry-After` when the service is
+overloaded or its database is unreachable."""
+
+
 def refine(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
     """FastAPI's generated document → the service's (see the module doc); returns `schema`,
     changed in place."""
     settings = getattr(app.state, "settings", None)
     auth_on = getattr(settings, "auth", "on") == "on"
+    info = schema.setdefault("info", {})
+    info["description"] = (info.get("description", "")
+                           + (AUTH_ON_NOTE if auth_on else AUTH_OFF_NOTE) + ERRORS_NOTE)
     components = schema.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     schemas["Error"] = copy.deepcopy(ERROR_SCHEMA)
+    schemas["NotReady"] = copy.deepcopy(NOT_READY_SCHEMA)
     for method, path, operation in _operations(schema):
         _add_components(schemas, operation.pop(COMPONENTS_KEY, {}), f"{method.upper()} {path}")
         body = operation.pop(BODY_KEY, None)
@@ -314,5 +364,5 @@ def refine(app: FastAPI, schema: dict[str, Any]) -> dict[str, Any]:
         operation["responses"] = dict(sorted(responses.items()))
     if auth_on:
         components.setdefault("securitySchemes", {})["bearerAuth"] = BEARER_SCHEME
-    _drop_unreferenced(schema, ("HTTPValidationError", "ValidationError"))
+    _drop_unreferenced(schema, ("HTTPValidationError", "ValidationError", "NotReady"))
     return schema

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import SettingsDep, StoreDep, tenant_of_key
 from api.metrics import tenant_registry
+from api.openapi import NOT_READY_REF
 from service.db import engine_from_settings
 from service.errors import Unauthorized
 from service.queue import broker_ping
@@ -51,8 +52,9 @@ def is_operator(request: Request, settings: Settings) -> bool:
     return hmac.compare_digest(token.encode(), secret.encode())
 
 
-@router.get("/readyz", responses={503: {"description": "Not ready: `checks` names the "
-                                                    "unreachable dependencies."}})
+@router.get("/readyz", responses={503: {
+    "description": "Not ready: `checks` names the unreachable dependencies.",
+    "content": {"application/json": {"schema": {"$ref": NOT_READY_REF}}}}})
 async def readyz(request: Request, settings: SettingsDep, store: StoreDep) -> JSONResponse:
     """The database, the broker and the object store are reachable (200, else 503 naming the
     failing ones). The errors' text is shown to the operator token only."""

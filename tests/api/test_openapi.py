@@ -98,6 +98,7 @@ def test_with_auth_off_there_is_no_scheme_and_no_401(tmp_path, enqueued):
                         inspect_module="tests.api.fake_inspect")
     doc = create_app(settings).openapi()
     assert "securitySchemes" not in doc["components"]
+    assert "Auth is off" in doc["info"]["description"]
     for method, path, operation in operations(doc):
         assert "security" not in operation, (method, path)
         assert "401" not in operation["responses"], (method, path)
@@ -117,9 +118,13 @@ def test_every_error_answer_is_the_error_schema(doc):
         responses = operation["responses"]
         errors = {code for code in responses if code.isdigit() and int(code) >= 400}
         for code in errors:
-            content = responses[code]["content"]
-            assert content == {"application/json": {"schema": {"$ref": openapi.ERROR_REF}}}, \
-                (method, path, code)
+            media = responses[code]["content"]
+            assert list(media) == ["application/json"], (method, path, code)
+            ref = openapi.NOT_READY_REF if (path, code) == ("/readyz", "503") else \
+                openapi.ERROR_REF
+            assert media["application/json"]["schema"] == {"$ref": ref}, (method, path, code)
+            if "example" in media["application/json"]:
+                jsonschema.validate(media["application/json"]["example"], error)
             assert responses[code]["description"], (method, path, code)
         if path != "/healthz":
             assert "503" in errors, (method, path)
@@ -141,6 +146,30 @@ def test_every_error_answer_is_the_error_schema(doc):
     assert "409" in doc["paths"]["/v1/jobs/{job_id}/cancel"]["post"]["responses"]
     assert "409" in doc["paths"]["/v1/jobs/{job_id}/trials"]["get"]["responses"]
     assert "429" in doc["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]
+
+
+def schema_of(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    """A component schema that resolves its `#/components/...` references."""
+    return {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+
+
+def test_not_ready_fits_its_schema(app, doc, monkeypatch):
+    def down() -> None:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(app.state.store, "ping", down)
+    with TestClient(app) as anonymous:
+        r = anonymous.get("/readyz")
+    assert r.status_code == 503
+    jsonschema.validate(r.json(), schema_of(doc, "NotReady"))
+    assert r.json()["checks"]["store"] == "error"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"error": "NotReady", "detail": "x"}, schema_of(doc, "NotReady"))
+
+
+def test_the_description_says_how_to_authorize(doc):
+    assert "Authorize" in doc["info"]["description"]
+    assert '{"error": "<code name>"' in doc["info"]["description"]
 
 
 def test_real_errors_fit_the_error_schema(client, doc):
@@ -287,8 +316,7 @@ def test_the_job_body_is_the_job_spec_schema_with_the_examples(doc):
         assert spec["properties"][field].get("description"), field
     # the examples validate against the published schema too (what a client generator or the
     # dashboard's form checks), and a wrong op does not
-    validator = jsonschema.Draft202012Validator(
-        {"$ref": "#/components/schemas/JobSpec", "components": doc["components"]})
+    validator = jsonschema.Draft202012Validator(schema_of(doc, "JobSpec"))
     for name, example in media["examples"].items():
         errors = list(validator.iter_errors(example["value"]))
         assert not errors, (name, [e.message for e in errors][:3])
