@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
@@ -20,6 +20,7 @@ from service.datasets import (
     list_datasets,
     register_dataset,
 )
+from service.deletion import delete_dataset
 from service.tmpfiles import temp_dir
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -62,3 +63,15 @@ def read(dataset_id: str, session: SessionDep, tenant_id: TenantDep) -> dict:
         if builtin["id"] == dataset_id:
             return builtin
     return dataset_document(get_dataset(session, tenant_id, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses={204: {"description": "Deleted, with its stored file."},
+                          409: {"description": "Built in (BuiltinDataset), or a queued or "
+                                               "running job uses it (InUse)."}})
+def delete(dataset_id: str, session: SessionDep, store: StoreDep, tenant_id: TenantDep
+           ) -> Response:
+    """Delete an uploaded dataset and its file; 409 for a built-in dataset or while a queued or
+    running job uses it; jobs that used it keep their spec."""
+    delete_dataset(session, store, tenant_id, dataset_id)
+    return Response(status_code=204)

@@ -11,15 +11,16 @@ from datetime import UTC
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, TenantDep
+from api.deps import MAX_ID_CHARS, SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import is_database_down
 from api.openapi import json_body
 from service.curves import fold as fold_curves
 from service.db import session_scope
+from service.deletion import delete_job
 from service.errors import JobNotSearch, QuotaExceeded, Unprocessable
 from service.events import event_dict, list_events
 from service.orm import Job
@@ -104,6 +105,17 @@ def cancel(job_id: str, session: SessionDep, settings: SettingsDep,
     """Cancel a queued job now, a running one cooperatively; 409 when already finished."""
     return JSONResponse(job_document(cancel_job(session, tenant_id, job_id, settings)),
                         status_code=202)
+
+
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               responses={204: {"description": "Deleted, with its stored objects."},
+                          409: {"description": "Queued or running (JobNotFinished: cancel it "
+                                               "first), or a trial (JobIsTrial)."}})
+def delete(job_id: str, session: SessionDep, store: StoreDep, tenant_id: TenantDep) -> Response:
+    """Delete a finished job with its events, artifacts and (auto-compress) trials; the model
+    it produced stays. 409 while it is queued or running: cancel it first."""
+    delete_job(session, store, tenant_id, job_id)
+    return Response(status_code=204)
 
 
 # ---- events: server-sent events, async ----------------------------------------------------

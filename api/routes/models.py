@@ -17,6 +17,7 @@ from api.schemas import model_document
 from api.uploads import check_upload_admitted, receive_upload, temp_root
 from service.artifacts import media_type
 from service.db import session_scope
+from service.deletion import delete_model
 from service.errors import Unprocessable
 from service.model_files import ModelFile, locate_model_file
 from service.model_registry import (
@@ -141,3 +142,21 @@ def _locate(settings: Settings, store: ObjectStore, tenant_id: str, model_id: st
     # a short transaction of its own: no connection is held while a missing export is made
     with session_scope(settings) as session:
         return locate_model_file(session, store, tenant_id, model_id, fmt)
+
+
+DELETE_DESCRIPTION = """Delete the model: its row, its checkpoint, its exports kept from earlier
+downloads, and its imported graph when no other model of yours is built on it. Jobs stay: a
+job whose `result.model_id` named the model gets `result.model_id: null` and
+`result.deleted_model_id`. 409 `InUse` naming the jobs while a queued or running job reads the
+model (cancel them or wait); 404 for another tenant's model."""
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response,
+               description=DELETE_DESCRIPTION,
+               responses={204: {"description": "Deleted, with its stored objects."},
+                          409: {"description": "A queued or running job uses it (InUse)."}})
+def delete(model_id: str, session: SessionDep, store: StoreDep, tenant_id: TenantDep
+           ) -> Response:
+    """Delete a model with its stored files (409 while a queued or running job uses it)."""
+    delete_model(session, store, tenant_id, model_id)
+    return Response(status_code=204)
