@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.stack.flows import checkpoint_bytes, wait_job
+from tests.stack.flows import checkpoint_bytes, run_job_ok, wait_job
 
 pytestmark = [pytest.mark.service, pytest.mark.browser]
 
@@ -37,6 +37,10 @@ SECOND_SPEC = {"model": {"arch": TINY_ARCH}, "dataset": "synthetic-tiny", "seed"
                          {"op": "evaluate"}]}
 SECOND_CHARTS = ("training-loss", "analysis-unit_pruning-fc1", "analysis-spectrum-fc1",
                  "analysis-elbow-fc1", "channel-prune", "pcn", "lowrank", "pruning", "dctps")
+AUTO_SPEC = {"dataset": "synthetic-tiny",
+             "steps": [{"op": "auto", "budget": {"total_params": 2000}, "trials": 4,
+                        "finetune_trials": 2, "finetune_epochs": 1, "final_epochs": 1,
+                        "methods": ["lowrank", "channel_prune", "magnitude"]}]}
 LONG_SPEC = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
              "steps": [{"op": "train", "epochs": 200}]}
 
@@ -204,6 +208,26 @@ def test_dashboard_in_chromium(ui_stack, chromium, screenshot_dir, tmp_path):
             "Accuracy vs macs")
         shot(page, "06-compare")
 
+        # ---- an auto-compress search: its trials and the frontier ----
+        trained = run_job_ok(api, {"model": {"arch": TINY_ARCH}, "dataset": "synthetic-tiny",
+                                    "steps": [{"op": "train", "epochs": 2}]})
+        search = api.post("/v1/jobs", json=dict(AUTO_SPEC, model=trained["result"]["model_id"]))
+        assert search.status_code == 202, search.text
+        search_id = search.json()["id"]
+        page.goto(f"{url}/ui/jobs/{search_id}")
+        expect(page.locator("#job-status")).to_have_text("succeeded", timeout=240_000)
+        frontier = page.locator("figure.chart[data-chart='auto-frontier']")
+        expect(frontier.locator(".point.pareto").first).to_be_visible(timeout=30_000)
+        curves = api.get(f"/v1/jobs/{search_id}/curves").json()["auto"]
+        drawn = [t for t in curves["trials"] if t["status"] == "succeeded"
+                 and t["cost"] is not None and t["val_accuracy"] is not None]
+        expect(frontier.locator("circle.point")).to_have_count(len(drawn))
+        expect(frontier.locator("circle.point.pareto")).to_have_count(len(curves["pareto"]))
+        expect(frontier.locator("rect.point.baseline")).to_have_count(1)
+        trial_rows = len(api.get(f"/v1/jobs/{search_id}/trials").json()["items"])
+        expect(page.locator("#trials-table tbody tr")).to_have_count(trial_rows)
+        shot(page, "07-auto")
+
         # ---- models: the job's model, lineage, downloads; an upload from the form ----
         result_model = api.get(f"/v1/jobs/{job_id}").json()["result"]["model_id"]
         page.goto(f"{url}/ui/models")
@@ -217,7 +241,7 @@ def test_dashboard_in_chromium(ui_stack, chromium, screenshot_dir, tmp_path):
         expect(page.locator("#model-facts")).to_contain_text("tiny-upload")
         expect(page.locator("#report table").first).to_be_visible()
         expect(page.locator("#report")).to_contain_text("fc1")
-        shot(page, "07-model-upload")
+        shot(page, "08-model-upload")
         page.goto(f"{url}/ui/models/{result_model}")
         expect(page.locator("#lineage")).to_contain_text(job_id[-8:])
         with page.expect_download() as info:

@@ -156,15 +156,15 @@ const SLChart = (() => {
       const cls = `point${p.pareto ? " pareto" : ""}${p.kind ? ` ${p.kind}` : ""}`;
       const dot = p.kind === "baseline"
         ? el("rect", { x: sx(p.x) - 5, y: sy(p.y) - 5, width: 10, height: 10, class: cls })
-        : el("circle", { cx: sx(p.x).toFixed(1), cy: sy(p.y).toFixed(1), r: p.pareto ? 6 : 4.5, class: cls,
+        : el("circle", { cx: sx(p.x).toFixed(1), cy: sy(p.y).toFixed(1), r: p.pareto || p.kind === "winner" ? 6 : 4.5, class: cls,
           "data-label": p.label || "" });
-      dot.append(el("title", { text: `${p.label || ""}: ${opts.xLabel || "x"} ${p.x}, ${opts.yLabel || "y"} ${+p.y.toPrecision(4)}${p.pareto ? " (Pareto)" : ""}` }));
+      dot.append(el("title", { text: `${p.title || p.label || ""}: ${opts.xLabel || "x"} ${p.x}, ${opts.yLabel || "y"} ${+p.y.toPrecision(4)}${p.pareto ? " (Pareto)" : ""}` }));
       if (p.href) {
         const a = el("svg:a", { href: p.href });
         a.append(dot);
         svg.append(a);
       } else svg.append(dot);
-      if (p.label && usable.length <= 24) {
+      if (p.label && usable.length <= 40) {
         const right = sx(p.x) > (M.left + W - M.right) / 2;  // labels point inwards
         svg.append(el("text", { x: sx(p.x) + (right ? -7 : 7), y: sy(p.y) - 6, class: "point-label",
           "text-anchor": right ? "end" : "start", text: p.label }));

@@ -264,13 +264,26 @@
     if (!trials.length) return;
     const pareto = new Set(auto.pareto || []);
     const [kind, value] = budgetValue(auto.budget);
-    const points = trials.filter((t) => t.status === "succeeded").map((t) => ({
-      x: t.cost, y: t.val_accuracy, pareto: t.phase === "finetune" && pareto.has(t.trial),
-      label: `${t.method || t.phase}${t.trial !== null && t.trial !== undefined ? ` #${t.trial}` : ""}`,
-      href: t.job_id ? `/ui/jobs/${encodeURIComponent(t.job_id)}` : null,
-      kind: t.phase === "baseline" ? "baseline" : t.phase }));
-    SLChart.scatter(root, "auto-frontier", "Auto-compress: trials and frontier", points,
+    const chosen = (auto.winner && auto.winner.winner) || {};
+    const points = trials.filter((t) => t.status === "succeeded").map((t) => {
+      const onFront = t.phase === "finetune" && pareto.has(t.trial);
+      const won = t.phase === "final";
+      return { x: t.cost, y: t.val_accuracy, pareto: onFront,
+        label: onFront || won ? `#${t.trial} ${t.phase}` : "",
+        title: `#${t.trial} ${t.phase}: ${t.method || ""}`,
+        href: t.job_id ? `/ui/jobs/${encodeURIComponent(t.job_id)}` : null,
+        kind: won ? "winner" : t.phase };
+    });
+    const base = auto.baseline || {};
+    if (isNum(base.cost) && isNum(base.val_accuracy)) {
+      points.push({ x: base.cost, y: base.val_accuracy, kind: "baseline", label: "start", title: "the starting model" });
+    }
+    const figure = SLChart.scatter(root, "auto-frontier", "Auto-compress: trials and frontier", points,
       { xLabel: kind || "cost", yLabel: "val accuracy", vlines: isNum(value) ? [{ x: value, name: "budget" }] : [] });
+    const reason = auto.winner && auto.winner.reason;
+    if (figure && (reason || chosen.method)) {
+      figure.append(el("figcaption", { class: "small", text: reason || `winner: ${chosen.method}` }));
+    }
   }
 
   async function loadCurves() {
