@@ -3,24 +3,30 @@ dataset is being deleted ends either as a 404 for the submission or a 409 for th
 as a queued job naming a deleted row."""
 from __future__ import annotations
 
+import io
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from sqlalchemy import select
 
+from service.artifacts import add_artifact
 from service.auth import get_or_create_tenant
 from service.db import SessionFactory, dispose_engines, rollback, session_scope, upgrade_db
-from service.deletion import InUse, delete_dataset, delete_model, spec_models
+from service.deletion import InUse, delete_dataset, delete_job, delete_model, spec_models
 from service.errors import NotFound
+from service.model_files import export_key
 from service.model_registry import register_model
-from service.orm import Dataset, Job, Model
+from service.orm import Artifact, Dataset, Job, Model
 from service.settings import Settings
 from service.spec import JobSpec
-from service.store import LocalStore
+from service.store import LocalStore, S3Store
 from service.submission import create_job
 from tests.api.conftest import safetensors_bytes
 from tests.pg import temporary_database
@@ -144,3 +150,68 @@ def test_a_rolled_back_delete_leaves_the_objects(settings, store, rows):
     assert store.exists(key)
     with session_scope(settings) as session:
         assert session.get(Model, rows["model"]) is not None
+
+
+# ---- an S3 bucket ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def test_deletes_remove_their_objects_from_an_s3_bucket(s3_endpoint, tmp_path, monkeypatch):
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"b-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    store = S3Store(bucket, "objects", s3_endpoint)
+
+    def listing() -> set[str]:
+        found = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+        return {o["Key"].removeprefix("objects/") for o in found}
+
+    settings = Settings(home=tmp_path / "home", auth="off", broker_url="filesystem://")
+    upgrade_db(settings)
+    checkpoint = tmp_path / "m.safetensors"
+    checkpoint.write_bytes(safetensors_bytes())
+    (tmp_path / "report.json").write_text("{}")
+    try:
+        with session_scope(settings) as session:
+            tenant = get_or_create_tenant(session, "s3").id
+            source = register_model(session, store, tenant_id=tenant, name="in",
+                                    arch={"name": "lenet300"}, fmt="safetensors",
+                                    params={"total": 1}, path=checkpoint)
+            job, _ = create_job(session, tenant, spec(source.id))
+            out = register_model(session, store, tenant_id=tenant, name="out",
+                                 arch={"name": "lenet300"}, fmt="safetensors",
+                                 params={"total": 1}, path=checkpoint, source_job_id=job.id)
+            report = add_artifact(session, store, tenant_id=tenant, job_id=job.id,
+                                  name="report.json", path=tmp_path / "report.json")
+            session.add(Artifact(job_id=job.id, name="model.safetensors", kind="model",
+                                 size_bytes=out.size_bytes, sha256=out.sha256,
+                                 storage_key=out.storage_key))
+            job.status, job.result = "succeeded", {"model_id": out.id}
+            ids = {"job": job.id, "out": out.id}
+            keys = {"in": source.storage_key, "out": out.storage_key,
+                    "report": report.storage_key,
+                    "export": export_key(tenant, out.id, "onnx")}
+        store.put_stream(keys["export"], io.BytesIO(b"onnx"))
+        assert listing() == set(keys.values())
+        with session_scope(settings) as session:
+            delete_job(session, store, tenant, ids["job"])
+        assert listing() == {keys["in"], keys["out"], keys["export"]}
+        with session_scope(settings) as session:
+            delete_model(session, store, tenant, ids["out"])
+        assert listing() == {keys["in"]}
+    finally:
+        dispose_engines()
