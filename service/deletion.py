@@ -16,11 +16,12 @@ What stays and what goes:
   whose `result.model_id` named it stay, with `result.model_id` null and `result.
   deleted_model_id` the id; jobs that read it keep their spec as it was.
 * a dataset: its file. Built-in datasets cannot be deleted.
-* a job: its events, artifacts (reports, curves, plots, exports) and their objects, and for an
-  auto-compress search its trials with theirs, and the trials' models except the one the search
-  chose (its `result.model_id`) and any a queued or running job reads. A model the job produced
-  stays (it is the user's asset), with `source_job_id` null. The search's Optuna study rows
-  stay (a few rows per trial, in its own schema or file).
+* a job: its events, artifacts (reports, curves, plots, exports) and their objects, a
+  checkpoint it still points at, and for an auto-compress search its trials with theirs and
+  the trials' models, except the one the search chose (its `result.model_id`) and any a queued
+  or running job reads. A model the job produced stays (it is the user's asset), with
+  `source_job_id` null. The search's Optuna study rows stay (a few rows per trial, in its own
+  schema or file).
 
 409 while a queued or running job uses the model or dataset (naming the jobs), and for a
 queued or running job itself (cancel it first). The check cannot race a submission: the delete
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 
 ACTIVE = (QUEUED, RUNNING)
 MAX_NAMED = 5  # jobs named in a 409's detail
+# the objects of one checkpoint under its prefix (worker.checkpoint.OBJECTS): a job failed after
+# losing its worker in every attempt can still point at its last one
+CHECKPOINT_OBJECTS = ("model.safetensors", "state.pt", "state.json")
 
 
 class InUse(Conflict):
@@ -228,6 +232,9 @@ def delete_job(session: Session, store: ObjectStore, tenant_id: str, job_id: str
                                                      Job.status.in_(TERMINAL))
                           .values(stage=Job.stage))
     session.refresh(job)
+    if not locked and job.cancel_requested:
+        raise JobNotFinished(f"job {job_id} is {job.status} and a cancel was requested; delete "
+                             "it once it is canceled (it stops at its next batch)")
     if not locked:
         raise JobNotFinished(f"job {job_id} is {job.status}; cancel it first (POST /v1/jobs/"
                              f"{job_id}/cancel) and delete it once it is canceled")
@@ -238,6 +245,9 @@ def delete_job(session: Session, store: ObjectStore, tenant_id: str, job_id: str
                              "still run; delete it once they have stopped")
     ids = [job_id, *(t.id for t in trials)]
     keys = list(session.scalars(select(Artifact.storage_key).where(Artifact.job_id.in_(ids))))
+    for pointer in (j.checkpoint for j in (job, *trials)):
+        if isinstance(pointer, dict) and isinstance(pointer.get("prefix"), str):
+            keys += [f"{pointer['prefix']}/{name}" for name in CHECKPOINT_OBJECTS]
     keys += _delete_trial_models(session, store, job, [t.id for t in trials])
     # an artifact that is a kept model's own object (model.safetensors) stays with the model
     kept = set(session.scalars(select(Model.storage_key).where(Model.tenant_id == tenant_id,

@@ -274,3 +274,30 @@ def test_delete_search_removes_its_trials_and_their_models_but_the_chosen_one(
     left = keys(settings)
     assert finetuned_key not in left and chosen_key in left
     assert not [k for k in left if k.startswith("jobs/")]
+
+
+def test_a_failed_job_that_still_points_at_a_checkpoint_loses_its_objects(client, settings):
+    from service.deletion import CHECKPOINT_OBJECTS
+    from worker.checkpoint import OBJECTS
+
+    assert CHECKPOINT_OBJECTS == OBJECTS  # the worker's names, known torch-free
+    job = submit(client, model={"arch": {"name": "lenet300"}})
+    with session_scope(settings) as session:
+        row = session.get(Job, job["id"])
+        prefix = f"checkpoints/{row.tenant_id}/{row.id}/000002"
+        row.status, row.checkpoint = "failed", {"seq": 2, "prefix": prefix}
+    for name in OBJECTS:
+        store_of(settings).put_stream(f"{prefix}/{name}", io.BytesIO(b"x"))
+    assert len([k for k in keys(settings) if k.startswith("checkpoints/")]) == 3
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert not [k for k in keys(settings) if k.startswith("checkpoints/")]
+
+
+def test_a_running_job_with_a_cancel_requested_says_to_wait(client, settings):
+    job = submit(client, model={"arch": {"name": "lenet300"}})
+    set_status(settings, job["id"], "running")
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    r = client.delete(f"/v1/jobs/{job['id']}")
+    assert r.status_code == 409 and "once it is canceled" in r.json()["detail"]
+    set_status(settings, job["id"], "canceled")
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
