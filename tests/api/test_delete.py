@@ -301,3 +301,21 @@ def test_a_running_job_with_a_cancel_requested_says_to_wait(client, settings):
     assert r.status_code == 409 and "once it is canceled" in r.json()["detail"]
     set_status(settings, job["id"], "canceled")
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+
+
+def test_an_object_that_cannot_be_deleted_leaves_no_row_behind(client, app, settings,
+                                                               monkeypatch, caplog):
+    model = upload_model(client)
+    with session_scope(settings) as session:
+        key = session.get(Model, model["id"]).storage_key
+
+    def broken(_key: str) -> None:
+        raise OSError("the store is read-only")
+
+    monkeypatch.setattr(app.state.store, "delete", broken)
+    r = client.delete(f"/v1/models/{model['id']}")
+    # the rows are committed first: the answer is 204 and nothing names the leftover object
+    assert r.status_code == 204
+    assert client.get(f"/v1/models/{model['id']}").status_code == 404
+    assert key in keys(settings)
+    assert f"could not delete object {key}" in caplog.text
