@@ -92,10 +92,10 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="session")
-def screenshot_dir(tmp_path_factory) -> Path:
-    """Where the browser test saves its screenshots: $SLIMLINE_UI_SCREENSHOTS, else a pytest
-    temporary directory (printed by the test)."""
+def screenshot_dir() -> Path:
+    """Where the browser test saves its screenshots (overwritten on every run):
+    $SLIMLINE_UI_SCREENSHOTS, else tests/ui/screenshots/ (ignored by git, see its .gitignore)."""
     chosen = os.environ.get("SLIMLINE_UI_SCREENSHOTS")
-    path = Path(chosen) if chosen else tmp_path_factory.mktemp("ui-screenshots")
+    path = Path(chosen) if chosen else Path(__file__).resolve().parent / "screenshots"
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -2,7 +2,7 @@
 embedded stack (`slimline up`: a real API and a real worker process) with auth ON. Signs in,
 submits jobs from the form (a refused one shows the API's 422), follows one to 100 %, checks its
 charts, plots and artifact download, cancels one, compares two, uploads a model, signs out.
-Screenshots go to $SLIMLINE_UI_SCREENSHOTS or a pytest temporary directory (printed)."""
+Screenshots go to tests/ui/screenshots/ (ignored by git) or $SLIMLINE_UI_SCREENSHOTS."""
 from __future__ import annotations
 
 import hashlib
