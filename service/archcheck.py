@@ -12,9 +12,11 @@ An imported model's arch `{"name": "graph", "graph": <sha256>, "input_shape", "n
 "init": "torch", "edits", ["preprocessing"]}` (what `GET /v1/models/{id}` shows for a .pt2/.onnx
 upload or a job's output on one) is checked for its form only (`check_graph_arch`): its size was
 checked when the graph was uploaded, and the submission checks that the tenant holds that graph
-(`service.submission`). Its layer names cannot be checked here (they are in the stored graph,
-not in the arch): the worker names the valid ones when a step names an unknown layer. Any arch
-may carry `preprocessing` (`{"layout", "mean", "std"}`, checked like core does).
+(`service.submission`). Its layer names are not in the arch: `service.submitcheck` takes them
+from the report of one of the tenant's models on that graph (and the worker names the valid
+ones when a step names an unknown layer). A zoo arch's layer and unit-group names are
+`arch_layers` (the same arithmetic). Any arch may carry `preprocessing` (`{"layout", "mean",
+"std"}`, checked like core does).
 
 `edits` are kept as they are accepted today (a list of `{"op": <edit op>, ...}`; the worker
 replays them), and their details are checked by core when the model is built. The only edit

@@ -259,3 +259,37 @@ def test_an_uploaded_model_with_a_report_is_checked_by_its_names(real_client, tm
     assert job(real_client, model_id, [{"op": "lowrank", "layers": ["conv2"],
                                         "target": {"param_ratio": 0.5}}],
                dataset="synthetic-tiny").status_code == 202
+
+
+def test_an_imported_graphs_names_come_from_its_report(real_client, tmp_path):
+    """A .pt2 upload: its model id and a fresh model of its arch are checked by the names of
+    its report (the graph's modules), its input shape and classes by its arch."""
+    import torch
+    from torch import nn
+
+    from tests.import_models import export_pt2
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(64, 16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x.flatten(1))))
+
+    path = export_pt2(Net(), tmp_path / "net.pt2", torch.randn(2, 1, 8, 8))
+    r = real_client.post("/v1/models", files={"file": ("net.pt2", path.read_bytes())})
+    assert r.status_code == 201, r.text
+    model_id, arch = r.json()["id"], r.json()["arch"]
+    four = upload_dataset(real_client, npz(x_train=np.zeros((8, 1, 8, 8), np.float32),
+                                           y_train=np.arange(8) % 4)).json()["id"]
+    step = {"op": "pcn", "layers": ["fc1"], "select": {"dims": 4}}
+    for model in (model_id, {"arch": arch}):
+        detail = refused(job(real_client, model, [step], dataset=four), "steps[0].layers")
+        assert "its layers: body, head" in detail
+        good = {**step, "layers": ["body"]}
+        assert job(real_client, model, [good], dataset=four).status_code == 202, model
+    # synthetic-tiny has 10 classes, the model 4 outputs
+    assert "4 outputs" in refused(job(real_client, {"arch": arch}, [{"op": "evaluate"}],
+                                      dataset="synthetic-tiny"), "dataset")
