@@ -36,8 +36,10 @@
       el("td", {}, box),
       el("td", {}, SL.jobLink(job.id)),
       el("td", {}, SL.badge(job.status)),
-      el("td", {}, bar, el("span", { class: "mono small", text: ` ${Math.round((job.progress || 0) * 100)} %` })),
-      el("td", { class: "stage", text: job.status === "running" ? job.stage : (job.error ? job.error.code : "") }),
+      el("td", { class: "nowrap" }, bar, el("span", { class: "mono small", text: ` ${Math.round((job.status === "succeeded" ? 1 : job.progress || 0) * 100)} %` })),
+      el("td", { class: "stage", text: job.status === "running"
+        ? `${job.stage || ""}${SL.isNum(job.eta_s) && job.eta_s > 0 ? ` · ${fmt.secs(job.eta_s)} left` : ""}`
+        : (job.error ? job.error.code : "") }),
       el("td", { class: "small", text: SL.opsOf(job) }),
       el("td", {}, model.id ? SL.modelLink(model.id) : el("span", { class: "muted", text: model.arch ? model.arch.name : "—" }),
         resultModel ? el("span", {}, " → ", SL.modelLink(resultModel)) : null),
