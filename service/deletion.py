@@ -129,7 +129,7 @@ def _lock(session: Session, table: Any, row_id: str, tenant_id: str) -> bool:
     database write lock, both until the commit. False when the tenant has no such row."""
     return rows_changed(session, update(table).where(table.id == row_id,
                                                      table.tenant_id == tenant_id)
-                        .values(tenant_id=table.tenant_id)) == 1
+                        .values(name=table.name)) == 1
 
 
 # ---- models ---------------------------------------------------------------------------------
