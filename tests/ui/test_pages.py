@@ -61,7 +61,6 @@ def test_pages_need_sign_in_and_the_cookie_works_for_reads_only(auth_on):
         assert_html(client.get(path))
     # GET and HEAD of the API accept the cookie as the key
     assert client.get("/v1/jobs").json() == {"items": [], "next_cursor": None}
-    assert client.head("/v1/models").status_code in (200, 405)
     assert client.get("/v1/models").status_code == 200
     # ...but never a POST: that needs the bearer header (CSRF)
     spec = {"model": {"arch": {"name": "lenet300"}}, "dataset": "synthetic-blobs",
