@@ -72,6 +72,9 @@ def test_pages_need_sign_in_and_the_cookie_works_for_reads_only(auth_on):
     job_id = r.json()["id"]
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 401
+    r = client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 401 and r.json()["error"] == "Unauthorized"
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # still there
     # a header, when sent, is what counts (a wrong one is not rescued by the cookie)
     r = client.get("/v1/jobs", headers={"Authorization": "Bearer sl_wrong"})
     assert r.status_code == 401
