@@ -38,6 +38,13 @@ ASSETS_URL = "/docs/assets"
 # Swagger UI (swagger-ui-bundle.js, swagger-ui.css), ReDoc (redoc.standalone.js) and a favicon,
 # as the `fastapi-offline` package ships them (a dependency in pyproject.toml)
 ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
+# The pages may load nothing from elsewhere: the browser refuses it (ReDoc's sidebar asks
+# cdn.redoc.ly for its logo and shows nothing when that fails). Inline script and style: the
+# pages' init script and both bundles' styles; blob: workers: ReDoc's search.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
+            "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; "
+            "connect-src 'self'; worker-src 'self' blob:; object-src 'none'; base-uri 'self'; "
+            "frame-ancestors 'self'")
 SWAGGER_PARAMETERS = {
     "persistAuthorization": True,  # the key entered with Authorize survives a reload
     "validatorUrl": None,  # no badge fetched from validator.swagger.io
@@ -163,7 +170,9 @@ def file_field(description: str) -> dict[str, Any]:
             "contentMediaType": "application/octet-stream", "description": description}
 
 
-NAME_FIELD = {"type": "string", "maxLength": 200,
+# Optional text fields default to "" (the upload code treats an empty field as not given), so
+# that Swagger's "Try it out" leaves them empty instead of sending a placeholder such as "string"
+NAME_FIELD = {"type": "string", "maxLength": 200, "default": "",
               "description": "A label (default: the file name without its extension)."}
 # the form fields each upload route reads (tests/api/test_openapi.py checks them against the code)
 MODEL_UPLOAD_FIELDS: dict[str, dict[str, Any]] = {
@@ -171,22 +180,22 @@ MODEL_UPLOAD_FIELDS: dict[str, dict[str, Any]] = {
                        ".pt/.pth (a state_dict), .pt2 (torch.export.save) or .onnx (opset 13+, "
                        "weights inside the file)."),
     "name": NAME_FIELD,
-    "arch": {"type": "string", "description": 'JSON: the zoo architecture of a state dict '
-             'without one, e.g. {"name": "lenet300"} (not for .pt2/.onnx).',
-             "examples": ['{"name": "lenet300"}']},
-    "input_shape": {"type": "string", "pattern": r"^\s*\d+(\s*,\s*\d+)*\s*$",
+    "arch": {"type": "string", "default": "", "description": "JSON: the zoo architecture of a "
+             'state dict without one, e.g. `{"name": "lenet300"}` (not for .pt2/.onnx).'},
+    "input_shape": {"type": "string", "default": "", "pattern": r"^\s*(\d+(\s*,\s*\d+)*)?\s*$",
                     "description": "The input's shape without the batch dimension, "
-                                   "comma-separated, e.g. 3,32,32 (must match the model).",
-                    "examples": ["1,28,28"]},
-    "num_classes": {"type": "integer", "minimum": 1,
-                    "description": "The number of classes (must match the model's output)."},
-    "layout": {"type": "string", "enum": ["NCHW", "NHWC", "flat"],
-               "description": "How the model takes its input (case-insensitive)."},
-    "mean": {"type": "string", "description": "Per-channel input mean, comma-separated, e.g. "
-             "0.5,0.5,0.5 (stored with the model, applied by every step).",
-             "examples": ["0.5"]},
-    "std": {"type": "string", "description": "Per-channel input std (> 0), comma-separated, "
-            "e.g. 0.25,0.25,0.25.", "examples": ["0.25"]},
+                                   "comma-separated, e.g. `3,32,32` (must match the model)."},
+    "num_classes": {"type": "string", "default": "", "pattern": r"^\s*([1-9][0-9]*)?\s*$",
+                    "description": "The number of classes, a positive integer (must match the "
+                                   "model's output)."},
+    "layout": {"type": "string", "default": "", "enum": ["", "NCHW", "NHWC", "flat"],
+               "description": "How the model takes its input: NCHW, NHWC or flat "
+                              "(case-insensitive)."},
+    "mean": {"type": "string", "default": "", "description": "Per-channel input mean, "
+             "comma-separated, e.g. `0.5,0.5,0.5` (stored with the model, applied by every "
+             "step)."},
+    "std": {"type": "string", "default": "", "description": "Per-channel input std (> 0), "
+            "comma-separated, e.g. `0.25,0.25,0.25`."},
 }
 DATASET_UPLOAD_FIELDS: dict[str, dict[str, Any]] = {
     "file": file_field(".npz or .safetensors with arrays x_train, y_train and optionally "
@@ -202,6 +211,11 @@ DATASET_UPLOAD = multipart_body(DATASET_UPLOAD_FIELDS, ("file",))
 
 # ---- the docs pages ---------------------------------------------------------------------
 
+def _local_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
+
+
 def install_docs(app: FastAPI) -> None:
     """Serve /docs, /redoc and their assets locally, and refine the OpenAPI document (built on
     first use, after every route is in). Create the app with `docs_url=None, redoc_url=None`."""
@@ -214,20 +228,20 @@ def install_docs(app: FastAPI) -> None:
     @app.get(DOCS_URL, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
         base = root(request)
-        return get_swagger_ui_html(
+        return _local_only(get_swagger_ui_html(
             openapi_url=base + openapi_url, title=f"{app.title} API",
             swagger_js_url=f"{base}{ASSETS_URL}/swagger-ui-bundle.js",
             swagger_css_url=f"{base}{ASSETS_URL}/swagger-ui.css",
             swagger_favicon_url=f"{base}{ASSETS_URL}/favicon.png",
-            swagger_ui_parameters=SWAGGER_PARAMETERS)
+            swagger_ui_parameters=SWAGGER_PARAMETERS))
 
     @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
         base = root(request)
-        return get_redoc_html(
+        return _local_only(get_redoc_html(
             openapi_url=base + openapi_url, title=f"{app.title} API",
             redoc_js_url=f"{base}{ASSETS_URL}/redoc.standalone.js",
-            redoc_favicon_url=f"{base}{ASSETS_URL}/favicon.png", with_google_fonts=False)
+            redoc_favicon_url=f"{base}{ASSETS_URL}/favicon.png", with_google_fonts=False))
 
     generate = app.openapi
 

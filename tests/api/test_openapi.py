@@ -8,8 +8,13 @@ from __future__ import annotations
 import ast
 import inspect
 import io
+import os
 import re
+import shutil
+import socket
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate as validate_openapi
 
@@ -374,6 +380,9 @@ def test_docs_pages_load_only_local_assets(app, page, assets):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         html = r.text
         assert not re.search(r"https?://", html), re.findall(r"https?://\S+", html)
+        # and the browser is told to fetch nothing from elsewhere
+        assert r.headers["content-security-policy"] == openapi.DOCS_CSP
+        assert "default-src 'self'" in openapi.DOCS_CSP and "http" not in openapi.DOCS_CSP
         assert "/openapi.json" in html
         parser = _Loads()
         parser.feed(html)
@@ -398,3 +407,106 @@ def test_docs_pages_load_only_local_assets(app, page, assets):
 
 def test_docs_pages_are_not_in_the_document(doc):
     assert not {"/docs", "/redoc", openapi.ASSETS_URL} & set(doc["paths"])
+
+
+# ---- in a browser: Swagger UI and ReDoc, air-gapped -----------------------------------------
+
+CHROMIUM = os.environ.get("SLIMLINE_TEST_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture
+def live(app, keys) -> Iterator[tuple[str, str]]:
+    """The app served by uvicorn on a free local port (a browser needs a real socket), and an
+    API key."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", keys["a"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_swagger_ui_and_redoc_work_air_gapped(live, enqueued, tmp_path):
+    """Everything the pages fetch comes from the API (anything else is aborted and counted);
+    Authorize takes the key; "Try it out" uploads a model and a dataset with the file alone and
+    submits an example job."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    chromium = shutil.which(CHROMIUM) or (CHROMIUM if Path(CHROMIUM).exists() else None)
+    if chromium is None:
+        pytest.fail(f"{CHROMIUM} not found: install it with `bash scripts/ensure-browser.sh` "
+                    "(apt-get install chromium, as root) or set SLIMLINE_TEST_CHROMIUM")
+    url, key = live
+    outside: list[str] = []
+
+    def only_local(route) -> None:
+        if route.request.url.startswith(url + "/"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    def execute(operation) -> str:
+        operation.locator("button.execute").click()
+        status = operation.locator(".live-responses-table .response-col_status").nth(1)
+        status.wait_for(timeout=30_000)
+        return status.inner_text().strip()
+
+    console: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            context = browser.new_context()
+            context.route("**/*", only_local)
+            page = context.new_page()
+            page.on("console", lambda message: console.append(message.text))
+            page.goto(url + "/docs")
+            page.wait_for_selector(".opblock", timeout=30_000)
+            assert page.locator(".opblock").count() >= 15
+            page.click("button.authorize")
+            dialog = page.locator(".modal-ux")
+            assert "bearerAuth" in dialog.inner_text()
+            dialog.locator("input").fill(key)
+            dialog.locator("button.authorize").click()
+            dialog.locator("button.btn-done").click()
+
+            model = page.locator("#operations-models-upload_model_v1_models_post")
+            model.locator(".opblock-summary").click()
+            model.locator("input[type=file]").set_input_files(files=[{
+                "name": "swagger.safetensors", "mimeType": "application/octet-stream",
+                "buffer": safetensors_bytes()}])
+            assert execute(model) == "201"
+            dataset = page.locator("#operations-datasets-upload_dataset_v1_datasets_post")
+            dataset.locator(".opblock-summary").click()
+            dataset.locator("input[type=file]").set_input_files(files=[{
+                "name": "swagger.npz", "mimeType": "application/octet-stream",
+                "buffer": npz()}])
+            assert execute(dataset) == "201"
+            job = page.locator("#operations-jobs-submit_v1_jobs_post")
+            job.locator(".opblock-summary").click()
+            job.locator("select.examples-select-element").first.select_option(label=next(
+                e["summary"] for op, e in JOB_SPEC_EXAMPLES.items() if op == "pcn"))
+            assert '"op": "pcn"' in job.locator("textarea.body-param__text").input_value()
+            assert execute(job) == "202"
+            page.screenshot(path=str(tmp_path / "docs.png"), full_page=False)
+
+            page.goto(url + "/redoc")
+            page.locator("h2", has_text="Upload Model").wait_for(timeout=30_000)
+            assert "bearerAuth" in page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "redoc.png"), full_page=False)
+        finally:
+            browser.close()
+    assert not outside, outside
+    # what the pages' policy refused: only ReDoc's logo (it then shows none)
+    refused = [m for m in console if "Content Security Policy" in m]
+    assert all("cdn.redoc.ly" in m for m in refused), refused
+    assert len(enqueued) == 1
+    print(f"screenshots: {tmp_path}")
