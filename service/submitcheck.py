@@ -204,10 +204,11 @@ def check_layer_names(spec: JobSpec, facts: ModelFacts) -> None:
 def _unknown_message(path: str, unknown: list[str], facts: ModelFacts, groups: bool) -> str:
     layers = facts.layers or ()
     what = ", ".join(repr(n) for n in unknown[:SHOWN])
-    noun = "layers" if len(unknown) > 1 else "a layer"
-    text = (f"{path}: {what} {'are not' if len(unknown) > 1 else 'is not'} {noun}"
-            f"{' or unit groups' if groups else ''} of {facts.source}; its layers: "
-            f"{_listing(layers)}")
+    many = len(unknown) > 1
+    noun = ("layers" if many else "a layer") + ((" or unit groups" if many else " or unit group")
+                                                if groups else "")
+    text = (f"{path}: {what} {'are not' if many else 'is not'} {noun} of {facts.source}; its "
+            f"layers: {_listing(layers)}")
     extra = [g for g in facts.groups if g not in set(layers)]
     if groups and extra:
         text += f"; its unit groups (besides the layers producing them): {_listing(tuple(extra))}"
@@ -263,16 +264,20 @@ def fit_refusal(have: list[int], shape: list[int], layout: str, stored: bool) ->
         return None
     if have == target:
         return None
+    reshape = ""
+    if math.prod(have) == math.prod(target):
+        reshape = (f" (the same {math.prod(have)} values: reshape x_train and x_test to "
+                   f"(N, {', '.join(str(d) for d in target)}) before uploading)")
     if not stored:
         return (f"the samples are {_shape_text(have)} but the model reads "
-                f"{_shape_text(target)} (input_shape {shape}, layout {layout}); set "
+                f"{_shape_text(target)} (input_shape {shape}, layout {layout}){reshape}; set "
                 f"\"input_shape\": {have} in the arch, or use a dataset of that shape")
     channel_ok = have[0] == target[0] or have[0] == 1
     size_ok = have[1:] == target[1:] or min(*have[1:], *target[1:]) >= 2
     if channel_ok and size_ok:
         return None  # the worker adapts them, with a warning event
     return (f"the samples are {_shape_text(have)} but the model reads {_shape_text(target)} "
-            f"(input_shape {shape}, layout {layout}); the worker only replicates a single "
+            f"(input_shape {shape}, layout {layout}){reshape}; the worker only replicates a single "
             "channel and resizes images of at least 2x2, nothing else: use data of that shape, "
             "or a model made for it")
 
