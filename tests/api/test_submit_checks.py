@@ -293,3 +293,15 @@ def test_an_imported_graphs_names_come_from_its_report(real_client, tmp_path):
     # synthetic-tiny has 10 classes, the model 4 outputs
     assert "4 outputs" in refused(job(real_client, {"arch": arch}, [{"op": "evaluate"}],
                                       dataset="synthetic-tiny"), "dataset")
+
+
+def test_the_api_passes_any_inspectors_detail_on_as_plain_text(settings, keys, enqueued):
+    from fastapi.testclient import TestClient
+
+    ansi = Settings(**settings.model_dump() | {"inspect_module": "tests.api.ansi_inspect"})
+    with TestClient(create_app(ansi), headers={"Authorization": f"Bearer {keys['a']}"}) as c:
+        r = c.post("/v1/models", files={"file": ("m.safetensors", safetensors_bytes())},
+                   data={"arch": '{"name": "lenet300"}'})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == ("Weights only load failed, do those steps only if you trust "
+                                  "the source. red")
