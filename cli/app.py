@@ -239,13 +239,18 @@ def upload_dataset(file: Annotated[Path, typer.Argument(
                             "x_test, y_test).")],
                    name: Annotated[str | None, typer.Option(
                        help="A name for the dataset (default: the file's).")] = None,
+                   allow_label_gaps: Annotated[bool, typer.Option(
+                       help="Accept labels that leave a class index unused (e.g. 1..10); "
+                            "without it such an upload is refused: labels are "
+                            "0..num_classes-1.")] = False,
                    url: Url = DEFAULT_URL, key: Key = None) -> None:
     """Upload a dataset; prints its shape and counts, then its id as the last line (use the id
     as a job's `dataset`)."""
     if not file.is_file():
         raise fail(f"{file} does not exist", 2)
     with client(url, key) as http:
-        dataset = upload_model(http, file, {"name": name or ""}, endpoint="/v1/datasets")
+        fields = {"name": name or "", **({"allow_label_gaps": "true"} if allow_label_gaps else {})}
+        dataset = upload_model(http, file, fields, endpoint="/v1/datasets")
     counts = dataset.get("counts") or {}
     typer.echo(f"uploaded dataset {dataset['id']} ({dataset.get('name')}, {dataset.get('format')}"
                f", input {dataset.get('input_shape')}, {dataset.get('num_classes')} classes, "

@@ -221,7 +221,7 @@ def chosen_layers(model: nn.Module, names: Any, field: str, op: str | None = Non
         if is_graph_model(model):
             hint = ("; an imported model's layers are named after its graph's modules (the "
                     "model's report, GET /v1/models/{id}, lists them with the methods that "
-                    "apply); names cannot be checked when the job is submitted")
+                    "apply)")
         raise SpecError(f"{field} {unknown} are not Linear/Conv2d layers of the model; "
                         f"valid layers: {', '.join(plain)}{hint}")
     refused = {n: untouched[n] for n in names if n in untouched}

@@ -251,3 +251,17 @@ def test_sse_parsing_and_event_lines():
     assert event_line(event) == ("10:00:00 progress     50.0% train epoch 2/3 "
                                  "(ETA 1 min 15 s)")
     assert duration(None) == "-" and duration(3725) == "1 h 02 min" and duration(9.6) == "10 s"
+
+
+def test_upload_dataset_with_label_gaps_needs_the_flag(api, tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "one_based.npz"
+    np.savez(path, x_train=rng.random((40, 1, 8, 8), dtype=np.float32),
+             y_train=np.arange(40) % 10 + 1)  # labels 1..10: class 0 never occurs
+    refused = invoke(["upload-dataset", str(path)])
+    assert refused.exit_code == 1
+    assert "InvalidDataset" in refused.output and "subtract 1" in refused.output
+    assert "Traceback" not in refused.output
+    accepted = invoke(["upload-dataset", str(path), "--allow-label-gaps"])
+    assert accepted.exit_code == 0, accepted.output
+    assert "11 classes" in accepted.output
