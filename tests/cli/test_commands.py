@@ -265,3 +265,13 @@ def test_upload_dataset_with_label_gaps_needs_the_flag(api, tmp_path):
     accepted = invoke(["upload-dataset", str(path), "--allow-label-gaps"])
     assert accepted.exit_code == 0, accepted.output
     assert "11 classes" in accepted.output
+
+
+def test_download_of_a_job_whose_model_was_deleted_says_so(done_job, tmp_path):
+    job_id = last_line(done_job)
+    status = json.loads(invoke(["status", job_id, "--json"]).output)
+    model_id = status["result"]["model_id"]
+    assert invoke(["delete", "model", model_id]).exit_code == 0
+    result = invoke(["download", job_id, "-o", str(tmp_path / "m.safetensors")])
+    clean_error(result, model_id, "was deleted")
+    assert not (tmp_path / "m.safetensors").exists()
