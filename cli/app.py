@@ -596,11 +596,11 @@ def download(ident: Annotated[str, typer.Argument(
             if job["status"] != "succeeded":
                 raise fail(f"job {ident} is {job['status']}; only a succeeded job has a model")
             result = job.get("result") or {}
-            model_id = result.get("model_id")
-            if not model_id:
+            if not result.get("model_id"):
                 gone = result.get("deleted_model_id")
                 raise fail(f"job {ident} has no model to download: its model {gone} was deleted"
                            if gone else f"job {ident} produced no model")
+            model_id = str(result["model_id"])
         elif job.status_code != 404:
             checked(job)
         target = output or Path(f"{model_id}{DOWNLOAD_FORMATS[fmt.value]}")

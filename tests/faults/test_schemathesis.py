@@ -114,7 +114,9 @@ def test_no_server_error_on_generated_requests(fault_stack: FaultStack, api_key:
     for operation in operations:
         names = [p.name for p in operation.path_parameters]
         sources = [None]
-        if names and all(n in real_ids for n in names):
+        # DELETE with the real ids would delete the seeded rows the other operations read
+        if (names and all(n in real_ids for n in names)
+                and operation.method.upper() != "DELETE"):
             sources.append({n: real_ids[n] for n in names})
             sources.append({n: "\x00" + real_ids[n] for n in names})  # a NUL inside an id
         # path-only operations take any string: they have no negative cases
