@@ -196,6 +196,35 @@ class SearchFailed(Exception):
         self.code, self.message, self.summary = code, message, summary
 
 
+def choose_promoted(screened: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The `n` screened candidates (within the budget) to fine-tune: the most accurate of each
+    method first, then the rest by validation accuracy (ties: the cheaper first). A candidate
+    that repeats one already chosen — the same method and knobs landing on the same measured
+    cost and accuracy, i.e. the same cut — is skipped, so no slot is spent twice on one model."""
+    ranked = sorted(screened, key=lambda s: (-(s.get("val_accuracy") or 0.0),
+                                             s.get("cost") or 0.0))
+
+    def same_cut(s: dict[str, Any]) -> tuple[Any, ...]:
+        return (s.get("method"), s.get("cost"), s.get("val_accuracy"))
+
+    chosen: list[dict[str, Any]] = []
+    cuts: set[tuple[Any, ...]] = set()
+    seen: set[str] = set()
+    for s in ranked:  # the best of each method first ...
+        key = str(s["params"].get("method")) + ("+int8" if s["params"].get("int8") else "")
+        if key not in seen and len(chosen) < n:
+            seen.add(key)
+            cuts.add(same_cut(s))
+            chosen.append(s)
+    for s in ranked:  # ... then the rest by accuracy
+        if len(chosen) >= n:
+            break
+        if s not in chosen and same_cut(s) not in cuts:
+            cuts.add(same_cut(s))
+            chosen.append(s)
+    return chosen
+
+
 class Coordinator:
     """One tick's view of a search: its row (locked), its spec, its state and its trials."""
 
@@ -512,20 +541,7 @@ class Coordinator:
         screened = [info(c) for c in self.of(SCREEN) if info(c).get("within_budget")]
         if not screened:
             raise self.nothing_within_budget(SCREEN)
-        screened.sort(key=lambda s: (-(s.get("val_accuracy") or 0.0), s.get("cost") or 0.0))
-        chosen: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        for s in screened:  # the best of each method first ...
-            key = str(s["params"].get("method")) + ("+int8" if s["params"].get("int8") else "")
-            if key not in seen:
-                seen.add(key)
-                chosen.append(s)
-        chosen = chosen[:self.auto.promoted]
-        for s in screened:  # ... then the rest by accuracy
-            if len(chosen) >= self.auto.promoted:
-                break
-            if s not in chosen:
-                chosen.append(s)
+        chosen = choose_promoted(screened, self.auto.promoted)
         space = self.space()
         for s in chosen:
             params = s["params"]
