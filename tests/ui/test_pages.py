@@ -29,6 +29,8 @@ def test_every_page_is_html_with_auth_off(auth_off):
         assert 'data-auth="off"' in html
     body = auth_off.post("/ui/signin", json={}).json()
     assert body == {"auth": "off"}
+    root = auth_off.get("/", follow_redirects=False)  # the service's address opens the dashboard
+    assert root.status_code == 307 and root.headers["location"] == "/ui"
 
 
 def test_pages_need_sign_in_and_the_cookie_works_for_reads_only(auth_on):
