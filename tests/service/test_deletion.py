@@ -4,7 +4,6 @@ as a queued job naming a deleted row."""
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 import uuid
@@ -153,19 +152,6 @@ def test_a_rolled_back_delete_leaves_the_objects(settings, store, rows):
 
 
 # ---- an S3 bucket ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
 
 def test_deletes_remove_their_objects_from_an_s3_bucket(s3_endpoint, tmp_path, monkeypatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

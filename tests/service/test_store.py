@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import uuid
 
 import boto3
@@ -43,19 +42,6 @@ def test_local_store(tmp_path):
 def test_local_store_refuses_keys_outside_root(tmp_path, key):
     with pytest.raises(ValueError):
         LocalStore(tmp_path).exists(key)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def test_s3_store_against_moto_server(s3_endpoint, tmp_path, monkeypatch):
