@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,16 +454,19 @@ def status_events(events: list[dict]) -> list[dict]:
 
 def kill_mid_job(client: httpx.Client, workers: list[Worker], kill: Callable[[Worker], Any],
                  epochs: int, exclude: frozenset[str] | set[str] = frozenset(),
-                 timeout: float = 120) -> tuple[str, Worker, int]:
-    """Wait until one of `workers` runs a job (not in `exclude`) whose first step (a train step
-    of `epochs` epochs) has 2..epochs-2 epochs done — so its checkpoint after epoch 1 is stored
-    and training is not about to end — then `kill(worker)`. Returns (job id, worker, epochs done
-    when killed)."""
+                 timeout: float = 120, among: Collection[str] | None = None
+                 ) -> tuple[str, Worker, int]:
+    """Wait until one of `workers` runs a job (of `among` when given — the test's own, not a
+    job another module left in the queue — and not in `exclude`) whose first step (a train
+    step of `epochs` epochs) has 2..epochs-2 epochs done — so its checkpoint after epoch 1 is
+    stored and training is not about to end — then `kill(worker)`. Returns (job id, worker,
+    epochs done when killed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for worker in workers:
             job_id = worker.running_job()
-            if job_id is None or job_id in exclude:
+            if job_id is None or job_id in exclude or (among is not None
+                                                       and job_id not in among):
                 continue
             done = [e for s, e in epoch_pairs(job_events(client, job_id)) if s == 0]
             if len(done) >= 2 and max(done) <= epochs - 2:

@@ -74,14 +74,16 @@ def test_sigkill_worker_main_and_pool_child(fault_stack: FaultStack, api_key: st
 
         # 1. the Celery main process of worker1 (its pool child dies with it), then a new worker
         first = stack.live_workers()[0]
-        victim1, _, done1 = kill_mid_job(client, [first], stack.kill_worker_main, EPOCHS)
+        victim1, _, done1 = kill_mid_job(client, [first], stack.kill_worker_main, EPOCHS,
+                                         among=ids)
         assert first.proc.poll() is not None and not first.pool_pids()
         stack.start_worker()
         stack.wait_workers_ready()
 
         # 2. a pool child of a live worker: its main process stays up and forks a new child
         victim2, second, done2 = kill_mid_job(client, stack.live_workers(),
-                                              stack.kill_pool_child, EPOCHS, {victim1})
+                                              stack.kill_pool_child, EPOCHS, {victim1},
+                                              among=ids)
 
         docs = wait_all(client, ids, timeout=240)
         assert all(docs.get(j, {}).get("status") == "succeeded" for j in ids), (
