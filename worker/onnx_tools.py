@@ -27,6 +27,7 @@ INPUT = "input"  # core.export names the graph's input and output so
 PROVIDERS = ["CPUExecutionProvider"]
 ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what a deployment runs
 CALIBRATION_BATCH = 64
+STATIC_REDUCE_RANGE = True  # 7-bit weights in int8_static files (see quantize_int8_static)
 
 
 def ort_session(path: str | Path, threads: int, *,
@@ -161,9 +162,9 @@ def quantize_int8_static(src: str | Path, dst: str | Path, samples: np.ndarray
         quantize_static(str(pre), str(part), SampleReader(samples, name),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=kept, reduce_range=True)
+                        nodes_to_exclude=kept, reduce_range=STATIC_REDUCE_RANGE)
         part.replace(dst)
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
             "activation_type": "int8", "weight_type": "int8", "per_channel": True,
-            "reduce_range": True, "calibration": "MinMax", "calibration_samples": len(samples),
-            "float_nodes": kept}
+            "reduce_range": STATIC_REDUCE_RANGE, "calibration": "MinMax",
+            "calibration_samples": len(samples), "float_nodes": kept}
