@@ -46,7 +46,7 @@ from core.applies import conv_kind, register_applies
 from core.budget import BUDGET_KINDS, model_cost
 from core.data import ArrayDataset
 from core.edits import register_edit
-from core.errors import SpecError
+from core.errors import BelowMinimum, SpecError
 from core.metrics import count_macs, param_counts
 from core.pcn import PCNConv2d, PCNLinear
 from core.pcn_graph import (
@@ -327,10 +327,9 @@ def select_keeps(model: nn.Module, groups: Mapping[str, UnitGroup],
 
     if (smallest := size_of(keeps_at(len(order)))) > budget:
         if kind not in RATIO_TARGETS:
-            raise SpecError(f"channel_prune: a {kind} budget of {ratio} is out of reach: "
-                            f"keeping {step} unit(s) per pruned group leaves {smallest} "
-                            f"(the model has {before}); raise the budget to at least "
-                            f"{smallest}, or prune more groups (layers)")
+            raise BelowMinimum("channel_prune", kind, ratio, smallest,
+                               f"{step} unit(s) kept per pruned group; the model has {before}",
+                               "prune more groups (layers)")
         raise SpecError(f"channel_prune: {kind} {ratio} is out of reach: keeping {step} unit(s) "
                         f"per pruned group gives {smallest / before:.4f}; prune more groups "
                         "(layers) or raise the target")

@@ -26,7 +26,7 @@ from core.budget import model_cost
 from core.configs import DCTpSConfig
 from core.dctps import dctps_apply, dctps_transform
 from core.dctps_layer import dctps_layer
-from core.errors import SpecError
+from core.errors import BelowMinimum, SpecError
 from core.prune import trained_nonzero
 from core.surgery import get_layer, plain_layers, set_layer
 
@@ -71,10 +71,9 @@ def dctps_density(model: nn.Module, kind: str, budget: int, layers: list[str] | 
     weights = sum(math.prod(layer.weight.shape) for layer in originals.values())
     entries = budget - base
     if entries < 1:
-        raise SpecError(f"dctps: a {kind} budget of {budget} is out of reach: with no entry in "
-                        f"S the model still has {base} (biases, alphas and the layers left "
-                        f"dense); the smallest reachable is {base + 1}: raise the budget, or "
-                        "transform more layers")
+        raise BelowMinimum("dctps", kind, budget, base + 1, "one entry in S; the biases, "
+                           "alphas and the layers left dense hold the rest",
+                           "transform more layers")
     return min(1.0, entries / weights)
 
 

@@ -59,7 +59,7 @@ from torch import nn
 from core.budget import BUDGET_KINDS, model_cost
 from core.budget import fit_to_budget as _fit_to_budget
 from core.configs import LowRankConfig
-from core.errors import SpecError
+from core.errors import BelowMinimum, SpecError
 from core.lowrank_layer import (
     ALDS_GROUPS,
     BLOCKINGS,
@@ -213,10 +213,8 @@ def fit_ranks(model: nn.Module, layers: list[str], blocking: str,
     measured, evaluations = [0], [0]
     smallest = measure({n: [1] * len(shapes[n]) for n in layers})
     if smallest > budget:
-        raise SpecError(f"lowrank: a {kind} budget of {budget:.0f} is out of reach: with every "
-                        f"block of the factored layers at rank 1 the model still has "
-                        f"{smallest} ({', '.join(layers)} factored); raise the budget to at "
-                        f"least {smallest}, or factor more layers")
+        raise BelowMinimum("lowrank", kind, budget, smallest,
+                           f"every block of {', '.join(layers)} at rank 1", "factor more layers")
     fit = _fit_to_budget(build, lambda _ranks: measured[0], budget, 1e-12, 1.0,
                          what=f"the model's {kind} after lowrank", tol=0.01)
     ranks = {n: list(r) for n, r in fit.built.items()}

@@ -33,12 +33,13 @@ import torch
 from torch import nn
 
 from core.budget import BUDGET_KINDS, Fit, fit_to_budget, model_cost
-from core.errors import SpecError
+from core.errors import BelowMinimum, SpecError
 from core.pca import LayerStats
 from core.pcn_graph import shared_input_sets
 from core.pcn_output import apply_pcn, chosen_layers, plan_pcn
+from core.surgery import get_layer, layer_weight
 
-__all__ = ["NEGLIGIBLE", "pcn_transform_to_budget"]
+__all__ = ["NEGLIGIBLE", "SHAPE_KINDS", "pcn_minimum", "pcn_transform_to_budget", "refuse_below"]
 
 NEGLIGIBLE = 1e-10  # an eigenvalue <= this fraction of the layer's largest explains nothing
 
@@ -105,6 +106,50 @@ def _check_args(kind: str, budget: Any, input_shape: Sequence[int] | None) -> No
         raise SpecError("a macs budget needs the model's input shape (input_shape)")
 
 
+SHAPE_KINDS = tuple(k for k in BUDGET_KINDS if k != "nonzero_params")
+
+
+def _placeholder_stats(model: nn.Module, chosen: list[str]) -> dict[str, LayerStats]:
+    """One direction per layer input: what a cost at one component per layer needs (a PCN
+    layer's shapes, hence its cost, do not depend on which direction it keeps)."""
+    found = {}
+    for name in chosen:
+        layer = get_layer(model, name)
+        dim = int(layer_weight(model, name).shape[1])
+        found[name] = LayerStats(mu=torch.zeros(dim), eigvals=torch.ones(1),
+                                 eigvecs=torch.full((dim, 1), dim ** -0.5), count=1,
+                                 kind="linear" if isinstance(layer, nn.Linear) else "conv",
+                                 total_variance=1.0)
+    return found
+
+
+def pcn_minimum(model: nn.Module, kind: str, layers: list[str] | str = "auto", *,
+                input_shape: Sequence[int] | None = None) -> int:
+    """The measured `kind` cost of the model with one principal component per chosen layer and
+    no output pruning: the smallest `pcn_transform_to_budget` can build without output
+    pruning (its `minimum`), found without statistics, so a budget below it is refused before
+    the PCA pass (output pruning can go lower, by how much depends on the statistics).
+    `nonzero_params` is not a shape: an input channel that is always zero leaves zeros in the
+    real projection, so it is a SpecError here (`SHAPE_KINDS` are the kinds it gives)."""
+    if kind not in SHAPE_KINDS:
+        raise SpecError(f"pcn's smallest {kind} depends on the statistics; one of "
+                        f"{', '.join(SHAPE_KINDS)}")
+    _check_args(kind, 1, input_shape)
+    chosen = chosen_layers(model, layers)
+    stats = _placeholder_stats(model, chosen)
+    plan = plan_pcn(model, stats, {"per_layer": {n: {"dims": 1} for n in chosen}}, chosen)
+    return model_cost(apply_pcn(model, plan, stats)[0], kind, input_shape)
+
+
+def refuse_below(kind: str, budget: int, minimum: int, chosen: list[str], output: bool) -> None:
+    """BelowMinimum when `budget` is below `minimum`, the cost at one component per layer."""
+    if minimum > budget:
+        raise BelowMinimum(
+            "pcn", kind, budget, minimum, f"one principal component per layer of "
+            f"{', '.join(chosen)}{' with output pruning' if output else ''}",
+            "transform more layers" + ("" if output else ", or turn on output_based"))
+
+
 def pcn_transform_to_budget(model: nn.Module, stats: dict[str, LayerStats], kind: str,
                             budget: int, layers: list[str] | str = "auto", *,
                             output: dict[str, dict[str, Any]] | str | None = None,
@@ -155,11 +200,7 @@ def pcn_transform_to_budget(model: nn.Module, stats: dict[str, LayerStats], kind
 
     ones = [1] * len(units)
     lowest = cost(ones)
-    if lowest > budget:
-        raise SpecError(
-            f"{kind} {budget} is below the minimum achievable {lowest} (one principal component "
-            f"per layer of {', '.join(chosen)}{' with output pruning' if output else ''}); "
-            f"raise the budget, transform more layers, or turn on output_based")
+    refuse_below(kind, budget, lowest, chosen, output is not None)
     # marginal cost of one more dim per unit, measured on the input transform alone
     base = cost(ones, with_output=False)
     marginal: list[int] = []

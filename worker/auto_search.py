@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from sqlalchemy import create_engine, make_url, select, text, update
 from sqlalchemy.orm import Session
 
+from core.errors import BelowMinimum
 from service import states
 from service.artifacts import add_artifact, artifact_key, put_files
 from service.curves import fold as fold_curves
@@ -55,14 +56,19 @@ from service.store import store_from_settings
 from service.submission import spec_document
 from service.tmpfiles import temp_dir
 from worker.auto_space import (
+    Floors,
     Space,
     cut_steps,
     defaults,
     describe,
+    floor_key,
+    in_budget_units,
     measure_step,
     method_choices,
+    steps_for,
     suggest,
     train_step,
+    unreachable,
 )
 
 log = logging.getLogger(__name__)
@@ -380,6 +386,8 @@ class Coordinator:
         child.search = search
         if child.kind == BASELINE:
             return
+        if not ok:
+            self.learn_floor(search, child.error_message)
         if child.kind == SCREEN and search.get("optuna") is not None:
             number = int(search["optuna"])
             try:
@@ -411,6 +419,28 @@ class Coordinator:
             "machine": {k: machine.get(k) for k in ("hostname", "cpu", "threads", "device")
                         if k in machine} or None,
             "error": search.get("error")})
+
+    def floors(self) -> Floors:
+        return Floors(self.state.get("floors"))
+
+    def learn_floor(self, search: dict[str, Any], message: str | None) -> None:
+        """A step that refused its target as below its method's smallest model: that floor,
+        for the candidates drawn after it (`worker.auto_space.Floors`)."""
+        refused = BelowMinimum.parse(message)
+        targets = search.get("targets") or []
+        if refused is None or not targets:
+            return
+        kind, goal, minimum = refused
+        position = next((i for i, t in enumerate(targets)
+                         if t.get("kind") == kind and int(t["goal"]) == goal), None)
+        if position is None:
+            return
+        families = [t["method"] for t in targets]
+        start = float(((self.state.get("space") or {}).get("start") or {}).get(kind) or 0.0)
+        before = start if position == 0 else float(targets[position - 1]["goal"])
+        floors = self.floors()
+        floors.add(floor_key(families, search.get("params") or {}, position), before, minimum)
+        self.state["floors"] = floors.to_dict()
 
     # -- phases --
     def add_baseline(self) -> None:
@@ -459,7 +489,13 @@ class Coordinator:
         space = Space(kind=self.kind, value=self.budget, start=start, choices=tuple(choices),
                       int8=allow_int8 and self.kind in ("latency_ms", "bytes"),
                       latency_batch=self.auto.budget.latency_batch)
+        floors = Floors()
+        for family, by_kind in (measured.get("floors") or {}).items():
+            if by_kind.get(space.proxy) is not None:  # e.g. pcn without output pruning
+                floors.add(floor_key([family], {}, 0), float(start[space.proxy]),
+                           float(by_kind[space.proxy]))
         self.state.update(space=space.to_dict(), left_out=left_out, phase=SCREEN,
+                          floors=floors.to_dict(), skipped=[],
                           start={"costs": start, "val_accuracy": start_val,
                                  "accuracy": (result.get("before") or {}).get("accuracy"),
                                  "machine": measured.get("machine"),
@@ -486,7 +522,9 @@ class Coordinator:
         screens = self.of(SCREEN)
         running = [c for c in screens if not c.terminal]
         while self.state["asked"] < self.auto.trials and len(running) < self.in_flight():
-            child = self.ask(space)
+            child, skipped = self.ask(space)
+            if skipped and len(self.state.get("skipped", [])) <= self.skip_limit():
+                continue  # told without running: the draw does not use up a trial
             self.state["asked"] += 1
             if child is not None:
                 running.append(child)
@@ -497,8 +535,12 @@ class Coordinator:
             return
         self.progress(self.at(SCREEN, trials_done(self.of(SCREEN)) / self.auto.trials),
                       f"screening: {len(done)}/{self.auto.trials} candidates scored without "
-                      f"retraining, {self.busy(running)}" + self.eta(done, self.auto.trials
-                                                                     - len(done)))
+                      f"retraining, {self.busy(running)}" + self.skipped_note()
+                      + self.eta(done, self.auto.trials - len(done)))
+
+    def skipped_note(self) -> str:
+        n = len(self.state.get("skipped") or [])
+        return f"; {n} draw(s) below a method's floor told without running" if n else ""
 
     @staticmethod
     def busy(active: list[Job]) -> str:
@@ -516,14 +558,26 @@ class Coordinator:
         return f"; this phase ~{seconds / 60:.1f} min left" if seconds >= 60 else \
             f"; this phase ~{seconds:.0f} s left"
 
-    def ask(self, space: Space) -> Job | None:
+    def skip_limit(self) -> int:
+        """Draws told infeasible without running, at most, before they count as trials (so a
+        space that is all below the floors still ends)."""
+        return 4 * self.auto.trials + 8
+
+    def ask(self, space: Space) -> tuple[Job | None, bool]:
+        """Draw a candidate and start its trial: (the trial, False); (None, True) when a known
+        floor says it cannot be built (told to the study as infeasible at that floor, recorded
+        in `skipped` and an event, not run); (None, False) when its spec is invalid."""
         study = self.study()
         trial = study.ask()
         params = suggest(trial, space)
-        steps, targets = cut_steps(space, params)
+        steps, targets = cut_steps(space, params, self.floors())
         search = {"trial": trial.number, "optuna": trial.number, "phase": SCREEN,
                   "method": describe(params), "params": params, "targets": targets,
                   "budget_kind": self.kind}
+        blocked = unreachable(targets)
+        if blocked is not None:
+            self.skip(study, trial, search, blocked)
+            return None, True
         try:
             spec = self.trial_spec(steps + [measure_step(space, bool(params.get("int8")))])
         except ValidationError as exc:
@@ -534,8 +588,28 @@ class Coordinator:
                                       "params": params, "error": {
                                           "code": "SpecError",
                                           "message": str(exc).splitlines()[0][:300]}})
-            return None
-        return add_trial(self.session, self.job, SCREEN, spec, search, self.settings)
+            return None, False
+        return add_trial(self.session, self.job, SCREEN, spec, search, self.settings), False
+
+    def skip(self, study: optuna.Study, trial: optuna.trial.Trial, search: dict[str, Any],
+             blocked: dict[str, Any]) -> None:
+        """Tell a candidate below a known floor as infeasible: zero accuracy at the cost of the
+        smallest model its method can build there (over the budget: the sampler learns where
+        the method's reach ends)."""
+        floor = float(blocked["floor"])
+        reason = (f"{blocked['method']} cannot build a model below {floor:,.0f} "
+                  f"{blocked['kind']} here (learned from an earlier refusal or measured on the "
+                  f"starting model); its target was {int(blocked['goal']):,}")
+        cost = in_budget_units(self.space(), floor, bool(search["params"].get("int8")))
+        trial.set_constraint("over_budget", cost - self.budget)
+        study.tell(trial.number, [0.0, cost])
+        self.state.setdefault("told", []).append(trial.number)
+        self.state.setdefault("skipped", []).append(
+            {"trial": trial.number, "method": search["method"], "params": search["params"],
+             "targets": search["targets"], "reason": reason})
+        self.event("auto_trial", {"trial": trial.number, "phase": SCREEN, "status": "skipped",
+                                  "method": search["method"], "params": search["params"],
+                                  "targets": search["targets"], "reason": reason})
 
     def promote(self) -> None:
         screened = [info(c) for c in self.of(SCREEN) if info(c).get("within_budget")]
@@ -545,7 +619,8 @@ class Coordinator:
         space = self.space()
         for s in chosen:
             params = s["params"]
-            steps, targets = cut_steps(space, params)
+            targets = s.get("targets") or cut_steps(space, params, self.floors())[1]
+            steps = steps_for(space.proxy, targets, params)
             if self.auto.finetune_epochs:
                 steps.append(train_step(self.auto.finetune_epochs, self.auto.model_dump()))
             steps.append(measure_step(space, bool(params.get("int8"))))
@@ -614,11 +689,24 @@ class Coordinator:
         trials = [info(c) for c in self.of(phase) if info(c).get("cost") is not None]
         errors = [info(c).get("error", {}).get("message") for c in self.of(phase)
                   if info(c).get("error")]
+        floors = self.first_floors()
         if not trials:
             detail = f"; first error: {errors[0]}" if errors else ""
+            skipped = len(self.state.get("skipped") or [])
+            relax = None
+            if floors:
+                lowest = min(floors.values())
+                detail += (f"; {skipped} more draw(s) were below their method's smallest model"
+                           f" and not run. The smallest models the methods can build: "
+                           + ", ".join(f"{k} {v:,.0f} {self.space().proxy}"
+                                       for k, v in sorted(floors.items(), key=lambda i: i[1])))
+                relax = (f"raise the budget so that at least {lowest:,.0f} "
+                         f"{self.space().proxy} fits, or allow more methods")
+                detail += f". To get a model: {relax}"
             return SearchFailed("NoTrialSucceeded",
                                 f"none of the {len(self.of(phase))} {phase} trials produced a "
-                                f"model{detail}", self.summary(None, "no trial succeeded"))
+                                f"model{detail}", self.summary(None, "no trial succeeded",
+                                                                relax=relax))
         closest = sorted(trials, key=lambda s: s["cost"])[:3]
         relax = (f"raise the budget to at least {closest[0]['cost']:g} {self.kind} (the cheapest "
                  "candidate), or try other methods")
@@ -627,6 +715,12 @@ class Coordinator:
                                f"{(s.get('val_accuracy') or 0) * 100:.1f} %)" for s in closest)
                    + f". To get a model: {relax}")
         return SearchFailed("BudgetNotMet", message, self.summary(None, message, relax=relax))
+
+    def first_floors(self) -> dict[str, float]:
+        """{method (with its floor knobs): the smallest model it can build from the starting
+        model} for the methods whose floor the search knows (`Floors`)."""
+        return {key: max(f for _, f in seen) for key, seen in
+                (self.state.get("floors") or {}).items() if ">" not in key and seen}
 
     def summary(self, winner: dict[str, Any] | None, reason: str, *,
                 relax: str | None = None, verdict: dict[str, Any] | None = None
@@ -649,6 +743,8 @@ class Coordinator:
             "left_out": self.state.get("left_out"),
             "pareto": [{"trial": s["trial"], "method": s["method"], "cost": s["cost"],
                         "val_accuracy": s["val_accuracy"]} for s in front],
+            "skipped": self.state.get("skipped") or [],
+            "floors": self.state.get("floors") or {},
             "compute_s": compute,
             "wall_s": (utcnow() - self.job.started_at).total_seconds()
             if self.job.started_at else None}

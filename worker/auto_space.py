@@ -14,6 +14,18 @@ its goal by the method's own budget fit), so a candidate costs about `fraction` 
   latency or file, and only a measured value within the budget counts.
 * in a chain the first method cuts to the geometric point `start^(1-split) * goal^split`, the
   second to the goal.
+
+Floors: a method cannot build a model below its smallest one (pcn at one principal component per
+layer, lowrank at rank 1, ...). The search knows some floors before it starts (pcn without
+output pruning: `core.pcn_budget.pcn_minimum`, in the baseline's measure report) and learns the
+rest from the trials that method refuses (`core.errors.BelowMinimum`'s message). `Floors`
+holds them per step key (`floor_key`: the method, the knobs that change its smallest model, and
+the methods before it), each with the cost of the model the step started from: a floor seen
+from a model of cost c bounds every step of that key starting from a model of cost >= c (a
+smaller model can only have a smaller floor; from the starting model, whose cost is fixed, the
+floor is exact). `plan` raises a chain's first target to its known floor (the second method
+cuts the rest) and says when a candidate cannot be built at all, so it is told to the sampler
+as infeasible without running.
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ APPLIES_KEY = {"pcn": "pcn", "lowrank": "lowrank", "channel_prune": "channel_pru
 PROXY = {"latency_ms": "macs", "bytes": "total_params"}
 INT8_BYTES = 0.3  # int8 weights: about this share of the fp32 bytes per parameter
 
-KNOBS: dict[str, dict[str, optuna.distributions.BaseDistribution]] = {
+KNOBS: dict[str, dict[str, optuna.distributions.BaseDistribution]] = {  # default first
     "pcn": {"pcn_output_based": optuna.distributions.CategoricalDistribution([False, True])},
     "lowrank": {"lowrank_score": optuna.distributions.CategoricalDistribution(
                     ["output_perturbation", "output_variance", "relative_error", "magnitude"]),
@@ -53,6 +65,13 @@ KNOBS: dict[str, dict[str, optuna.distributions.BaseDistribution]] = {
     "dctps": {"dctps_allocation": optuna.distributions.CategoricalDistribution(
         ["epl", "erk", "uniform"])},
 }
+DEFAULT_KNOBS: dict[str, Any] = {
+    name: dist.choices[0] for knobs in KNOBS.values() for name, dist in knobs.items()
+    if isinstance(dist, optuna.distributions.CategoricalDistribution)}
+# the knobs that change a method's smallest model (its floor)
+FLOOR_KNOBS = {"pcn": ("pcn_output_based",), "lowrank": ("lowrank_blocking",),
+               "dctps": ("dctps_allocation",)}
+FLOOR_MARGIN = 1.01  # a chain's first target raised to its floor aims this much above it
 
 
 @dataclass(frozen=True)
@@ -143,27 +162,72 @@ def goal(space: Space, fraction: float, int8: bool) -> float:
     return fraction * space.value
 
 
+def in_budget_units(space: Space, value: float, int8: bool) -> float:
+    """A proxy-kind cost in the budget's own units, as `goal` relates them (the inverse of
+    `goal` at fraction 1)."""
+    return value * space.value / goal(space, 1.0, int8)
+
+
 def method_step(family: str, kind: str, target: int, params: dict[str, Any]) -> dict[str, Any]:
     """One method's step aiming at `target` of `kind`, with the candidate's knobs."""
     if family == "pcn":
         return {"op": "pcn", "select": {"target": {kind: target}},
-                "output_based": bool(params.get("pcn_output_based", False))}
+                "output_based": bool(knob(params, "pcn_output_based"))}
     if family == "lowrank":
         return {"op": "lowrank", "target": {kind: target},
-                "score": params.get("lowrank_score", "output_perturbation"),
-                "blocking": params.get("lowrank_blocking", "none")}
+                "score": knob(params, "lowrank_score"),
+                "blocking": knob(params, "lowrank_blocking")}
     if family == "channel_prune":
         return {"op": "channel_prune", "target": {kind: target},
-                "criterion": params.get("channel_prune_criterion", "l1")}
+                "criterion": knob(params, "channel_prune_criterion")}
     if family == "dctps":
         return {"op": "dctps", "target": {kind: target},
-                "allocation": params.get("dctps_allocation", "epl")}
+                "allocation": knob(params, "dctps_allocation")}
     return {"op": family, "target": {"nonzero_params": target}}
 
 
-def cut_steps(space: Space, params: dict[str, Any]) -> tuple[list[dict[str, Any]],
-                                                            list[dict[str, Any]]]:
-    """(the method steps of a candidate, their targets `{method, kind, goal}`)."""
+def knob(params: dict[str, Any], name: str) -> Any:
+    return params.get(name, DEFAULT_KNOBS[name])
+
+
+def floor_key(families: list[str], params: dict[str, Any], position: int) -> str:
+    """The floor key of step `position` of a candidate: `channel_prune>pcn(pcn_output_based=
+    True)` — the method, the knobs that change its smallest model, the methods before it."""
+    parts = []
+    for family in families[:position + 1]:
+        knobs = ",".join(f"{k}={knob(params, k)}" for k in FLOOR_KNOBS.get(family, ()))
+        parts.append(family + (f"({knobs})" if knobs else ""))
+    return ">".join(parts)
+
+
+class Floors:
+    """Known floors: {floor_key: [[cost of the model the step started from, floor], ...]} (the
+    JSON the coordinator keeps in the search state)."""
+
+    def __init__(self, data: dict[str, list[list[float]]] | None = None) -> None:
+        self.data = {k: [list(map(float, p)) for p in v] for k, v in (data or {}).items()}
+
+    def add(self, key: str, start: float, floor: float) -> None:
+        seen = self.data.setdefault(key, [])
+        if [start, floor] not in seen:
+            seen.append([float(start), float(floor)])
+
+    def at_least(self, key: str, start: float) -> float:
+        """The largest known floor of `key` for a step starting from a model of cost `start`
+        (0 when none is known)."""
+        return max((f for s, f in self.data.get(key, []) if s <= start * (1 + 1e-9)),
+                   default=0.0)
+
+    def to_dict(self) -> dict[str, list[list[float]]]:
+        return self.data
+
+
+def cut_steps(space: Space, params: dict[str, Any], floors: Floors | None = None
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the method steps of a candidate, their targets `{method, kind, goal, start, floor}`).
+    With `floors`, a chain's first target below its known floor is raised to just above it
+    (`raised_from` keeps the drawn one); a target still below its floor has `floor` > `goal`:
+    `unreachable` tells."""
     families = str(params["method"]).split("+")
     int8 = bool(params.get("int8", False))
     final = goal(space, float(params.get("fraction", 1.0)), int8)
@@ -174,12 +238,35 @@ def cut_steps(space: Space, params: dict[str, Any]) -> tuple[list[dict[str, Any]
     if len(families) == 2:
         split = float(params.get("split", 0.5))
         goals = [start ** (1 - split) * final ** split, final]
-    steps, targets = [], []
-    for family, value in zip(families, goals, strict=True):
+    floors = floors or Floors()
+    targets: list[dict[str, Any]] = []
+    before = start
+    for position, (family, value) in enumerate(zip(families, goals, strict=True)):
         target = max(1, int(value))
-        steps.append(method_step(family, kind, target, params))
-        targets.append({"method": family, "kind": kind, "goal": target})
+        floor = floors.at_least(floor_key(families, params, position), before)
+        entry: dict[str, Any] = {"method": family, "kind": kind, "goal": target}
+        if position < len(families) - 1 and floor > target:
+            raised = int(floor * FLOOR_MARGIN) + 1
+            if raised < before * 0.999:
+                entry |= {"goal": raised, "raised_from": target}
+        if floor:
+            entry["floor"] = int(floor)
+        targets.append(entry)
+        before = entry["goal"]
+    steps = steps_for(kind, targets, params)
     return steps, targets
+
+
+def steps_for(kind: str, targets: list[dict[str, Any]], params: dict[str, Any]
+              ) -> list[dict[str, Any]]:
+    """The method steps that cut to `targets` (as `cut_steps` planned them)."""
+    return [method_step(t["method"], t.get("kind", kind), int(t["goal"]), params)
+            for t in targets]
+
+
+def unreachable(targets: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first target below its method's known floor (that step would refuse), or None."""
+    return next((t for t in targets if t.get("floor", 0) > t["goal"]), None)
 
 
 def measure_step(space: Space, int8: bool, report: bool = False) -> dict[str, Any]:
@@ -205,16 +292,24 @@ def defaults(space: Space) -> list[dict[str, Any]]:
     method that applies is scored at least once whatever the sampler draws)."""
     fraction = 0.97 if space.exact else 0.8
     found = []
-    for choice in space.choices:
-        params: dict[str, Any] = {"method": choice, "fraction": fraction, "split": 0.5}
+
+    def candidate(choice: str, **extra: Any) -> dict[str, Any]:
+        params: dict[str, Any] = {"method": choice, "fraction": fraction}
+        families = choice.split("+")
+        if len(families) == 2:
+            params["split"] = 0.5
+        # every knob at its default: a knob left out would be drawn at random
+        params.update({name: DEFAULT_KNOBS[name] for f in families for name in KNOBS.get(f, {})})
         if space.int8:
             params["int8"] = False
-        found.append(params)
+        return params | extra
+
+    for choice in space.choices:
+        found.append(candidate(choice))
     if space.int8:  # and the first single method quantized
         singles = [c for c in space.choices if "+" not in c]
         if singles:
-            found.append({"method": singles[0], "fraction": fraction, "split": 0.5,
-                          "int8": True})
+            found.append(candidate(singles[0], int8=True))
     return found
 
 

@@ -14,7 +14,9 @@
 * `machine`: `worker.step_export.machine(threads)`, where latency is measured.
 * `applies` (with `report`): from `core.prunability.prunability_report` — per layer method
   (pcn, lowrank, snip: every pruning op, dctps) the layers it can change, per unit method
-  (pcn_output, channel_prune) the unit groups it can prune.
+  (pcn_output, channel_prune) the unit groups it can prune; `floors` (with `report`): per
+  method whose smallest model follows from shapes alone (pcn without output pruning), that
+  model's cost of every budget kind it follows for (not `nonzero_params`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from typing import Any
 
 from core import export as exporter
 from core.budget import costs
+from core.errors import SpecError
+from core.pcn_budget import SHAPE_KINDS, pcn_minimum
 from core.prunability import prunability_report
 from core.train import evaluate
 from service.methods.export import ExportStep
@@ -62,6 +66,7 @@ def run_measure(ctx: StepContext, step: MeasureStep) -> dict[str, Any]:
         ctx.reporter.progress(0.9, "measure: what each method can change")
         result["applies"] = applies(prunability_report(ctx.model, ctx.input_shape))
         result["applies_counts"] = dict(APPLIES_COUNTS)
+        result["floors"] = floors(ctx, result["applies"])
     return result
 
 
@@ -75,6 +80,21 @@ def applies(report: dict[str, Any]) -> dict[str, int]:
         counts[op] = len(rows) if what == "layers" else \
             len({r["group"] for r in rows if r["group"] is not None})
     return counts
+
+
+def floors(ctx: StepContext, applies_to: dict[str, int]) -> dict[str, dict[str, int]]:
+    """{method: {kind: the smallest cost it can build}} for the methods whose floor follows
+    from the model's shapes: pcn without output pruning (`core.pcn_budget.pcn_minimum`, its
+    automatic layer choice). The auto search plans with these."""
+    if not applies_to.get("pcn"):
+        return {}
+    found = {}
+    for kind in SHAPE_KINDS:
+        try:
+            found[kind] = pcn_minimum(ctx.model, kind, input_shape=ctx.input_shape)
+        except SpecError:  # no layer the automatic choice takes, or no input shape for macs
+            continue
+    return {"pcn": found} if found else {}
 
 
 def _measure_file(ctx: StepContext, step: MeasureStep, tmp: Path, threads: int,

@@ -17,6 +17,7 @@ from core.errors import SpecError
 from core.models import get_layer, layer_weight
 from core.pca import LayerStats, collect_input_stats
 from core.pcn import layer_selector
+from core.pcn_budget import SHAPE_KINDS, pcn_minimum, refuse_below
 from core.pcn_graph import shared_input_sets
 from core.pcn_output import apply_pcn, plan_pcn
 from core.pcn_select import pcn_transform_to_budget, pcn_transform_to_target
@@ -128,13 +129,19 @@ def transform(ctx: StepContext, step: PCNStep, step_index: int) -> dict[str, Any
     start = time.perf_counter()
     timings: dict[str, float] = {}
     config = config_from_spec(PCNConfig, step)
+    target = config.target
+    (kind, goal), = (target or {"": 0}).items()
+    if kind in SHAPE_KINDS and not config.output_based:
+        # the smallest model it can build, from shapes alone: a budget below it is refused
+        # now rather than after the statistics pass
+        refuse_below(kind, goal, pcn_minimum(ctx.model, kind, layers,
+                                             input_shape=ctx.input_shape), layers, False)
     stats = _collect_stats(ctx, config, layers, timings)
     stats_wall_s = time.perf_counter() - start
     ctx.check_cancel()
     ctx.reporter.progress(0.5, "pcn: transforming layers")
     output = "auto" if config.output_based else None
     start = time.perf_counter()
-    target = config.target
     if target is not None and "max_accuracy_drop" not in target:
         (kind, goal), = target.items()
         new_model, report = pcn_transform_to_budget(

@@ -211,7 +211,7 @@ def test_dctps_density_lands_on_the_budget(model, kind, alpha):
 
 def test_dctps_target_rules(model):
     layers = plan_layers(model)
-    with pytest.raises(SpecError, match=r"smallest reachable is \d+"):
+    with pytest.raises(SpecError, match=r"smallest it can build has \d+"):
         dctps_apply_target(copy.deepcopy(model), DCTpSConfig(target={"trainable_params": 50},
                                                              layers=layers[:1]))
     with pytest.raises(SpecError, match="not both"):

@@ -4,9 +4,10 @@ import torch
 
 from core.budget import BUDGET_KINDS, costs, model_cost
 from core.data import ArrayDataset
-from core.errors import SpecError
+from core.errors import BelowMinimum, SpecError
 from core.models import build
 from core.pca import LayerStats, collect_input_stats
+from core.pcn_budget import SHAPE_KINDS, pcn_minimum
 from core.pcn_graph import shared_input_sets
 from core.pcn_select import pcn_transform_to_budget, pcn_transform_to_target
 
@@ -153,9 +154,12 @@ def test_shared_input_layers_get_the_same_dims():
 def test_unreachable_and_malformed_budgets(lenet):
     model, stats = lenet
     # one component per layer: 785*300... -> fc1 300 + fc2 100 + fc3 10 weights + biases
-    with pytest.raises(SpecError, match=r"trainable_params 100 is below the minimum "
-                                        r"achievable 820 .*raise the budget"):
+    with pytest.raises(BelowMinimum, match=r"trainable_params budget of 100 is out of reach: "
+                                           r"the smallest it can build has 820 .*raise the "
+                                           r"budget to at least 820") as refused:
         pcn_transform_to_budget(model, stats, "trainable_params", 100, LENET_LAYERS)
+    assert BelowMinimum.parse(str(refused.value)) == ("trainable_params", 100, 820)
+    assert refused.value.minimum == 820 and refused.value.method == "pcn"
     with pytest.raises(SpecError, match="input shape"):
         pcn_transform_to_budget(model, stats, "macs", 30000, LENET_LAYERS)
     for kind, budget in (("params", 100), ("trainable_params", 0),
@@ -166,3 +170,31 @@ def test_unreachable_and_malformed_budgets(lenet):
     with pytest.raises(SpecError, match="no PCA stats"):
         pcn_transform_to_budget(model, {"fc1": stats["fc1"]}, "trainable_params", 30000,
                                 LENET_LAYERS)
+
+
+@pytest.mark.parametrize("kind", SHAPE_KINDS)
+def test_minimum_from_shapes_is_the_minimum_the_statistics_give(lenet, conv, kind):
+    """`pcn_minimum` builds no statistics, yet names the exact floor the budget fit refuses
+    below (LeNet-300-100, a conv net, and a ResNet whose blocks share inputs)."""
+    torch.manual_seed(0)
+    resnet = build({"name": "resnet", "depth": 20, "width": 0.25, "input_shape": [1, 8, 8]})
+    g = torch.Generator().manual_seed(2)
+    calib = ArrayDataset(torch.rand(48, 1, 8, 8, generator=g), torch.zeros(48, dtype=torch.int64))
+    pairs = [t for t in shared_input_sets(resnet.eval()) if len(t) == 2]
+    resnet_layers = [n for t in pairs for n in t]
+    cases = [(lenet[0], lenet[1], LENET_LAYERS, LENET_SHAPE), (*conv[:1], conv[2], conv[1],
+             CONV["input_shape"]),
+             (resnet, collect_input_stats(resnet, [t[0] for t in pairs], calib, samples=48),
+              resnet_layers, [1, 8, 8])]
+    for model, stats, layers, shape in cases:
+        floor = pcn_minimum(model, kind, layers, input_shape=shape)
+        _, report = pcn_transform_to_budget(model, stats, kind, floor, layers,
+                                            input_shape=shape)
+        assert report["search"]["minimum"] == floor
+        with pytest.raises(BelowMinimum) as refused:
+            pcn_transform_to_budget(model, stats, kind, floor - 1, layers, input_shape=shape)
+        assert refused.value.minimum == floor
+    with pytest.raises(SpecError, match="input shape"):
+        pcn_minimum(lenet[0], "macs", LENET_LAYERS)
+    with pytest.raises(SpecError, match="depends on the statistics"):
+        pcn_minimum(lenet[0], "nonzero_params", LENET_LAYERS)

@@ -6,11 +6,24 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from core.errors import BelowMinimum
 from service.curves import fold
 from service.methods.auto import pareto
 from service.quotas import total_epochs
 from service.spec import JobSpec
-from worker.auto_space import Space, cut_steps, defaults, goal, method_choices
+from worker.auto_space import (
+    DEFAULT_KNOBS,
+    Floors,
+    Space,
+    cut_steps,
+    defaults,
+    floor_key,
+    goal,
+    in_budget_units,
+    method_choices,
+    steps_for,
+    unreachable,
+)
 
 
 def job(**auto) -> dict:
@@ -116,3 +129,60 @@ def test_latency_and_bytes_budgets_aim_through_macs_and_parameters():
     assert goal(size, 1.0, True) > 3 * goal(size, 1.0, False)  # int8: ~1 byte per weight
     assert any(d.get("int8") for d in defaults(size))
     assert len(defaults(size)) == len(size.choices) + 1
+    assert in_budget_units(latency, 1000, False) == pytest.approx(2.0)
+    assert in_budget_units(size, goal(size, 0.5, True), True) == pytest.approx(2000)
+
+
+def test_default_candidates_fix_every_knob_of_their_methods():
+    """An enqueued candidate that leaves a knob out gets it drawn at random: lowrank's
+    default must be scored with its default score and blocking."""
+    space = Space(kind="macs", value=1000, start={"macs": 10000},
+                  choices=("pcn", "lowrank", "channel_prune+lowrank"), int8=False)
+    found = {d["method"]: d for d in defaults(space)}
+    assert found["lowrank"]["lowrank_score"] == "output_perturbation" == \
+        DEFAULT_KNOBS["lowrank_score"]
+    assert found["lowrank"]["lowrank_blocking"] == "none"
+    assert found["pcn"]["pcn_output_based"] is False and "split" not in found["pcn"]
+    assert found["channel_prune+lowrank"]["channel_prune_criterion"] == "l1"
+    assert found["channel_prune+lowrank"]["split"] == 0.5
+
+
+def test_floors_raise_a_chains_first_target_and_block_what_cannot_be_built():
+    space = Space(kind="macs", value=1000, start={"macs": 10000},
+                  choices=("pcn", "pcn+lowrank", "channel_prune+pcn"), int8=False)
+    floors = Floors()
+    pcn = {"method": "pcn", "fraction": 1.0, "pcn_output_based": False}
+    assert unreachable(cut_steps(space, pcn, floors)[1]) is None  # nothing known yet
+    floors.add(floor_key(["pcn"], pcn, 0), 10000, 4000)  # measured on the starting model
+    blocked = unreachable(cut_steps(space, pcn, floors)[1])
+    assert blocked == {"method": "pcn", "kind": "macs", "goal": 1000, "floor": 4000}
+    # the output-based variant has a floor of its own
+    assert unreachable(cut_steps(space, pcn | {"pcn_output_based": True}, floors)[1]) is None
+    # a chain's first step is raised to just above its floor; the second cuts the rest
+    chain = {"method": "pcn+lowrank", "fraction": 1.0, "split": 0.5,
+             "pcn_output_based": False}
+    steps, targets = cut_steps(space, chain, floors)
+    assert targets[0]["raised_from"] == int(math.sqrt(10000 * 1000.0))
+    assert 4000 < targets[0]["goal"] <= 4000 * 1.01 + 1 and targets[1]["goal"] == 1000
+    assert unreachable(targets) is None
+    assert steps == steps_for("macs", targets, chain)
+    assert steps[0]["select"]["target"] == {"macs": targets[0]["goal"]}
+    # a second step's floor seen after a first step that left a model of cost 3000 bounds
+    # every draw whose first step leaves as much or more, not less
+    later = {"method": "channel_prune+pcn", "fraction": 1.0, "pcn_output_based": False}
+    key = floor_key(["channel_prune", "pcn"], later, 1)
+    assert key == "channel_prune>pcn(pcn_output_based=False)"
+    floors.add(key, 3000, 1500)
+    assert unreachable(cut_steps(space, later | {"split": 0.5}, floors)[1])["floor"] == 1500
+    assert unreachable(cut_steps(space, later | {"split": 0.8}, floors)[1]) is None  # < 3000
+    # the JSON round trip the coordinator keeps
+    assert Floors(floors.to_dict()).at_least(key, 3162) == 1500
+
+
+def test_a_refusal_names_its_floor_in_one_parseable_format():
+    error = BelowMinimum("lowrank", "macs", 900.0, 1234, "every block at rank 1",
+                         "factor more layers")
+    assert BelowMinimum.parse(f"job failed: {error}") == ("macs", 900, 1234)
+    assert "raise the budget to at least 1234" in str(error)
+    assert BelowMinimum.parse("channel_prune: out of reach") is None
+    assert BelowMinimum.parse(None) is None

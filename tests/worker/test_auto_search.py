@@ -151,3 +151,40 @@ def test_cancel_stops_the_trials_and_ticks_are_idempotent(settings, submit, trai
     assert all(c.status in TERMINAL for c in kids)
     assert {c.status for c in kids if c.kind == "screen"} == {"succeeded", "canceled"}
     assert len(kids) == len(at_cancel)  # nothing was started after the cancel
+
+
+def test_draws_below_a_methods_floor_are_told_without_running(settings, submit, trained):
+    """pcn's smallest model (one component per layer) is known from shapes before the search:
+    a budget below it is never handed to a pcn trial without output pruning, every such draw is
+    told to the study as infeasible and listed as skipped; refusals of the other methods teach
+    their floors to the draws after them."""
+    job_id = submit(auto_spec(trained, budget={"total_params": 700}, trials=5,
+                              methods=["pcn", "lowrank"]))
+    assert drive(settings, job_id) in ("succeeded", "failed")
+    job = get_job(settings, job_id)
+    auto = job.result["auto"]
+    key = "pcn(pcn_output_based=False)"
+    assert auto["floors"][key][0][1] > 700  # measured on the starting model, in total_params
+    screens = [c for c in children(settings, job_id) if c.kind == "screen"]
+    ran = [c.search["params"] for c in screens]
+    assert not [p for p in ran if p["method"] == "pcn" and not p["pcn_output_based"]]
+    skipped = auto["skipped"]
+    assert skipped and all("cannot build a model below" in s["reason"] for s in skipped)
+    assert any(s["params"]["method"] == "pcn" and not s["params"]["pcn_output_based"]
+               for s in skipped)
+    # a chain starting with pcn had its first target raised above pcn's floor
+    for child in screens:
+        first = child.search["targets"][0]
+        if child.search["params"]["method"] == "pcn+lowrank" and \
+                not child.search["params"]["pcn_output_based"]:
+            assert first["goal"] > auto["floors"][key][0][1]
+            assert first.get("raised_from", 0) < auto["floors"][key][0][1]
+    # every refusal the trials met was learned (its key is a floor now), at most once from the
+    # starting model per key
+    refused = [c for c in screens if c.status == "failed" and "out of reach" in
+               (c.error_message or "")]
+    assert len(refused) <= len(auto["floors"])
+    with session_scope(settings) as session:
+        kinds = [e.data.get("status") for e in session.scalars(select(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "auto_trial"))]
+    assert kinds.count("skipped") == len(skipped)
