@@ -27,6 +27,7 @@ keeps its own Alembic version table.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -57,7 +58,9 @@ from service.submission import spec_document
 from service.tmpfiles import temp_dir
 from worker.auto_space import (
     Floors,
+    PROXY,
     Space,
+    calibrate,
     cut_steps,
     defaults,
     describe,
@@ -240,7 +243,9 @@ class Coordinator:
         step = self.spec.steps[0]
         assert isinstance(step, AutoStep)
         self.auto: AutoStep = step
-        self.state: dict[str, Any] = dict(job.search or {})
+        # a deep copy: a list appended in place would leave the row's value equal to the new
+        # one at save time, and the ORM writes nothing (the search would forget it)
+        self.state: dict[str, Any] = copy.deepcopy(job.search or {})
         self.children: list[Job] = []
         self._study: optuna.Study | None = None
 
@@ -254,7 +259,11 @@ class Coordinator:
         return self.auto.budget.kind
 
     def space(self) -> Space:
-        return Space.from_dict(self.state["space"])
+        """The search space, with the proxy calibration the trials so far give (`calibrate`)."""
+        space = dict(self.state["space"])
+        if space["kind"] in ("latency_ms", "bytes"):
+            space["calibration"] = calibrate([tuple(p) for p in self.state.get("points", [])])
+        return Space.from_dict(space)
 
     def study(self) -> optuna.Study:
         if self._study is None:
@@ -384,6 +393,10 @@ class Coordinator:
             search["error"] = {"code": child.error_code,
                                "message": (child.error_message or "")[:500]}
         child.search = search
+        proxy = PROXY.get(self.kind)
+        if ok and proxy and costs.get(proxy) and not (search.get("params") or {}).get("int8"):
+            # (proxy, measured) for the calibration of later goals
+            self.state.setdefault("points", []).append([float(costs[proxy]), cost])
         if child.kind == BASELINE:
             return
         if not ok:
@@ -716,6 +729,20 @@ class Coordinator:
                    + f". To get a model: {relax}")
         return SearchFailed("BudgetNotMet", message, self.summary(None, message, relax=relax))
 
+    def calibration_summary(self) -> dict[str, Any] | None:
+        """How goals in the proxy kind were aimed at the measured budget at the end."""
+        if "space" not in self.state or self.kind not in PROXY:
+            return None
+        fit = self.space().calibration
+        points = len(self.state.get("points") or [])
+        proxy = PROXY[self.kind]
+        if fit is None:
+            return {"proxy": proxy, "points": points, "fit": None,
+                    "rule": f"{proxy} scaled by budget / the starting model's {self.kind}"}
+        return {"proxy": proxy, "points": points, "fit": {"a": fit[0], "b": fit[1]},
+                "rule": f"{self.kind} = a + b * {proxy}, least squares over the starting model "
+                        "and the float trials measured"}
+
     def first_floors(self) -> dict[str, float]:
         """{method (with its floor knobs): the smallest model it can build from the starting
         model} for the methods whose floor the search knows (`Floors`)."""
@@ -744,6 +771,7 @@ class Coordinator:
             "pareto": [{"trial": s["trial"], "method": s["method"], "cost": s["cost"],
                         "val_accuracy": s["val_accuracy"]} for s in front],
             "skipped": self.state.get("skipped") or [],
+            "calibration": self.calibration_summary(),
             "floors": self.state.get("floors") or {},
             "compute_s": compute,
             "wall_s": (utcnow() - self.job.started_at).total_seconds()

@@ -8,10 +8,13 @@ its goal by the method's own budget fit), so a candidate costs about `fraction` 
 
 * budgets the methods count exactly (`total_params`, `nonzero_params`, `trainable_params`,
   `macs`) are their targets as they are;
-* `latency_ms` is aimed at through MACs (the starting model's MACs scaled by budget / its
-  measured latency), `bytes` through total parameters (bytes per parameter measured on the
-  starting model's ONNX; int8 weights take about 0.3 of that); the trial then measures the real
-  latency or file, and only a measured value within the budget counts.
+* `latency_ms` is aimed at through MACs, `bytes` through total parameters: at first the
+  starting model's MACs scaled by budget / its measured latency (bytes per parameter measured
+  on the starting model's ONNX; int8 weights take about 0.3 of that); once trials have
+  measured a few models, through the line `measured = a + b * proxy` fitted to them and the
+  starting model (`calibrate`: a runtime's fixed cost per batch makes latency fall slower than
+  MACs, and a file has headers). The trial measures the real latency or file, and only a
+  measured value within the budget counts.
 * in a chain the first method cuts to the geometric point `start^(1-split) * goal^split`, the
   second to the goal.
 
@@ -85,6 +88,8 @@ class Space:
     choices: tuple[str, ...]  # "pcn", "channel_prune+lowrank", ...
     int8: bool  # int8 on export is a knob (bytes and latency budgets)
     latency_batch: int = 256
+    # measured kinds: (a, b) of `measured = a + b * proxy` fitted to the trials so far
+    calibration: tuple[float, float] | None = None
 
     @property
     def proxy(self) -> str:
@@ -115,13 +120,16 @@ class Space:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "value": self.value, "start": self.start,
                 "choices": list(self.choices), "int8": self.int8,
-                "latency_batch": self.latency_batch}
+                "latency_batch": self.latency_batch,
+                "calibration": list(self.calibration) if self.calibration else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Space:
         return cls(kind=data["kind"], value=float(data["value"]), start=dict(data["start"]),
                    choices=tuple(data["choices"]), int8=bool(data["int8"]),
-                   latency_batch=int(data.get("latency_batch", 256)))
+                   latency_batch=int(data.get("latency_batch", 256)),
+                   calibration=tuple(data["calibration"])  # type: ignore[arg-type]
+                   if data.get("calibration") else None)
 
 
 def method_choices(kind: str, methods: list[str] | str, applies: dict[str, int] | None,
@@ -151,20 +159,49 @@ def method_choices(kind: str, methods: list[str] | str, applies: dict[str, int] 
     return found, left_out
 
 
+def calibrate(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(a, b) of the least-squares line `measured = a + b * proxy` through `points` [(proxy,
+    measured)] (the starting model and the float, not int8, trials measured so far), None
+    while it is not a usable fit (fewer than two distinct proxies, or a slope <= 0)."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    if b <= 0:
+        return None
+    return my - b * mx, b
+
+
 def goal(space: Space, fraction: float, int8: bool) -> float:
     """The proxy-kind cost a candidate aims at."""
+    if space.calibration is not None and space.kind == "latency_ms":
+        a, b = space.calibration
+        # a runtime's fixed cost above the budget: aim at a tenth of the budget's slope share
+        return fraction * max(space.value - a, 0.1 * space.value) / b
     if space.kind == "latency_ms":
         scale = space.value / max(space.start["latency_ms"], 1e-9)
         return fraction * space.start["macs"] * scale
     if space.kind == "bytes":
         per_param = space.start["bytes"] / max(space.start["total_params"], 1.0)
-        return fraction * space.value / (per_param * (INT8_BYTES if int8 else 1.0))
+        value = space.value
+        if space.calibration is not None:  # fitted on float files: the headers are `a`
+            a, per_param = space.calibration
+            value = max(space.value - a, 0.1 * space.value)
+        return fraction * value / (per_param * (INT8_BYTES if int8 else 1.0))
     return fraction * space.value
 
 
 def in_budget_units(space: Space, value: float, int8: bool) -> float:
-    """A proxy-kind cost in the budget's own units, as `goal` relates them (the inverse of
-    `goal` at fraction 1)."""
+    """A proxy-kind cost in the budget's own units, as `goal` relates them."""
+    if space.calibration is not None and space.kind == "latency_ms":
+        a, b = space.calibration
+        return a + b * value
+    if space.calibration is not None and space.kind == "bytes":
+        a, b = space.calibration
+        return a + b * value * (INT8_BYTES if int8 else 1.0)
     return value * space.value / goal(space, 1.0, int8)
 
 

@@ -15,6 +15,7 @@ from worker.auto_space import (
     DEFAULT_KNOBS,
     Floors,
     Space,
+    calibrate,
     cut_steps,
     defaults,
     floor_key,
@@ -186,3 +187,32 @@ def test_a_refusal_names_its_floor_in_one_parseable_format():
     assert "raise the budget to at least 1234" in str(error)
     assert BelowMinimum.parse("channel_prune: out of reach") is None
     assert BelowMinimum.parse(None) is None
+
+
+def test_measured_budgets_aim_through_a_line_fitted_to_the_trials():
+    """Latency falls slower than MACs (a fixed cost per batch): once trials have measured a few
+    models, a candidate aims at the MACs the fitted line gives for the budget."""
+    start = {"latency_ms": 240.0, "macs": 74e6}
+    points = [(74e6, 240.0), (20e6, 90.0), (10e6, 62.0)]  # 34 ms + 2.8 ms per MMAC
+    fit = calibrate(points)
+    assert fit is not None and fit[0] == pytest.approx(34, abs=2)
+    assert fit[1] == pytest.approx(2.8e-6, rel=0.05)
+    plain = Space(kind="latency_ms", value=120.0, start=start, choices=("lowrank",), int8=False)
+    fitted = Space.from_dict(plain.to_dict() | {"calibration": list(fit)})
+    assert fitted.calibration == fit
+    assert goal(plain, 1.0, False) == pytest.approx(37e6)  # half the MACs for half the latency
+    aimed = goal(fitted, 1.0, False)
+    assert fit[0] + fit[1] * aimed == pytest.approx(120.0)
+    assert aimed < goal(plain, 1.0, False)
+    assert in_budget_units(fitted, aimed, False) == pytest.approx(120.0)
+    # a fixed cost above the budget: still a positive goal, the smallest share
+    high = Space.from_dict(plain.to_dict() | {"calibration": [130.0, 1e-6]})
+    assert goal(high, 1.0, False) == pytest.approx(12.0 / 1e-6)
+    # no usable line: one proxy value, or latency growing as MACs fall
+    assert calibrate([(1.0, 2.0), (1.0, 3.0)]) is None
+    assert calibrate([(1.0, 5.0), (2.0, 3.0)]) is None
+    # bytes: headers are the fixed part; int8 weights take about 0.3 of a float's bytes
+    size = Space(kind="bytes", value=40_000, start={"bytes": 400_000, "total_params": 100_000},
+                 choices=("lowrank",), int8=True, calibration=(2_000.0, 4.0))
+    assert goal(size, 1.0, False) == pytest.approx(38_000 / 4.0)
+    assert in_budget_units(size, goal(size, 1.0, True), True) == pytest.approx(40_000)

@@ -18,6 +18,7 @@ from service.submission import cancel_job
 from tests.worker.conftest import PNG_MAGIC, TINY_MLP, get_job, run_ok, spec, stored_model_path
 from worker import runner
 from worker.auto_search import tick
+from worker.auto_space import calibrate
 
 TRAIN = [{"op": "train", "epochs": 4, "batch_size": 32, "lr": 0.003}]
 
@@ -188,3 +189,35 @@ def test_draws_below_a_methods_floor_are_told_without_running(settings, submit, 
         kinds = [e.data.get("status") for e in session.scalars(select(JobEvent).where(
             JobEvent.job_id == job_id, JobEvent.kind == "auto_trial"))]
     assert kinds.count("skipped") == len(skipped)
+
+
+def test_a_latency_budget_is_aimed_at_through_macs_fitted_to_the_measured_trials(
+        settings, submit, trained):
+    """Every float trial's measured (MACs, latency) joins the starting model's in the line the
+    later candidates aim through; the result says which rule aimed them and where latency was
+    measured. (Whether a tiny model's latency falls to 40 % depends on this machine: either
+    outcome is checked.)"""
+    _, measured = run_ok(settings, submit, spec(trained, [{"op": "measure",
+                                                           "latency_batch_size": 16}]))
+    dense_ms = measured["steps"][0]["cost"]["latency_ms"]
+    job_id = submit(auto_spec(trained, budget={"latency_ms": 0.4 * dense_ms, "batch_size": 16},
+                              trials=4, methods=["lowrank", "channel_prune"]))
+    job = get_job(settings, job_id) if drive(settings, job_id) else None
+    assert job.status == "succeeded" or job.error_code == "BudgetNotMet", job.error_message
+    auto = job.result["auto"]
+    with session_scope(settings) as session:
+        events = [e.data for e in session.scalars(select(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "auto_trial"))]
+    measured = [e for e in events if e["status"] == "succeeded"]
+    assert measured and all(e["costs"]["latency_ms"] > 0 and e["machine"] for e in measured)
+    baseline = next(c for c in children(settings, job_id) if c.kind == "baseline")
+    start = next(s for s in baseline.result["steps"] if s["op"] == "measure")["cost"]
+    points = [(start["macs"], start["latency_ms"])] + [
+        (e["costs"]["macs"], e["costs"]["latency_ms"]) for e in measured]
+    calibration = auto["calibration"]
+    assert calibration["proxy"] == "macs" and calibration["points"] == len(points)
+    fit = calibrate(points)
+    if fit is None:
+        assert calibration["fit"] is None
+    else:
+        assert (calibration["fit"]["a"], calibration["fit"]["b"]) == pytest.approx(fit)
