@@ -17,6 +17,7 @@ from core.budget import BUDGET_KINDS, costs
 from core.data import Splits, synthetic
 from core.export import export_onnx
 from core.import_pt2 import graph_from_program
+from core.pcn_budget import SHAPE_KINDS, pcn_minimum
 from service.methods.measure import MAX_LATENCY_BATCH
 from service.spec import JobSpec
 from service.submission import spec_document
@@ -123,6 +124,10 @@ def test_the_model_its_mode_and_its_masks_are_left_as_they_were(settings, tmp_pa
     assert list(workdir.iterdir()) == [], "the exported files are not kept"
     assert record["applies"] == {"pcn": 3, "pcn_output": 2, "lowrank": 3, "channel_prune": 2,
                                  "snip": 3, "dctps": 3}
+    # pcn's smallest model without output pruning, per kind its shapes decide
+    assert record["floors"] == {"pcn": {k: pcn_minimum(model, k, input_shape=[1, 8, 8])
+                                        for k in SHAPE_KINDS}}
+    assert record["floors"]["pcn"]["macs"] < record["cost"]["macs"]
 
 
 class Depthwise(nn.Module):
@@ -156,6 +161,7 @@ def test_applies_counts_differ_per_method_on_a_depthwise_model(settings, tmp_pat
                                  "snip": 4, "dctps": 4}
     assert record["applies_counts"]["channel_prune"] == "unit_groups"
     assert record["applies_counts"]["pcn"] == "layers"
+    assert set(record["floors"]["pcn"]) == set(SHAPE_KINDS)  # an imported graph too
     assert record["cost"] == costs(model, [1, 8, 8])
     assert "onnx" not in record and "latency" not in record
 
