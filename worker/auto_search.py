@@ -57,8 +57,8 @@ from service.store import store_from_settings
 from service.submission import spec_document
 from service.tmpfiles import temp_dir
 from worker.auto_space import (
-    Floors,
     PROXY,
+    Floors,
     Space,
     calibrate,
     cut_steps,
