@@ -26,9 +26,11 @@ holds them per step key (`floor_key`: the method, the knobs that change its smal
 the methods before it), each with the cost of the model the step started from: a floor seen
 from a model of cost c bounds every step of that key starting from a model of cost >= c (a
 smaller model can only have a smaller floor; from the starting model, whose cost is fixed, the
-floor is exact). `plan` raises a chain's first target to its known floor (the second method
-cuts the rest) and says when a candidate cannot be built at all, so it is told to the sampler
-as infeasible without running.
+floor is exact). `cut_steps` moves a chain's first target that lies below its known floor into
+the method's reach (the split then places it between the starting model and just above the
+floor, as it would between the start and the goal; the second method cuts the rest), and
+`unreachable` says when a candidate cannot be built at all, so it is told to the sampler as
+infeasible without running.
 """
 from __future__ import annotations
 
@@ -262,9 +264,9 @@ class Floors:
 def cut_steps(space: Space, params: dict[str, Any], floors: Floors | None = None
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the method steps of a candidate, their targets `{method, kind, goal, start, floor}`).
-    With `floors`, a chain's first target below its known floor is raised to just above it
-    (`raised_from` keeps the drawn one); a target still below its floor has `floor` > `goal`:
-    `unreachable` tells."""
+    With `floors`, a chain's first target below its known floor is moved into the method's
+    reach, `start^(1-split) * (floor * FLOOR_MARGIN)^split` (`raised_from` keeps the drawn
+    one); a target still below its floor has `floor` > `goal`: `unreachable` tells."""
     families = str(params["method"]).split("+")
     int8 = bool(params.get("int8", False))
     final = goal(space, float(params.get("fraction", 1.0)), int8)
@@ -283,9 +285,13 @@ def cut_steps(space: Space, params: dict[str, Any], floors: Floors | None = None
         floor = floors.at_least(floor_key(families, params, position), before)
         entry: dict[str, Any] = {"method": family, "kind": kind, "goal": target}
         if position < len(families) - 1 and floor > target:
-            raised = int(floor * FLOOR_MARGIN) + 1
-            if raised < before * 0.999:
-                entry |= {"goal": raised, "raised_from": target}
+            # the split then places the first target between the model it starts from and
+            # just above the method's floor, as it places it between the start and the goal
+            lowest = floor * FLOOR_MARGIN + 1
+            if lowest < before * 0.999:
+                split = float(params.get("split", 0.5))
+                raised = int(before ** (1 - split) * lowest ** split)
+                entry |= {"goal": max(raised, int(lowest)), "raised_from": target}
         if floor:
             entry["floor"] = int(floor)
         targets.append(entry)

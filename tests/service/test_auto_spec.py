@@ -159,12 +159,16 @@ def test_floors_raise_a_chains_first_target_and_block_what_cannot_be_built():
     assert blocked == {"method": "pcn", "kind": "macs", "goal": 1000, "floor": 4000}
     # the output-based variant has a floor of its own
     assert unreachable(cut_steps(space, pcn | {"pcn_output_based": True}, floors)[1]) is None
-    # a chain's first step is raised to just above its floor; the second cuts the rest
+    # a chain's first step is moved into its reach: the split places it between the start
+    # and just above the floor; the second cuts the rest
     chain = {"method": "pcn+lowrank", "fraction": 1.0, "split": 0.5,
              "pcn_output_based": False}
     steps, targets = cut_steps(space, chain, floors)
     assert targets[0]["raised_from"] == int(math.sqrt(10000 * 1000.0))
-    assert 4000 < targets[0]["goal"] <= 4000 * 1.01 + 1 and targets[1]["goal"] == 1000
+    assert targets[0]["goal"] == int(math.sqrt(10000 * (4000 * 1.01 + 1)))
+    assert targets[1]["goal"] == 1000
+    deep = cut_steps(space, chain | {"split": 0.8}, floors)[1][0]["goal"]
+    assert 4000 < deep < targets[0]["goal"]  # a larger split cuts closer to the floor
     assert unreachable(targets) is None
     assert steps == steps_for("macs", targets, chain)
     assert steps[0]["select"]["target"] == {"macs": targets[0]["goal"]}
