@@ -134,6 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="load the dense checkpoint an earlier run saved instead of training")
     p.add_argument("--keep-other-setups", action="store_true",
                    help="keep the part's existing JSON rows of the setups not run now")
+    p.add_argument("--keep-other-methods", action="store_true",
+                   help="--keep-other-setups, and the existing rows of the setups run now "
+                        "whose method is not run now (with --reuse-dense: the same starting "
+                        "model)")
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--auto", choices=["if-available", "on", "off"], default="if-available",
                    help="run the auto step (if-available: when this checkout has the op)")
@@ -1039,12 +1043,18 @@ def carried_rows(part: str, args: argparse.Namespace, running: set[str]
     """With --keep-other-setups: the rows (and setups) of the setups this run does not run,
     from the part's existing JSON."""
     path = Path(args.out_dir) / f"auto_compress_{part}{'_quick' if args.quick else ''}.json"
-    if not args.keep_other_setups or not path.exists():
+    if not (args.keep_other_setups or args.keep_other_methods) or not path.exists():
         return [], {}
     saved = json.loads(path.read_text())
     setups = {k: v | {"carried_over_from": saved["meta"]["date_utc"]}
               for k, v in saved["meta"].get("setups", {}).items() if k not in running}
-    return [r for r in saved["runs"] if r["setup"] in setups], setups
+    rows = [r for r in saved["runs"] if r["setup"] in setups]
+    if args.keep_other_methods:  # the rest of the setups run now; dense and auto rows are new
+        rerun = set(args.methods) | {"auto"}
+        rows += [r | {"carried_over_from": saved["meta"]["date_utc"]} for r in saved["runs"]
+                 if r["setup"] in running and r["method"] not in rerun
+                 and not str(r["method"]).startswith("dense")]
+    return rows, setups
 
 
 def part_conv4(args: argparse.Namespace, scale: Scale) -> str:
