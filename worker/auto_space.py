@@ -130,7 +130,7 @@ class Space:
         return cls(kind=data["kind"], value=float(data["value"]), start=dict(data["start"]),
                    choices=tuple(data["choices"]), int8=bool(data["int8"]),
                    latency_batch=int(data.get("latency_batch", 256)),
-                   calibration=tuple(data["calibration"])  # type: ignore[arg-type]
+                   calibration=(float(data["calibration"][0]), float(data["calibration"][1]))
                    if data.get("calibration") else None)
 
 
