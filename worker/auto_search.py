@@ -261,7 +261,7 @@ class Coordinator:
     def space(self) -> Space:
         """The search space, with the proxy calibration the trials so far give (`calibrate`)."""
         space = dict(self.state["space"])
-        if space["kind"] in ("latency_ms", "bytes"):
+        if space["kind"] in PROXY:  # the measured kinds
             space["calibration"] = calibrate([tuple(p) for p in self.state.get("points", [])])
         return Space.from_dict(space)
 
